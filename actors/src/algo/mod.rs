@@ -1,0 +1,9 @@
+//! The pure, synchronous algorithms the actors wrap: decoding, embedding,
+//! photo quality, clustering and the hero score. Each is unit-tested here.
+
+pub mod cluster;
+pub mod decode;
+pub mod embed;
+pub mod hero;
+pub mod identity;
+pub mod quality;

@@ -1,0 +1,232 @@
+//! Every Prometheus metric of the service, defined once.
+//!
+//! The metrics are process-global (one registry per process, shared by all
+//! threads, as Prometheus expects); [`register_all`] adds them to a registry
+//! that an HTTP endpoint serves. Names and label values are constants, and no
+//! label ever carries a pet, job or image id.
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
+
+pub const JOBS_TOTAL: &str = "media_cluster_jobs_total";
+pub const RETRIES_TOTAL: &str = "media_cluster_retries_total";
+pub const DEADLETTER_TOTAL: &str = "media_cluster_deadletter_total";
+pub const PROCESSING_DURATION: &str = "media_cluster_processing_duration_seconds";
+pub const EMBEDDING_DURATION: &str = "media_cluster_embedding_duration_seconds";
+pub const POSTGRES_WRITE: &str = "media_cluster_postgres_write_seconds";
+pub const PENDING_JOBS: &str = "media_cluster_pending_jobs";
+pub const WORKER_INFLIGHT: &str = "media_cluster_worker_inflight";
+pub const JOB_QUEUE_WAIT: &str = "media_cluster_job_queue_wait_seconds";
+pub const ACTOR_MAILBOX_DEPTH: &str = "media_cluster_actor_mailbox_depth";
+pub const ACTOR_MAILBOX_WAIT: &str = "media_cluster_actor_mailbox_wait_seconds";
+pub const ACTOR_HANDLING: &str = "media_cluster_actor_handling_seconds";
+pub const ACTOR_RESTARTS: &str = "media_cluster_actor_restarts_total";
+pub const ACTOR_INSTANCES: &str = "media_cluster_actor_instances";
+pub const ACTOR_MESSAGES: &str = "media_cluster_actor_messages_total";
+pub const TELEMETRY_DROPPED_SPANS: &str = "media_cluster_telemetry_dropped_spans_total";
+
+/// Buckets for work that takes milliseconds to a minute.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+/// Buckets for queue waits, which can reach minutes under load.
+const WAIT_BUCKETS: &[f64] = &[
+    0.00001, 0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0,
+];
+
+/// Closed set of `status` label values of [`JOBS_TOTAL`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobOutcome {
+    Succeeded,
+    Failed,
+    DeadLettered,
+}
+
+impl JobOutcome {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            JobOutcome::Succeeded => "succeeded",
+            JobOutcome::Failed => "failed",
+            JobOutcome::DeadLettered => "dead_lettered",
+        }
+    }
+}
+
+pub struct Metrics {
+    pub jobs: IntCounterVec,
+    pub retries: IntCounter,
+    pub deadletters: IntCounter,
+    pub processing: HistogramVec,
+    pub embedding: HistogramVec,
+    pub postgres_write: HistogramVec,
+    pub pending_jobs: IntGaugeVec,
+    pub worker_inflight: IntGauge,
+    pub job_queue_wait: Histogram,
+    pub mailbox_depth: IntGaugeVec,
+    pub mailbox_wait: HistogramVec,
+    pub handling: HistogramVec,
+    pub restarts: IntCounterVec,
+    pub instances: IntGaugeVec,
+    pub messages: IntCounterVec,
+    pub dropped_spans: IntCounter,
+}
+
+fn hist(name: &str, help: &str, labels: &[&str], buckets: &[f64]) -> HistogramVec {
+    HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        labels,
+    )
+    .expect("valid histogram definition")
+}
+
+fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter definition")
+}
+
+fn gauge_vec(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    IntGaugeVec::new(Opts::new(name, help), labels).expect("valid gauge definition")
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let m = Metrics {
+            jobs: counter_vec(JOBS_TOTAL, "Jobs finished, by final status.", &["status"]),
+            retries: IntCounter::new(
+                RETRIES_TOTAL,
+                "Job attempts retried after a retryable failure.",
+            )
+            .expect("valid counter"),
+            deadletters: IntCounter::new(
+                DEADLETTER_TOTAL,
+                "Stream entries moved to the dead-letter stream.",
+            )
+            .expect("valid counter"),
+            processing: hist(
+                PROCESSING_DURATION,
+                "Time from a job's delivery to its committed result.",
+                &["model_version"],
+                SECONDS_BUCKETS,
+            ),
+            embedding: hist(
+                EMBEDDING_DURATION,
+                "Time to decode, preprocess and embed one photo.",
+                &["model_version"],
+                SECONDS_BUCKETS,
+            ),
+            postgres_write: hist(
+                POSTGRES_WRITE,
+                "Time of one Postgres write transaction, by operation.",
+                &["operation"],
+                SECONDS_BUCKETS,
+            ),
+            pending_jobs: gauge_vec(
+                PENDING_JOBS,
+                "Jobs in the stream: lag = not yet delivered, pending = delivered but not acknowledged.",
+                &["state"],
+            ),
+            worker_inflight: IntGauge::new(
+                WORKER_INFLIGHT,
+                "Jobs being processed by this worker now.",
+            )
+            .expect("valid gauge"),
+            job_queue_wait: Histogram::with_opts(
+                HistogramOpts::new(
+                    JOB_QUEUE_WAIT,
+                    "Time a job waited in the stream before delivery.",
+                )
+                .buckets(WAIT_BUCKETS.to_vec()),
+            )
+            .expect("valid histogram"),
+            mailbox_depth: gauge_vec(
+                ACTOR_MAILBOX_DEPTH,
+                "Messages sent to an actor kind and not yet being handled.",
+                &["actor"],
+            ),
+            mailbox_wait: hist(
+                ACTOR_MAILBOX_WAIT,
+                "Time a message waited in an actor's mailbox before handling started.",
+                &["actor"],
+                WAIT_BUCKETS,
+            ),
+            handling: hist(
+                ACTOR_HANDLING,
+                "Time an actor spent handling one message, including its asynchronous part.",
+                &["actor"],
+                SECONDS_BUCKETS,
+            ),
+            restarts: counter_vec(
+                ACTOR_RESTARTS,
+                "Actor restarts after a panic or failure.",
+                &["actor"],
+            ),
+            instances: gauge_vec(
+                ACTOR_INSTANCES,
+                "Running instances of each actor kind.",
+                &["actor"],
+            ),
+            messages: counter_vec(
+                ACTOR_MESSAGES,
+                "Messages handled by actors, by outcome (ok, error, panic, dropped).",
+                &["actor", "outcome"],
+            ),
+            dropped_spans: IntCounter::new(
+                TELEMETRY_DROPPED_SPANS,
+                "Spans the exporter could not deliver and dropped.",
+            )
+            .expect("valid counter"),
+        };
+        // Pre-create the closed label sets so every series exists from the first scrape.
+        for s in [
+            JobOutcome::Succeeded,
+            JobOutcome::Failed,
+            JobOutcome::DeadLettered,
+        ] {
+            m.jobs.with_label_values(&[s.as_str()]);
+        }
+        for s in ["lag", "pending"] {
+            m.pending_jobs.with_label_values(&[s]);
+        }
+        for a in crate::runtime::ActorKind::ALL {
+            let a = a.as_str();
+            m.mailbox_depth.with_label_values(&[a]);
+            m.mailbox_wait.with_label_values(&[a]);
+            m.handling.with_label_values(&[a]);
+            m.restarts.with_label_values(&[a]);
+            m.instances.with_label_values(&[a]);
+        }
+        m
+    }
+}
+
+/// The process-wide metrics.
+pub fn metrics() -> &'static Metrics {
+    static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+    &METRICS
+}
+
+/// Registers every metric in `registry` (clones share their values).
+pub fn register_all(registry: &Registry) -> prometheus::Result<()> {
+    let m = metrics();
+    registry.register(Box::new(m.jobs.clone()))?;
+    registry.register(Box::new(m.retries.clone()))?;
+    registry.register(Box::new(m.deadletters.clone()))?;
+    registry.register(Box::new(m.processing.clone()))?;
+    registry.register(Box::new(m.embedding.clone()))?;
+    registry.register(Box::new(m.postgres_write.clone()))?;
+    registry.register(Box::new(m.pending_jobs.clone()))?;
+    registry.register(Box::new(m.worker_inflight.clone()))?;
+    registry.register(Box::new(m.job_queue_wait.clone()))?;
+    registry.register(Box::new(m.mailbox_depth.clone()))?;
+    registry.register(Box::new(m.mailbox_wait.clone()))?;
+    registry.register(Box::new(m.handling.clone()))?;
+    registry.register(Box::new(m.restarts.clone()))?;
+    registry.register(Box::new(m.instances.clone()))?;
+    registry.register(Box::new(m.messages.clone()))?;
+    registry.register(Box::new(m.dropped_spans.clone()))?;
+    Ok(())
+}

@@ -1,0 +1,128 @@
+//! The small traits through which the actors reach the world. `src/`
+//! implements them over Redis, Postgres and object storage; unit tests hand in
+//! in-memory fakes.
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use uuid::Uuid;
+
+use crate::algo::cluster::ClusterParams;
+use crate::algo::quality::Quality;
+use crate::error::PipelineError;
+use crate::job::JobEntry;
+
+/// One entry delivered from the jobs stream.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub stream_id: String,
+    pub fields: HashMap<String, String>,
+    /// How many times the entry has been delivered, this delivery included.
+    pub deliveries: u64,
+}
+
+/// Depth of the jobs stream for the consumer group.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QueueDepth {
+    /// Entries not yet delivered to the group.
+    pub lag: i64,
+    /// Entries delivered and not yet acknowledged.
+    pub pending: i64,
+}
+
+#[async_trait]
+pub trait JobQueue: Send + Sync + 'static {
+    /// Reads up to `count` new entries for `consumer`, blocking up to `block_ms`.
+    async fn read(
+        &self,
+        consumer: &str,
+        count: usize,
+        block_ms: u64,
+    ) -> Result<Vec<Delivery>, PipelineError>;
+    /// Acknowledges an entry once its result is committed.
+    async fn ack(&self, stream_id: &str) -> Result<(), PipelineError>;
+    /// Copies the entry to the dead-letter stream with `error`, then acknowledges it.
+    async fn dead_letter(&self, delivery: &Delivery, error: &str) -> Result<(), PipelineError>;
+    async fn depth(&self) -> Result<QueueDepth, PipelineError>;
+}
+
+#[async_trait]
+pub trait BlobStore: Send + Sync + 'static {
+    async fn get(&self, key: &str) -> Result<Vec<u8>, PipelineError>;
+}
+
+/// What the job row said when the worker took the job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobStart {
+    /// Now `running`; `attempts` counts this one.
+    Started { attempts: i32 },
+    /// Already finished (a redelivery): acknowledge without doing it again.
+    AlreadyFinished,
+    /// No such job row.
+    Unknown,
+}
+
+/// One photo of a pet with its cached embedding, if any, for the current model.
+#[derive(Debug, Clone)]
+pub struct PetImage {
+    pub image_id: Uuid,
+    pub storage_key: String,
+    pub cached: Option<(Vec<f32>, Quality)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClusterOut {
+    pub hero_image_id: Uuid,
+    /// Members with their hero scores.
+    pub members: Vec<(Uuid, f64)>,
+}
+
+/// Everything a successful job writes, in one transaction.
+#[derive(Debug, Clone)]
+pub struct ClusteringResult {
+    pub job: JobEntry,
+    pub model_version: String,
+    pub params: ClusterParams,
+    pub new_embeddings: Vec<(Uuid, Vec<f32>, Quality)>,
+    pub clusters: Vec<ClusterOut>,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Marks the job `running` (counting the attempt), unless it already finished.
+    async fn start_job(&self, job_id: Uuid, stream_id: &str) -> Result<JobStart, PipelineError>;
+    /// Every photo of the pet, with embeddings cached for `model_version`.
+    async fn pet_images(
+        &self,
+        pet_id: &str,
+        model_version: &str,
+    ) -> Result<Vec<PetImage>, PipelineError>;
+    /// Writes embeddings, a new cluster version with its clusters and members, and
+    /// marks the job `succeeded`, in one transaction. Idempotent by job id: a job
+    /// that already has a version gets that version back and nothing is written.
+    async fn commit(&self, result: &ClusteringResult) -> Result<i64, PipelineError>;
+    /// Marks the job `failed` or `dead_lettered` with `error`.
+    async fn finish_unsuccessful(
+        &self,
+        job_id: Uuid,
+        status: FinalStatus,
+        error: &str,
+    ) -> Result<(), PipelineError>;
+    /// Puts a job back to `queued` after a retryable failure, recording the error.
+    async fn requeue(&self, job_id: Uuid, error: &str) -> Result<(), PipelineError>;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinalStatus {
+    Failed,
+    DeadLettered,
+}
+
+impl FinalStatus {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            FinalStatus::Failed => "failed",
+            FinalStatus::DeadLettered => "dead_lettered",
+        }
+    }
+}

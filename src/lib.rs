@@ -1,0 +1,20 @@
+//! media-clustering: groups each pet's photos into clusters of similar shots,
+//! picks a hero photo per cluster, and stores the result in Postgres.
+//!
+//! - [`cli`]: the `media-clustering` subcommands.
+//! - [`config`]: layered, validated settings; secrets never print.
+//! - [`startup`]: builds the application for `serve`, `api` or `worker`.
+//! - [`api`]: the HTTP API, auth and the JSON errors.
+//! - [`adapters`]: Postgres, Redis Streams and object storage behind the actors' ports.
+//! - [`telemetry`]: JSON logs joined to traces, and the OTLP exporter.
+//! - [`client`]: the bulk upload client.
+//!
+//! The actor runtime, the six actors and the algorithms live in the `actors` crate.
+
+pub mod adapters;
+pub mod api;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod startup;
+pub mod telemetry;

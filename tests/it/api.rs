@@ -1,0 +1,260 @@
+//! The upload input rules: every rejected upload answers its status and the JSON
+//! error, and leaves no row, no object and no stream entry.
+
+use std::io::Cursor;
+
+use image::{DynamicImage, ImageBuffer, ImageFormat, Luma, Rgb, Rgba};
+use media_clustering::startup::Mode;
+
+use crate::helpers::*;
+
+fn encode(img: DynamicImage, f: ImageFormat) -> Vec<u8> {
+    let mut out = Cursor::new(Vec::new());
+    img.write_to(&mut out, f).unwrap();
+    out.into_inner()
+}
+
+fn rgb(w: u32, h: u32) -> DynamicImage {
+    DynamicImage::ImageRgb8(ImageBuffer::from_fn(w, h, |x, y| {
+        Rgb([(x * 3) as u8, (y * 5) as u8, 77])
+    }))
+}
+
+fn png_chunk(t: &[u8], d: &[u8]) -> Vec<u8> {
+    let mut c = (d.len() as u32).to_be_bytes().to_vec();
+    c.extend_from_slice(t);
+    c.extend_from_slice(d);
+    let mut crc = 0xFFFF_FFFFu32;
+    for &b in t.iter().chain(d) {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    c.extend_from_slice(&(!crc).to_be_bytes());
+    c
+}
+
+/// A PNG header declaring 100000 x 100000 pixels, with almost no data behind it.
+fn png_bomb() -> Vec<u8> {
+    let mut ihdr = 100_000u32.to_be_bytes().to_vec();
+    ihdr.extend_from_slice(&100_000u32.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.extend(png_chunk(b"IHDR", &ihdr));
+    png.extend(png_chunk(
+        b"IDAT",
+        &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
+    ));
+    png.extend(png_chunk(b"IEND", b""));
+    png
+}
+
+/// A valid 1x1 GIF.
+const GIF: &[u8] = b"GIF89a\x01\x00\x01\x00\x80\x00\x00\xff\xff\xff\x00\x00\x00!\xf9\x04\x01\x00\x00\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;";
+
+#[actix_rt::test]
+async fn rejected_uploads_answer_their_status_and_leave_nothing_behind() {
+    // A small limit keeps the over-limit body cheap; the rule is the same at 25 MiB.
+    let app = spawn_app_with(
+        Mode::Api,
+        &[("MEDIA_CLUSTERING__SERVER__MAX_UPLOAD_BYTES", "1048576")],
+    )
+    .await;
+    let jpeg = encode(rgb(320, 240), ImageFormat::Jpeg);
+    let mut huge = jpeg.clone();
+    huge.resize(3 * 1024 * 1024, 0);
+    let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        ("empty.jpg", vec![], 400, "empty_file"),
+        (
+            "truncated.jpg",
+            jpeg[..jpeg.len() / 3].to_vec(),
+            422,
+            "unprocessable_image",
+        ),
+        (
+            "text.jpg",
+            b"hello, this is not an image\n".repeat(20),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            "html.png",
+            b"<html><script>alert(1)</script></html>".to_vec(),
+            415,
+            "unsupported_media_type",
+        ),
+        ("bomb.png", png_bomb(), 422, "unprocessable_image"),
+        ("anim.gif", GIF.to_vec(), 415, "unsupported_media_type"),
+        (
+            "x.svg",
+            br#"<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>"#.to_vec(),
+            415,
+            "unsupported_media_type",
+        ),
+        ("huge.jpg", huge, 413, "payload_too_large"),
+    ];
+    for (name, bytes, status, code) in cases {
+        let r = app.upload("hostile-pet", &[(name.to_owned(), bytes)]).await;
+        assert_eq!(r.status().as_u16(), status, "{name}");
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], code, "{name}: {body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{name}: {body}"
+        );
+    }
+    // One bad file among good ones rejects the whole request.
+    let r = app
+        .upload(
+            "hostile-pet",
+            &[
+                ("ok.jpg".into(), jpeg.clone()),
+                ("bad.png".into(), png_bomb()),
+            ],
+        )
+        .await;
+    assert_eq!(r.status().as_u16(), 422);
+
+    assert_eq!(app.count("SELECT count(*) FROM images").await, 0);
+    assert_eq!(app.count("SELECT count(*) FROM jobs").await, 0);
+    assert_eq!(app.stored_objects(), 0);
+    assert_eq!(app.xlen(&app.settings.redis.stream).await, 0);
+    app.cleanup().await;
+}
+
+#[actix_rt::test]
+async fn bad_pet_id_is_400_and_unknown_routes_are_json_404() {
+    let app = spawn_app_with(Mode::Api, &[]).await;
+    let png = encode(rgb(8, 8), ImageFormat::Png);
+    for pet in ["has.dot", "x%20y", &"a".repeat(65)] {
+        let r = app.upload(pet, &[("a.png".into(), png.clone())]).await;
+        assert_eq!(r.status().as_u16(), 400, "{pet}");
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "invalid_pet_id");
+    }
+    let (s, body) = app.get_json("/v1/nothing-here").await;
+    assert_eq!(
+        (s, body["error"]["code"].as_str()),
+        (404, Some("not_found"))
+    );
+    let (s, _) = app.get_json("/v1/jobs/not-a-uuid").await;
+    assert_eq!(s, 400);
+    let (s, _) = app
+        .get_json(&format!("/v1/jobs/{}", uuid::Uuid::new_v4()))
+        .await;
+    assert_eq!(s, 404);
+    let (s, _) = app.get_json("/v1/pets/nobody/clusters").await;
+    assert_eq!(s, 404);
+    let r = app
+        .http
+        .post(format!("{}/v1/pets/nobody/recluster", app.base))
+        .bearer_auth(&app.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+    assert_eq!(app.xlen(&app.settings.redis.stream).await, 0);
+    app.cleanup().await;
+}
+
+#[actix_rt::test]
+async fn unusual_valid_photos_and_raw_bodies_are_accepted() {
+    let app = spawn_app_with(Mode::Api, &[]).await;
+    let gray = encode(
+        DynamicImage::ImageLuma8(ImageBuffer::from_pixel(30, 20, Luma([128]))),
+        ImageFormat::Png,
+    );
+    let alpha = encode(
+        DynamicImage::ImageRgba8(ImageBuffer::from_pixel(30, 20, Rgba([10, 200, 30, 100]))),
+        ImageFormat::Png,
+    );
+    let deep = encode(
+        DynamicImage::ImageRgb16(ImageBuffer::from_pixel(30, 20, Rgb([1000, 30000, 65000]))),
+        ImageFormat::Png,
+    );
+    let webp = encode(rgb(30, 20), ImageFormat::WebP);
+    let tiny = encode(rgb(1, 1), ImageFormat::Png);
+    let files: Vec<(String, Vec<u8>)> = [
+        ("gray.png", gray),
+        ("alpha.png", alpha),
+        ("deep.png", deep),
+        ("x.webp", webp),
+        ("tiny.png", tiny),
+    ]
+    .into_iter()
+    .map(|(n, b)| (n.to_owned(), b))
+    .collect();
+    let r = app.upload("unusual", &files).await;
+    assert_eq!(r.status().as_u16(), 202);
+    let location = r
+        .headers()
+        .get("location")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        location,
+        format!("/v1/jobs/{}", body["job_id"].as_str().unwrap())
+    );
+    assert_eq!(body["images"].as_array().unwrap().len(), 5);
+
+    // A raw body, and the same bytes again: same image id, marked duplicate.
+    let jpeg = encode(rgb(64, 48), ImageFormat::Jpeg);
+    let mut ids = Vec::new();
+    for expect_dup in [false, true] {
+        let r = app
+            .http
+            .post(format!("{}/v1/pets/unusual/images", app.base))
+            .bearer_auth(&app.token)
+            .header("content-type", "image/jpeg")
+            .body(jpeg.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 202);
+        let b: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(b["images"][0]["duplicate"], expect_dup);
+        ids.push(b["images"][0]["image_id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(ids[0], ids[1]);
+    assert_eq!(app.count("SELECT count(*) FROM images").await, 6);
+    assert_eq!(app.stored_objects(), 6);
+    assert_eq!(app.xlen(&app.settings.redis.stream).await, 3);
+
+    // The original bytes come back with their content type.
+    let r = app.get(&format!("/v1/images/{}", ids[0])).await;
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(r.headers().get("content-type").unwrap(), "image/jpeg");
+    assert_eq!(r.bytes().await.unwrap().as_ref(), jpeg.as_slice());
+
+    // The stream entry carries every field of the contract.
+    let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(&app.settings.redis.stream)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut app.redis.clone())
+        .await
+        .unwrap();
+    let first = &entries.ids[0].map;
+    for f in [
+        "schema",
+        "job_id",
+        "pet_id",
+        "kind",
+        "image_ids",
+        "enqueued_at",
+        "attempt",
+    ] {
+        assert!(first.contains_key(f), "entry lacks {f}");
+    }
+    app.cleanup().await;
+}

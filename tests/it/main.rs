@@ -1,0 +1,8 @@
+//! Integration tests against real Redis and Postgres, compiled as one binary.
+//! Each test gets its own database, stream names and storage folder.
+
+mod api;
+mod auth;
+mod helpers;
+mod metrics;
+mod pipeline;

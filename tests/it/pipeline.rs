@@ -1,0 +1,171 @@
+//! End to end through the actors: clustering the labelled photos, idempotent
+//! redelivery, and the configured actor counts.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+use media_clustering::startup::Mode;
+
+use crate::helpers::*;
+
+#[actix_rt::test]
+async fn labelled_photos_cluster_by_scene_with_no_degraded_hero() {
+    let app = spawn_app_with(Mode::Serve, &[("MEDIA_CLUSTERING__ACTORS__EMBEDDERS", "2")]).await;
+    let rows = labels();
+    assert_eq!(rows.len(), 45);
+    let names: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
+    let r = app.upload("scenes", &fixture_files(&names)).await;
+    assert_eq!(r.status().as_u16(), 202);
+    let body: serde_json::Value = r.json().await.unwrap();
+    let ids: Vec<String> = body["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["image_id"].as_str().unwrap().to_owned())
+        .collect();
+    let by_id: HashMap<&str, &(String, String, bool)> =
+        ids.iter().map(String::as_str).zip(&rows).collect();
+
+    let job = app.wait_job(body["job_id"].as_str().unwrap()).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+
+    let (s, c) = app.get_json("/v1/pets/scenes/clusters").await;
+    assert_eq!(s, 200);
+    assert_eq!(c["version"], 1);
+    let clusters = c["clusters"].as_array().unwrap();
+    // The partition must equal the scenes exactly.
+    let got: BTreeSet<BTreeSet<String>> = clusters
+        .iter()
+        .map(|cl| {
+            cl["image_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| by_id[i.as_str().unwrap()].1.clone() + "/" + &by_id[i.as_str().unwrap()].0)
+                .collect()
+        })
+        .collect();
+    let mut want: HashMap<&str, BTreeSet<String>> = HashMap::new();
+    for (file, scene, _) in &rows {
+        want.entry(scene.as_str())
+            .or_default()
+            .insert(format!("{scene}/{file}"));
+    }
+    let want: BTreeSet<BTreeSet<String>> = want.into_values().collect();
+    assert_eq!(got, want);
+    for cl in clusters {
+        let hero = by_id[cl["hero_image_id"].as_str().unwrap()];
+        assert!(!hero.2, "degraded hero {} for scene {}", hero.0, hero.1);
+        assert_eq!(
+            cl["size"].as_u64().unwrap() as usize,
+            cl["image_ids"].as_array().unwrap().len()
+        );
+    }
+    // Every photo embedded once, with its quality scores.
+    assert_eq!(app.count("SELECT count(*) FROM image_embeddings").await, 45);
+    app.cleanup().await;
+}
+
+#[actix_rt::test]
+async fn a_redelivered_entry_writes_one_cluster_version() {
+    let app = spawn_app().await;
+    let names: Vec<String> = labels().iter().take(3).map(|r| r.0.clone()).collect();
+    let r = app.upload("redeliver", &fixture_files(&names)).await;
+    let body: serde_json::Value = r.json().await.unwrap();
+    let job_id = body["job_id"].as_str().unwrap().to_owned();
+    assert_eq!(app.wait_job(&job_id).await["status"], "succeeded");
+
+    // Add the same entry again, as a redelivery would hand it over.
+    let stream = &app.settings.redis.stream;
+    let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(stream)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut app.redis.clone())
+        .await
+        .unwrap();
+    let mut add = redis::cmd("XADD");
+    add.arg(stream).arg("*");
+    for (k, v) in &entries.ids[0].map {
+        let v: String = redis::from_redis_value(v.clone()).unwrap();
+        add.arg(k).arg(v);
+    }
+    let _: String = add.query_async(&mut app.redis.clone()).await.unwrap();
+
+    // Wait until the group has consumed and acknowledged everything.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let info: redis::streams::StreamInfoGroupsReply = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(stream)
+            .query_async(&mut app.redis.clone())
+            .await
+            .unwrap();
+        let g = &info.groups[0];
+        if g.pending == 0 && g.lag == Some(0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "entries not consumed: pending {} lag {:?}",
+            g.pending,
+            g.lag
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        app.count(&format!(
+            "SELECT count(*) FROM cluster_versions WHERE job_id = '{job_id}'"
+        ))
+        .await,
+        1
+    );
+    assert_eq!(app.count("SELECT count(*) FROM cluster_versions").await, 1);
+    app.cleanup().await;
+}
+
+#[actix_rt::test]
+async fn configured_actor_counts_are_the_counts_that_run() {
+    let app = spawn_app_with(
+        Mode::Worker,
+        &[
+            ("MEDIA_CLUSTERING__ACTORS__EMBEDDERS", "3"),
+            ("MEDIA_CLUSTERING__ACTORS__POSTGRES_WRITERS", "2"),
+            ("MEDIA_CLUSTERING__ACTORS__CLUSTERERS", "1"),
+            ("MEDIA_CLUSTERING__ACTORS__HERO_SELECTORS", "2"),
+            ("MEDIA_CLUSTERING__ACTORS__STREAM_READERS", "1"),
+        ],
+    )
+    .await;
+    let want = [
+        ("embedder", 3.0),
+        ("postgres_writer", 2.0),
+        ("clusterer", 1.0),
+        ("hero_selector", 2.0),
+        ("stream_reader", 1.0),
+        ("supervisor", 1.0),
+    ];
+    // Instances start asynchronously: poll until they are all up.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = app.scrape().await;
+        let got: Vec<f64> = want
+            .iter()
+            .map(|(a, _)| {
+                sample(
+                    &text,
+                    &format!("media_cluster_actor_instances{{actor=\"{a}\"}}"),
+                )
+            })
+            .collect();
+        if got.iter().zip(&want).all(|(g, (_, w))| g == w) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "instances {got:?}, want {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    app.cleanup().await;
+}
