@@ -214,6 +214,7 @@ pub fn start_pipeline(
         group: r.group.clone(),
         consumer: consumer_name(),
         block_ms: r.block_ms,
+        claim_min_idle_ms: r.claim_min_idle_ms,
         max_deliveries: r.max_deliveries,
         retry_base: Duration::from_millis(200),
         counts: ActorCounts {

@@ -43,6 +43,8 @@ pub struct PipelineSettings {
     /// Unique per process (`host-pid-random`).
     pub consumer: String,
     pub block_ms: u64,
+    /// Entries idle this long in another consumer's hands are reclaimed.
+    pub claim_min_idle_ms: u64,
     pub max_deliveries: u32,
     /// First retry backoff; doubles per attempt, with jitter.
     pub retry_base: Duration,
@@ -72,6 +74,8 @@ struct Pipeline {
     writers: Pool<WriteOp>,
     inflight: Arc<Semaphore>,
     pet_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Stream ids being processed here, kept alive against reclaiming.
+    in_flight: Mutex<std::collections::HashSet<String>>,
     stop: watch::Receiver<bool>,
 }
 
@@ -146,11 +150,13 @@ pub fn start(settings: PipelineSettings, ports: Ports, model: Arc<OnnxEmbedder>)
         writers,
         inflight: inflight.clone(),
         pet_locks: Mutex::default(),
+        in_flight: Mutex::default(),
         stop: stop_rx,
     });
     for _ in 0..c.stream_readers.max(1) {
         handle.spawn(read_loop(pipeline.clone()));
     }
+    handle.spawn(keep_alive_loop(pipeline.clone()));
     handle.spawn(depth_loop(pipeline));
     PipelineHandle {
         stop: stop_tx,
@@ -160,9 +166,16 @@ pub fn start(settings: PipelineSettings, ports: Ports, model: Arc<OnnxEmbedder>)
     }
 }
 
+/// How often the reaper looks for entries idle in other consumers' hands.
+fn reclaim_interval(s: &PipelineSettings) -> Duration {
+    Duration::from_millis((s.claim_min_idle_ms / 4).clamp(250, 10_000))
+}
+
 async fn read_loop(p: Arc<Pipeline>) {
     let mut stop = p.stop.clone();
     let mut failures = 0u32;
+    // Reclaim first: a restarted worker finishes what a crashed one left.
+    let mut last_reclaim: Option<Instant> = None;
     loop {
         if *stop.borrow() {
             break;
@@ -179,16 +192,33 @@ async fn read_loop(p: Arc<Pipeline>) {
                 Err(_) => break,
             }
         }
+        let mode = if last_reclaim.is_none_or(|t| t.elapsed() >= reclaim_interval(&p.settings)) {
+            last_reclaim = Some(Instant::now());
+            ReadMode::Reclaim {
+                min_idle_ms: p.settings.claim_min_idle_ms,
+            }
+        } else {
+            ReadMode::New
+        };
         match p
             .readers
             .send(ReadBatch {
                 count: permits.len(),
+                mode,
             })
             .await
         {
             Ok(batch) => {
                 failures = 0;
                 for d in batch {
+                    if !p
+                        .in_flight
+                        .lock()
+                        .expect("in-flight set")
+                        .insert(d.stream_id.clone())
+                    {
+                        continue; // already being processed here
+                    }
                     let Some(permit) = permits.pop() else { break };
                     actix::spawn(process(p.clone(), d, permit));
                 }
@@ -201,6 +231,48 @@ async fn read_loop(p: Arc<Pipeline>) {
                     _ = tokio::time::sleep(backoff) => {},
                     _ = stop.changed() => break,
                 }
+            }
+        }
+    }
+}
+
+/// Refreshes the idle time of entries in flight here, so a slow job is never reclaimed
+/// and run twice; now and then removes consumers that left nothing pending.
+async fn keep_alive_loop(p: Arc<Pipeline>) {
+    let mut stop = p.stop.clone();
+    let every = Duration::from_millis((p.settings.claim_min_idle_ms / 3).max(100));
+    let prune_idle_ms = (p.settings.claim_min_idle_ms * 10).max(60_000);
+    let mut last_prune = Instant::now();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {},
+            _ = stop.changed() => break,
+        }
+        let ids: Vec<String> = p
+            .in_flight
+            .lock()
+            .expect("in-flight set")
+            .iter()
+            .cloned()
+            .collect();
+        if !ids.is_empty()
+            && let Err(e) = p.ports.queue.keep_alive(&p.settings.consumer, &ids).await
+        {
+            tracing::warn!(error = %e, "Refreshing in-flight entries failed.");
+        }
+        if last_prune.elapsed() >= Duration::from_millis(prune_idle_ms) {
+            last_prune = Instant::now();
+            match p
+                .ports
+                .queue
+                .prune_consumers(&p.settings.consumer, prune_idle_ms)
+                .await
+            {
+                Ok(n) if n > 0 => {
+                    tracing::info!(removed = n, "Removed idle consumers with nothing pending.")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "Pruning idle consumers failed."),
             }
         }
     }
@@ -260,6 +332,10 @@ async fn process(p: Arc<Pipeline>, d: Delivery, _permit: OwnedSemaphorePermit) {
     metrics().worker_inflight.inc();
     process_entry(&p, &d).instrument(span).await;
     metrics().worker_inflight.dec();
+    p.in_flight
+        .lock()
+        .expect("in-flight set")
+        .remove(&d.stream_id);
 }
 
 async fn process_entry(p: &Pipeline, d: &Delivery) {
@@ -273,9 +349,19 @@ async fn process_entry(p: &Pipeline, d: &Delivery) {
     let span = tracing::Span::current();
     span.record("job_id", field::display(entry.job_id));
     span.record("pet_id", entry.pet_id.as_str());
-    metrics()
-        .job_queue_wait
-        .observe((now_ms() - entry.enqueued_at_ms).max(0) as f64 / 1e3);
+    if d.deliveries > u64::from(p.settings.max_deliveries) {
+        let msg = format!(
+            "delivered {} times, more than redis.max_deliveries ({})",
+            d.deliveries, p.settings.max_deliveries
+        );
+        dead_letter(p, d, Some(entry.job_id), &msg).await;
+        return;
+    }
+    if d.deliveries == 1 {
+        metrics()
+            .job_queue_wait
+            .observe((now_ms() - entry.enqueued_at_ms).max(0) as f64 / 1e3);
+    }
 
     // Jobs of one pet never run at once in this process.
     let lock = p

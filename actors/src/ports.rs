@@ -44,6 +44,19 @@ pub trait JobQueue: Send + Sync + 'static {
     /// Copies the entry to the dead-letter stream with `error`, then acknowledges it.
     async fn dead_letter(&self, delivery: &Delivery, error: &str) -> Result<(), PipelineError>;
     async fn depth(&self) -> Result<QueueDepth, PipelineError>;
+    /// Takes over entries that any consumer has held unacknowledged for at least
+    /// `min_idle_ms` (a crashed worker's), up to `count`, with their delivery counts.
+    async fn reclaim(
+        &self,
+        consumer: &str,
+        min_idle_ms: u64,
+        count: usize,
+    ) -> Result<Vec<Delivery>, PipelineError>;
+    /// Resets the idle time of entries `consumer` still owns, so a long job is not
+    /// reclaimed while it runs; entries another consumer took over are left alone.
+    async fn keep_alive(&self, consumer: &str, stream_ids: &[String]) -> Result<(), PipelineError>;
+    /// Removes consumers (other than `consumer`) idle for `idle_ms` with nothing pending.
+    async fn prune_consumers(&self, consumer: &str, idle_ms: u64) -> Result<usize, PipelineError>;
 }
 
 #[async_trait]

@@ -98,6 +98,37 @@ impl RedisQueue {
     }
 }
 
+impl RedisQueue {
+    /// The delivery count of a pending entry (held by `owner`, when given); `None` if not pending.
+    async fn delivery_count(
+        &self,
+        conn: &mut ConnectionManager,
+        id: &str,
+        owner: Option<&str>,
+    ) -> Result<Option<u64>, PipelineError> {
+        let mut cmd = redis::cmd("XPENDING");
+        cmd.arg(&self.stream)
+            .arg(&self.group)
+            .arg(id)
+            .arg(id)
+            .arg(1);
+        if let Some(o) = owner {
+            cmd.arg(o);
+        }
+        let rows: Value = cmd.query_async(conn).await.map_err(unavailable)?;
+        let Value::Array(rows) = rows else {
+            return Ok(None);
+        };
+        Ok(rows.first().map(|row| match row {
+            Value::Array(cols) => match cols.get(3) {
+                Some(Value::Int(n)) => *n as u64,
+                _ => 1,
+            },
+            _ => 1,
+        }))
+    }
+}
+
 fn value_to_string(v: &Value) -> String {
     match v {
         Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
@@ -217,5 +248,107 @@ impl JobQueue for RedisQueue {
             pending: g.pending as i64,
         })
         .unwrap_or_default())
+    }
+
+    async fn reclaim(
+        &self,
+        consumer: &str,
+        min_idle_ms: u64,
+        count: usize,
+    ) -> Result<Vec<Delivery>, PipelineError> {
+        let mut conn = self.conn.clone();
+        // XAUTOCLAIM also drops pending ids whose entries were deleted.
+        let reply: Value = redis::cmd("XAUTOCLAIM")
+            .arg(&self.stream)
+            .arg(&self.group)
+            .arg(consumer)
+            .arg(min_idle_ms)
+            .arg("0-0")
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let Value::Array(parts) = reply else {
+            return Ok(vec![]);
+        };
+        let Some(Value::Array(entries)) = parts.into_iter().nth(1) else {
+            return Ok(vec![]);
+        };
+        let mut out = Vec::with_capacity(entries.len());
+        for e in entries {
+            let Value::Array(pair) = e else { continue };
+            let [id, Value::Array(kv)] = pair.as_slice() else {
+                continue;
+            };
+            let id = value_to_string(id);
+            let fields: HashMap<String, String> = kv
+                .chunks(2)
+                .filter_map(|c| match c {
+                    [k, v] => Some((value_to_string(k), value_to_string(v))),
+                    _ => None,
+                })
+                .collect();
+            let deliveries = self
+                .delivery_count(&mut conn, &id, None)
+                .await?
+                .unwrap_or(1);
+            out.push(Delivery {
+                stream_id: id,
+                fields,
+                deliveries,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn keep_alive(&self, consumer: &str, stream_ids: &[String]) -> Result<(), PipelineError> {
+        let mut conn = self.conn.clone();
+        for id in stream_ids {
+            // Check ownership first: never take an entry back from a consumer that reclaimed it.
+            if self
+                .delivery_count(&mut conn, id, Some(consumer))
+                .await?
+                .is_some()
+            {
+                redis::cmd("XCLAIM")
+                    .arg(&self.stream)
+                    .arg(&self.group)
+                    .arg(consumer)
+                    .arg(0)
+                    .arg(id)
+                    .arg("JUSTID")
+                    .query_async::<Value>(&mut conn)
+                    .await
+                    .map_err(unavailable)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn prune_consumers(&self, consumer: &str, idle_ms: u64) -> Result<usize, PipelineError> {
+        let mut conn = self.conn.clone();
+        let info: redis::streams::StreamInfoConsumersReply = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(&self.stream)
+            .arg(&self.group)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let mut removed = 0;
+        for c in info.consumers {
+            if c.name != consumer && c.pending == 0 && c.idle as u64 >= idle_ms {
+                redis::cmd("XGROUP")
+                    .arg("DELCONSUMER")
+                    .arg(&self.stream)
+                    .arg(&self.group)
+                    .arg(&c.name)
+                    .query_async::<i64>(&mut conn)
+                    .await
+                    .map_err(unavailable)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 }

@@ -11,4 +11,4 @@ pub use clusterer::{ClusterVectors, Clusterer};
 pub use embedder::{EmbedPhoto, Embedded, Embedder};
 pub use hero_selector::{HeroSelector, PickHeroes};
 pub use postgres_writer::{PostgresWriter, WriteOp, WriteReply};
-pub use stream_reader::{ReadBatch, StreamReader};
+pub use stream_reader::{ReadBatch, ReadMode, StreamReader};

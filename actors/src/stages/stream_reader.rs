@@ -6,9 +6,18 @@ use crate::error::PipelineError;
 use crate::ports::{Delivery, JobQueue};
 use crate::runtime::{ActorKind, AsyncStage, Request};
 
-/// Reads up to `count` new entries from the jobs stream.
+/// Reads up to `count` entries from the jobs stream.
 pub struct ReadBatch {
     pub count: usize,
+    pub mode: ReadMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadMode {
+    /// Entries never delivered to the group.
+    New,
+    /// Entries other consumers held unacknowledged for `min_idle_ms` (crashed workers').
+    Reclaim { min_idle_ms: u64 },
 }
 
 impl Request for ReadBatch {
@@ -32,6 +41,20 @@ impl AsyncStage for StreamReader {
     ) -> BoxFuture<'static, Result<Vec<Delivery>, PipelineError>> {
         let (queue, consumer, block_ms) =
             (self.queue.clone(), self.consumer.clone(), self.block_ms);
-        Box::pin(async move { queue.read(&consumer, msg.count, block_ms).await })
+        Box::pin(async move {
+            match msg.mode {
+                ReadMode::New => queue.read(&consumer, msg.count, block_ms).await,
+                ReadMode::Reclaim { min_idle_ms } => {
+                    let claimed = queue.reclaim(&consumer, min_idle_ms, msg.count).await?;
+                    if !claimed.is_empty() {
+                        tracing::warn!(
+                            entries = claimed.len(),
+                            "Reclaimed entries left idle by another consumer."
+                        );
+                    }
+                    Ok(claimed)
+                }
+            }
+        })
     }
 }
