@@ -16,7 +16,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use uuid::Uuid;
 
 use crate::algo::cluster::ClusterParams;
-use crate::algo::embed::OnnxEmbedder;
+use crate::algo::embed::ImageEncoder;
 use crate::error::PipelineError;
 use crate::events::{EntryDeadLettered, JobFailed, JobRetried, JobSucceeded};
 use crate::job::JobEntry;
@@ -101,7 +101,11 @@ impl PipelineHandle {
 }
 
 /// Starts the actors and the read loops. Must run inside an actix `System`.
-pub fn start(settings: PipelineSettings, ports: Ports, model: Arc<OnnxEmbedder>) -> PipelineHandle {
+pub fn start(
+    settings: PipelineSettings,
+    ports: Ports,
+    model: Arc<dyn ImageEncoder>,
+) -> PipelineHandle {
     let c = settings.counts;
     let cap = settings.mailbox_capacity;
     let io = Arbiter::new();

@@ -98,6 +98,24 @@ pub fn model_version(name: &str, model_bytes: &[u8]) -> String {
     format!("{name}-{}", &hash[..8])
 }
 
+/// Turns a decoded photo into an L2-normalised embedding. The ONNX encoder is the
+/// real one; tests of the actors hand in small fakes.
+pub trait ImageEncoder: Send + Sync + 'static {
+    /// Names the model and its weights; embeddings are cached per model version.
+    fn model_version(&self) -> &str;
+    fn embed(&self, img: &DynamicImage) -> Result<Vec<f32>, EmbedError>;
+}
+
+impl ImageEncoder for OnnxEmbedder {
+    fn model_version(&self) -> &str {
+        OnnxEmbedder::model_version(self)
+    }
+
+    fn embed(&self, img: &DynamicImage) -> Result<Vec<f32>, EmbedError> {
+        OnnxEmbedder::embed(self, img)
+    }
+}
+
 /// An ONNX image encoder, optimised once and shared by the embedder threads.
 pub struct OnnxEmbedder {
     plan: Arc<TypedRunnableModel>,

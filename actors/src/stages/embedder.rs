@@ -3,7 +3,7 @@ use std::time::Instant;
 
 use uuid::Uuid;
 
-use crate::algo::{decode, embed::OnnxEmbedder, quality};
+use crate::algo::{decode, embed::ImageEncoder, quality};
 use crate::error::PipelineError;
 use crate::events::PhotoEmbedded;
 use crate::runtime::{ActorKind, Request, SyncStage};
@@ -26,7 +26,7 @@ impl Request for EmbedPhoto {
 
 /// Runs the CNN on a `SyncArbiter` thread; the optimised model is shared.
 pub struct Embedder {
-    pub model: Arc<OnnxEmbedder>,
+    pub model: Arc<dyn ImageEncoder>,
     pub max_pixels: u64,
 }
 
