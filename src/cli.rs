@@ -57,6 +57,11 @@ enum Command {
     },
     /// Print the effective configuration, secrets masked.
     Config,
+    /// Telemetry tools.
+    Telemetry {
+        #[command(subcommand)]
+        command: TelemetryCommand,
+    },
     /// Mint a development JWT signed with auth.jwt_secret.
     Token {
         #[arg(long, default_value = "dev")]
@@ -67,6 +72,13 @@ enum Command {
         #[arg(long, default_value_t = 3600)]
         ttl: u64,
     },
+}
+
+#[derive(Subcommand)]
+enum TelemetryCommand {
+    /// Send a test span to the configured OTLP endpoint and say whether it was accepted
+    /// (exit 1 if not); also try a metrics scrape of a local instance.
+    Check,
 }
 
 pub fn run() -> anyhow::Result<()> {
@@ -115,6 +127,9 @@ pub fn run() -> anyhow::Result<()> {
                 .build()?
                 .block_on(client::upload(opts))
         }
+        Command::Telemetry {
+            command: TelemetryCommand::Check,
+        } => telemetry_check(&settings),
         Command::Migrate => actix_rt::System::new().block_on(async {
             let _telemetry = telemetry::init(&settings)?;
             let db = crate::adapters::postgres::pool(&settings.postgres)?;
@@ -144,4 +159,56 @@ fn serve(settings: Settings, mode: Mode) -> anyhow::Result<()> {
         telemetry.shutdown();
         result
     })
+}
+
+fn telemetry_check(settings: &Settings) -> anyhow::Result<()> {
+    let t = &settings.telemetry;
+    let endpoint = telemetry::traces_endpoint(settings);
+    println!("endpoint: {endpoint}");
+    println!("protocol: {}", t.otlp_protocol);
+    println!("service:  {}", t.service_name);
+    if !t.enabled {
+        println!(
+            "note:     telemetry.enabled is false (TELEMETRY_ENABLED), so the service exports nothing"
+        );
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    // The HTTP exporter's client blocks, so it runs outside the async runtime; gRPC needs it.
+    let export = if t.otlp_protocol == "http/protobuf" {
+        futures::executor::block_on(telemetry::check_export(settings))
+    } else {
+        rt.block_on(telemetry::check_export(settings))
+    };
+    match &export {
+        Ok(()) => println!("export:   ok, the collector accepted a test span"),
+        Err(e) => println!("export:   FAILED: {e}"),
+    }
+    // Where a service runs here, its metrics endpoint should answer too.
+    let token = settings.auth.internal_token.expose().to_owned();
+    for addr in [&settings.server.bind, &settings.server.internal_bind] {
+        let url = format!("http://{addr}/internal/metrics");
+        let scrape = rt.block_on(async {
+            reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(3))
+                .build()?
+                .get(&url)
+                .bearer_auth(&token)
+                .send()
+                .await
+        });
+        match scrape {
+            Ok(r) => println!("metrics:  {url} answered {}", r.status()),
+            Err(_) => println!("metrics:  {url} not reachable (no service running there)"),
+        }
+    }
+    match export {
+        Ok(()) => Ok(()),
+        Err(e) => anyhow::bail!(
+            "telemetry export to {endpoint} ({}) failed: {e}",
+            t.otlp_protocol
+        ),
+    }
 }

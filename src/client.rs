@@ -91,8 +91,11 @@ pub async fn upload(o: UploadOptions) -> anyhow::Result<()> {
     if files.is_empty() {
         bail!("no photos found (looked for {})", EXTENSIONS.join(", "));
     }
+    // Idle connections are dropped before the server's keep-alive ends, so a request
+    // never races the server closing the connection it reuses.
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(120))
+        .pool_idle_timeout(Duration::from_secs(2))
         .build()?;
     let base = o.server.trim_end_matches('/');
     let bar = ProgressBar::new(files.len() as u64);

@@ -166,6 +166,7 @@ impl Application {
         .listen(listener)?
         .client_request_timeout(Duration::from_secs(30))
         .shutdown_timeout(30)
+        .disable_signals()
         .run();
         tracing::info!(port, mode = ?mode, "Listening.");
         Ok(Application {
@@ -182,15 +183,30 @@ impl Application {
 
     /// Serves until SIGINT/SIGTERM, then stops reading jobs and lets in-flight ones finish.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        self.server.await?;
-        if let Some(p) = self.pipeline {
-            tracing::info!("Stopping: no new jobs; waiting for in-flight ones.");
-            if !p.shutdown(self.shutdown_timeout).await {
+        let http = self.server.handle();
+        let mut server = actix_rt::spawn(self.server);
+        tokio::select! {
+            result = &mut server => return Ok(result??),
+            signal = next_signal() => tracing::info!(signal, "Stopping: no new jobs; finishing in-flight ones."),
+        }
+        // A second signal exits at once; unacknowledged entries are reclaimed by other workers.
+        actix_rt::spawn(async {
+            let signal = next_signal().await;
+            tracing::warn!(signal, "Second signal: exiting now.");
+            std::process::exit(1);
+        });
+        let drain = async {
+            if let Some(p) = self.pipeline
+                && !p.shutdown(self.shutdown_timeout).await
+            {
                 tracing::warn!(
                     "Shutdown timeout reached; unfinished jobs stay pending for another worker."
                 );
             }
-        }
+        };
+        futures::join!(http.stop(true), drain);
+        server.await??;
+        tracing::info!("Stopped.");
         Ok(())
     }
 
@@ -236,4 +252,15 @@ pub fn start_pipeline(
         blobs: Arc::new(storage),
     };
     pipeline::start(ps, ports, model)
+}
+
+/// Waits for SIGTERM or SIGINT and names it.
+async fn next_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
 }

@@ -3,13 +3,20 @@
 //! exporter (gRPC or HTTP/protobuf, batch processor, parent-based ratio sampler).
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry::InstrumentationScope;
+use opentelemetry::trace::{
+    SpanContext, SpanId, SpanKind, Status, TraceContextExt, TraceFlags, TraceId, TraceState,
+    TracerProvider as _,
+};
 use opentelemetry::{KeyValue, global};
 use opentelemetry_otlp::{Protocol, WithExportConfig};
 use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, SpanData, SpanExporter};
 use serde_json::{Map, Value};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber, span};
@@ -43,17 +50,23 @@ impl Drop for TelemetryGuard {
     }
 }
 
-/// Builds the OTLP tracer provider from the settings (the exporter also honours
-/// `OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_EXPORTER_OTLP_TIMEOUT` and `OTEL_RESOURCE_ATTRIBUTES`).
-pub fn tracer_provider(settings: &Settings) -> anyhow::Result<SdkTracerProvider> {
+/// The URL spans are sent to: for HTTP/protobuf the `/v1/traces` path is added to
+/// the base endpoint, as the OTLP specification asks for `OTEL_EXPORTER_OTLP_ENDPOINT`.
+pub fn traces_endpoint(settings: &Settings) -> String {
     let t = &settings.telemetry;
-    let exporter = if t.otlp_protocol == "http/protobuf" {
-        let base = t.otlp_endpoint.trim_end_matches('/');
-        let endpoint = if base.ends_with("/v1/traces") {
-            base.to_owned()
-        } else {
-            format!("{base}/v1/traces")
-        };
+    let base = t.otlp_endpoint.trim_end_matches('/');
+    if t.otlp_protocol == "http/protobuf" && !base.ends_with("/v1/traces") {
+        format!("{base}/v1/traces")
+    } else {
+        base.to_owned()
+    }
+}
+
+/// The OTLP exporter of the settings (it also honours `OTEL_EXPORTER_OTLP_HEADERS` and
+/// `OTEL_EXPORTER_OTLP_TIMEOUT`). gRPC needs a Tokio runtime when it is built.
+pub fn span_exporter(settings: &Settings) -> anyhow::Result<opentelemetry_otlp::SpanExporter> {
+    let endpoint = traces_endpoint(settings);
+    Ok(if settings.telemetry.otlp_protocol == "http/protobuf" {
         opentelemetry_otlp::SpanExporter::builder()
             .with_http()
             .with_protocol(Protocol::HttpBinary)
@@ -62,33 +75,145 @@ pub fn tracer_provider(settings: &Settings) -> anyhow::Result<SdkTracerProvider>
     } else {
         opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
-            .with_endpoint(&t.otlp_endpoint)
+            .with_endpoint(endpoint)
             .build()?
-    };
+    })
+}
+
+/// Wraps the exporter: spans it could not deliver are counted in
+/// `media_cluster_telemetry_dropped_spans_total`, and a warning is logged at most
+/// once a minute, never per span. Export runs on the batch processor's own thread,
+/// so a slow or absent collector never blocks a request or an actor.
+#[derive(Debug)]
+pub struct CountingExporter<E> {
+    inner: E,
+    endpoint: String,
+}
+
+/// Unix seconds of the last export warning.
+static LAST_EXPORT_WARNING: AtomicU64 = AtomicU64::new(0);
+const EXPORT_WARNING_EVERY_SECS: u64 = 60;
+
+impl<E: SpanExporter> SpanExporter for CountingExporter<E> {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let n = batch.len() as u64;
+        let result = self.inner.export(batch).await;
+        if let Err(e) = &result {
+            actors::metrics::metrics().dropped_spans.inc_by(n);
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let last = LAST_EXPORT_WARNING.load(Ordering::Relaxed);
+            if now >= last + EXPORT_WARNING_EVERY_SECS
+                && LAST_EXPORT_WARNING
+                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                tracing::warn!(
+                    endpoint = %self.endpoint,
+                    error = %e,
+                    dropped = n,
+                    "Exporting spans failed; they are dropped and counted \
+                     (this warning repeats at most once a minute)."
+                );
+            }
+        }
+        result
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource)
+    }
+}
+
+fn resource(settings: &Settings) -> Resource {
     let env = match settings.env {
         crate::config::AppEnv::Development => "development",
         crate::config::AppEnv::Production => "production",
     };
-    let resource = Resource::builder()
-        .with_service_name(t.service_name.clone())
+    Resource::builder()
+        .with_service_name(settings.telemetry.service_name.clone())
         .with_attributes([
             KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
             KeyValue::new("deployment.environment.name", env),
         ])
-        .build();
+        .build()
+}
+
+/// Builds the OTLP tracer provider: batch processor, parent-based ratio sampler, resource
+/// (`OTEL_RESOURCE_ATTRIBUTES` is merged in by the SDK's resource detectors).
+pub fn tracer_provider(settings: &Settings) -> anyhow::Result<SdkTracerProvider> {
+    let exporter = CountingExporter {
+        inner: span_exporter(settings)?,
+        endpoint: traces_endpoint(settings),
+    };
+    let ratio = Sampler::TraceIdRatioBased(settings.telemetry.sample_rate);
     Ok(SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
-        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-            t.sample_rate,
-        ))))
-        .with_resource(resource)
+        .with_sampler(Sampler::ParentBased(Box::new(ratio)))
+        .with_resource(resource(settings))
         .build())
+}
+
+/// Sends one test span straight through the configured exporter and reports whether
+/// the collector accepted it: `Ok(())`, or the exporter's error.
+pub async fn check_export(settings: &Settings) -> Result<(), String> {
+    let mut exporter = span_exporter(settings).map_err(|e| e.to_string())?;
+    exporter.set_resource(&resource(settings));
+    let now = SystemTime::now();
+    let span = SpanData {
+        span_context: SpanContext::new(
+            TraceId::from(rand::random::<u128>() | 1),
+            SpanId::from(rand::random::<u64>() | 1),
+            TraceFlags::SAMPLED,
+            false,
+            TraceState::default(),
+        ),
+        parent_span_id: SpanId::INVALID,
+        parent_span_is_remote: false,
+        span_kind: SpanKind::Internal,
+        name: "telemetry check".into(),
+        start_time: now,
+        end_time: now,
+        attributes: vec![KeyValue::new("media_clustering.check", true)],
+        dropped_attributes_count: 0,
+        events: Default::default(),
+        links: Default::default(),
+        status: Status::Ok,
+        instrumentation_scope: InstrumentationScope::builder("media-clustering").build(),
+    };
+    let result = exporter.export(vec![span]).await.map_err(|e| e.to_string());
+    let _ = exporter.shutdown();
+    result
+}
+
+/// Directives that keep the telemetry stack's own chatter out of the logs (the
+/// exporter's failures are reported, rate-limited, by [`CountingExporter`]).
+const QUIET: &str = "opentelemetry=off,opentelemetry_sdk=off,opentelemetry_otlp=off,\
+opentelemetry_http=off,h2=warn,hyper=warn,hyper_util=warn,tonic=warn,tower=warn,reqwest=warn";
+
+fn filter(level: &str) -> Result<EnvFilter, tracing_subscriber::filter::ParseError> {
+    // The operator's own directives for these targets win.
+    let extra: Vec<&str> = QUIET
+        .split(',')
+        .filter(|d| !level.contains(d.split('=').next().unwrap_or_default()))
+        .collect();
+    EnvFilter::try_new(format!("{level},{}", extra.join(",")))
 }
 
 /// Installs the global subscriber (and the tracer when telemetry is enabled).
 pub fn init(settings: &Settings) -> anyhow::Result<TelemetryGuard> {
     global::set_text_map_propagator(TraceContextPropagator::new());
-    let filter = EnvFilter::try_new(&settings.log.level)?;
+    let filter = filter(&settings.log.level)?;
     let provider = if settings.telemetry.enabled {
         Some(tracer_provider(settings)?)
     } else {

@@ -39,6 +39,20 @@ const WAIT_BUCKETS: &[f64] = &[
     0.00001, 0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0,
 ];
 
+/// `outcome` label values of [`ACTOR_MESSAGES`].
+pub const MESSAGE_OUTCOMES: [&str; 4] = ["ok", "error", "panic", "dropped"];
+
+/// `operation` label values of [`POSTGRES_WRITE`].
+pub const POSTGRES_OPERATIONS: [&str; 4] =
+    ["start_job", "commit_clusters", "finish_job", "requeue_job"];
+
+/// Creates the series labelled with a model version, so rates see its first job too.
+pub fn register_model_version(model_version: &str) {
+    let m = metrics();
+    m.processing.with_label_values(&[model_version]);
+    m.embedding.with_label_values(&[model_version]);
+}
+
 /// Closed set of `status` label values of [`JOBS_TOTAL`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JobOutcome {
@@ -198,6 +212,12 @@ impl Metrics {
             m.handling.with_label_values(&[a]);
             m.restarts.with_label_values(&[a]);
             m.instances.with_label_values(&[a]);
+            for outcome in MESSAGE_OUTCOMES {
+                m.messages.with_label_values(&[a, outcome]);
+            }
+        }
+        for op in POSTGRES_OPERATIONS {
+            m.postgres_write.with_label_values(&[op]);
         }
         m
     }

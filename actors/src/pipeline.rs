@@ -140,6 +140,7 @@ pub fn start(
     ];
     Supervisor::start_in_arbiter(&handle, move |_| Supervisor::new(expected));
 
+    crate::metrics::register_model_version(model.model_version());
     let max_inflight = settings.max_inflight_jobs.max(1);
     let inflight = Arc::new(Semaphore::new(max_inflight));
     let (stop_tx, stop_rx) = watch::channel(false);

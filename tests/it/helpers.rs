@@ -166,7 +166,7 @@ pub async fn spawn_app_with(mode: Mode, overrides: &[(&str, &str)]) -> TestApp {
         settings,
         db,
         db_name,
-        http: reqwest::Client::new(),
+        http: test_http_client(),
         token,
         redis,
         storage_dir,
@@ -314,4 +314,13 @@ pub fn sample(text: &str, series: &str) -> f64 {
                 .and_then(|v| v.trim().parse().ok())
         })
         .unwrap_or(0.0)
+}
+
+/// A client that never reuses a connection the server may be closing: idle
+/// connections are dropped before the server's keep-alive (5 s) ends.
+pub fn test_http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_idle_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap()
 }

@@ -3,6 +3,9 @@
 
 mod api;
 mod auth;
+mod faults;
 mod helpers;
 mod metrics;
 mod pipeline;
+mod process;
+mod traces;

@@ -1,0 +1,274 @@
+//! Traces and logs against a real OTLP/HTTP receiver, with the service as a process.
+
+use std::collections::HashSet;
+
+use serde_json::Value;
+
+use crate::helpers::*;
+use crate::process::*;
+
+fn attr<'a>(span: &'a Value, key: &str) -> Option<&'a Value> {
+    span["attributes"]
+        .as_array()?
+        .iter()
+        .find(|a| a["key"] == key)
+        .map(|a| &a["value"])
+}
+
+fn otlp_vars(port: u16) -> Vec<(&'static str, String)> {
+    vec![
+        ("TELEMETRY_ENABLED", "true".into()),
+        ("TRACE_SAMPLE_RATE", "1.0".into()),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf".into()),
+        (
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            format!("http://127.0.0.1:{port}"),
+        ),
+    ]
+}
+
+fn as_refs<'a>(v: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    v.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+fn photos(n: usize) -> Vec<(String, Vec<u8>)> {
+    fixture_files(
+        &labels()
+            .iter()
+            .take(n)
+            .map(|r| r.0.clone())
+            .collect::<Vec<_>>(),
+    )
+}
+
+#[actix_rt::test]
+async fn one_unbroken_trace_per_upload_and_logs_joined_to_it() {
+    let env = ProcEnv::new(&[]).await;
+    let tap = Receiver::start(env.dir.path());
+    let vars = otlp_vars(tap.port);
+    let serve = env.spawn("serve", "serve", &as_refs(&vars));
+    let client = Client::new(&env, &serve.base);
+
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let parent = "00f067aa0ba902b7";
+    let up = client
+        .upload(
+            "traced",
+            &photos(3),
+            Some(&format!("00-{trace_id}-{parent}-01")),
+        )
+        .await;
+    let job_id = up["job_id"].as_str().unwrap().to_owned();
+    assert_eq!(client.wait_job(&job_id).await, "succeeded");
+
+    // The batch exporter sends within seconds; wait for the last stage's span.
+    let spans = eventually(60, "the job's spans", async || {
+        let s: Vec<Value> = tap
+            .spans()
+            .into_iter()
+            .filter(|s| s["traceId"] == trace_id)
+            .collect();
+        let done = s.iter().any(|x| {
+            x["name"] == "postgres.write"
+                && attr(x, "db.operation.name")
+                    .is_some_and(|v| v["stringValue"] == "commit_clusters")
+        });
+        let consumer = s.iter().any(|x| x["name"] == "process media:cluster:jobs");
+        (done && consumer).then_some(s)
+    })
+    .await;
+    let names: HashSet<&str> = spans.iter().map(|s| s["name"].as_str().unwrap()).collect();
+    for want in [
+        "POST /v1/pets/{pet_id}/images",
+        "process media:cluster:jobs",
+        "embedder handle",
+        "embed",
+        "clusterer handle",
+        "cluster",
+        "hero_selector handle",
+        "hero.select",
+        "postgres_writer handle",
+        "postgres.write",
+    ] {
+        assert!(names.contains(want), "no `{want}` span in {names:?}");
+    }
+    // Kinds: SERVER 2, PRODUCER 4, CONSUMER 5.
+    let kinds: HashSet<i64> = spans.iter().filter_map(|s| s["kind"].as_i64()).collect();
+    for k in [2, 4, 5] {
+        assert!(kinds.contains(&k), "no span of kind {k}");
+    }
+    // No orphans: every parent is in the trace, or is the caller's span.
+    let ids: HashSet<&str> = spans
+        .iter()
+        .map(|s| s["spanId"].as_str().unwrap())
+        .chain([parent])
+        .collect();
+    for s in &spans {
+        let p = s["parentSpanId"].as_str().unwrap_or("");
+        assert!(p.is_empty() || ids.contains(p), "orphan span {}", s["name"]);
+    }
+    assert_eq!(
+        spans.iter().filter(|s| s["name"] == "embed").count(),
+        3,
+        "one embed span per photo"
+    );
+    let consumer = spans.iter().find(|s| s["kind"] == 5).unwrap();
+    for (k, v) in [
+        ("messaging.system", "redis"),
+        ("messaging.consumer.group.name", "media-clustering"),
+    ] {
+        assert_eq!(
+            attr(consumer, k).map(|v| &v["stringValue"]),
+            Some(&Value::from(v)),
+            "{k}"
+        );
+    }
+    assert!(attr(consumer, "messaging.destination.name").is_some());
+    assert!(attr(consumer, "messaging.message.id").is_some());
+    let write = spans
+        .iter()
+        .find(|s| s["name"] == "postgres.write")
+        .unwrap();
+    assert_eq!(
+        attr(write, "db.system.name").map(|v| &v["stringValue"]),
+        Some(&Value::from("postgresql"))
+    );
+
+    // Log lines written while processing carry the trace id and the job id.
+    let logs = serve.log_text();
+    let joined: Vec<Value> = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["trace_id"] == trace_id && l["job_id"] == job_id.as_str())
+        .collect();
+    assert!(!joined.is_empty(), "no log line with the trace and job ids");
+    for l in &joined {
+        for k in [
+            "timestamp",
+            "level",
+            "message",
+            "module",
+            "span_id",
+            "pet_id",
+        ] {
+            assert!(l.get(k).is_some(), "log line lacks {k}: {l}");
+        }
+    }
+    assert!(!logs.contains(&client.token), "a token was logged");
+    drop(serve);
+    env.cleanup().await;
+}
+
+#[actix_rt::test]
+async fn a_down_collector_costs_nothing_but_dropped_spans() {
+    let env = ProcEnv::new(&[]).await;
+    // Nothing listens there.
+    let dead = free_port();
+    let vars = otlp_vars(dead);
+    let serve = env.spawn("serve", "serve", &as_refs(&vars));
+    let client = Client::new(&env, &serve.base);
+    let mut jobs = Vec::new();
+    for i in 0..4 {
+        let up = client.upload(&format!("pet-{i}"), &photos(2), None).await;
+        jobs.push(up["job_id"].as_str().unwrap().to_owned());
+    }
+    for j in &jobs {
+        assert_eq!(client.wait_job(j).await, "succeeded");
+    }
+    let dropped = eventually(30, "dropped spans to be counted", async || {
+        let text = client.scrape("dev-internal-token").await;
+        let n = sample(&text, "media_cluster_telemetry_dropped_spans_total");
+        (n > 0.0).then_some(n)
+    })
+    .await;
+    assert!(dropped >= 4.0, "dropped {dropped}");
+    let warnings = serve
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("Exporting spans failed"))
+        .count();
+    assert_eq!(warnings, 1, "the export warning is rate-limited");
+    drop(serve);
+    env.cleanup().await;
+}
+
+#[actix_rt::test]
+async fn telemetry_check_says_whether_the_collector_accepts_spans() {
+    let env = ProcEnv::new(&[]).await;
+    let tap = Receiver::start(env.dir.path());
+    let ok = env
+        .command("telemetry check", &as_refs(&otlp_vars(tap.port)))
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stdout)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("accepted"));
+    eventually(10, "the test span", async || {
+        tap.spans()
+            .iter()
+            .any(|s| s["name"] == "telemetry check")
+            .then_some(())
+    })
+    .await;
+
+    let dead = free_port();
+    let bad = env
+        .command("telemetry check", &as_refs(&otlp_vars(dead)))
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains(&format!("127.0.0.1:{dead}")),
+        "error does not name the endpoint: {stderr}"
+    );
+    env.cleanup().await;
+}
+
+#[actix_rt::test]
+async fn sample_rate_zero_exports_only_what_a_sampled_parent_asks_for() {
+    let env = ProcEnv::new(&[]).await;
+    let tap = Receiver::start(env.dir.path());
+    let mut vars = otlp_vars(tap.port);
+    vars[1].1 = "0".into();
+    let serve = env.spawn("serve", "serve", &as_refs(&vars));
+    let client = Client::new(&env, &serve.base);
+
+    let unsampled = client.upload("quiet", &photos(2), None).await;
+    assert_eq!(
+        client.wait_job(unsampled["job_id"].as_str().unwrap()).await,
+        "succeeded"
+    );
+    // A sampled parent afterwards: once its spans arrive, the exporter has flushed both jobs.
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let sampled = client
+        .upload(
+            "loud",
+            &photos(2),
+            Some(&format!("00-{trace_id}-b7ad6b7169203331-01")),
+        )
+        .await;
+    assert_eq!(
+        client.wait_job(sampled["job_id"].as_str().unwrap()).await,
+        "succeeded"
+    );
+    eventually(60, "the sampled job's spans", async || {
+        tap.spans()
+            .iter()
+            .any(|s| s["traceId"] == trace_id && s["name"] == "process media:cluster:jobs")
+            .then_some(())
+    })
+    .await;
+    let others: Vec<String> = tap
+        .spans()
+        .iter()
+        .filter(|s| s["traceId"] != trace_id)
+        .map(|s| s["name"].to_string())
+        .collect();
+    assert!(others.is_empty(), "unsampled spans exported: {others:?}");
+    drop(serve);
+    env.cleanup().await;
+}
