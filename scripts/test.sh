@@ -50,6 +50,18 @@ export TEST_DATABASE_URL="postgres://postgres:postgres@127.0.0.1:5432/postgres"
 export TEST_REDIS_URL="redis://127.0.0.1:6379"
 export MODEL_PATH="$ROOT/models/open-nsfw.onnx"
 
+# A real OTLP/HTTP receiver for the trace tests, in a virtualenv under target/.
+step "Installing the OTLP test receiver (oteltap)"
+PYTOOLS="$ROOT/target/pytools"
+if ! "$PYTOOLS/bin/oteltap" --help >/dev/null 2>&1; then
+    python3 -m venv "$PYTOOLS" 2>/dev/null || {
+        apt-get install -y -qq python3-venv >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null)
+        python3 -m venv "$PYTOOLS"
+    }
+    "$PYTOOLS/bin/pip" install -q oteltap
+fi
+export OTELTAP="$PYTOOLS/bin/oteltap"
+
 # Each test runs in its own process under nextest, so the process-wide metrics a test
 # reads are its own; install it when missing (a one-off build of a few minutes).
 if ! cargo nextest --version >/dev/null 2>&1; then
@@ -65,3 +77,7 @@ psql "$TEST_DATABASE_URL" -X -q -t -A -c "SELECT datname FROM pg_database WHERE 
 
 step "cargo nextest run --workspace --no-fail-fast $*"
 cargo nextest run --workspace --no-fail-fast "$@"
+
+# The dashboard's every PromQL expression against a real Prometheus scraping a real job.
+step "Dashboard queries against a real Prometheus"
+BIN="$ROOT/target/debug/media-clustering" scripts/check-dashboard.sh
