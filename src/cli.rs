@@ -57,6 +57,11 @@ enum Command {
     },
     /// Print the effective configuration, secrets masked.
     Config,
+    /// Inspect and re-enqueue dead-lettered jobs.
+    Deadletter {
+        #[command(subcommand)]
+        command: DeadletterCommand,
+    },
     /// Telemetry tools.
     Telemetry {
         #[command(subcommand)]
@@ -71,6 +76,26 @@ enum Command {
         /// Lifetime in seconds.
         #[arg(long, default_value_t = 3600)]
         ttl: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadletterCommand {
+    /// List dead-letter entries, oldest first.
+    List {
+        #[arg(long, default_value_t = 100)]
+        count: usize,
+    },
+    /// Put an entry back on the jobs stream (its job becomes `queued` again).
+    Replay {
+        /// The dead-letter entry id, as `list` prints it.
+        id: String,
+    },
+    /// Delete every dead-letter entry.
+    Purge {
+        /// Required: purging cannot be undone.
+        #[arg(long)]
+        yes: bool,
     },
 }
 
@@ -130,6 +155,10 @@ pub fn run() -> anyhow::Result<()> {
         Command::Telemetry {
             command: TelemetryCommand::Check,
         } => telemetry_check(&settings),
+        Command::Deadletter { command } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(deadletter(&settings, command)),
         Command::Migrate => actix_rt::System::new().block_on(async {
             let _telemetry = telemetry::init(&settings)?;
             let db = crate::adapters::postgres::pool(&settings.postgres)?;
@@ -211,4 +240,67 @@ fn telemetry_check(settings: &Settings) -> anyhow::Result<()> {
             t.otlp_protocol
         ),
     }
+}
+
+async fn deadletter(settings: &Settings, command: DeadletterCommand) -> anyhow::Result<()> {
+    let queue = crate::adapters::redis_queue::RedisQueue::connect(&settings.redis, 0)
+        .await
+        .context("connecting to Redis (redis.url)")?;
+    match command {
+        DeadletterCommand::List { count } => {
+            let entries = queue.dead_letters(count).await?;
+            if entries.is_empty() {
+                println!("no dead letters in {}", queue.deadletter);
+            }
+            for (id, fields) in entries {
+                let get = |k: &str| {
+                    fields
+                        .iter()
+                        .find(|(f, _)| f == k)
+                        .map(|(_, v)| v.as_str())
+                        .unwrap_or("-")
+                };
+                let failed_at = get("failed_at")
+                    .parse::<i64>()
+                    .ok()
+                    .and_then(chrono::DateTime::from_timestamp_millis)
+                    .map(|t| t.to_rfc3339())
+                    .unwrap_or_else(|| "-".into());
+                println!(
+                    "{id}  job {}  pet {}  deliveries {}  failed {failed_at}  source {}\n    error: {}",
+                    get("job_id"),
+                    get("pet_id"),
+                    get("deliveries"),
+                    get("source_id"),
+                    get("error"),
+                );
+            }
+        }
+        DeadletterCommand::Replay { id } => {
+            let Some(fields) = queue.dead_letter_original(&id).await? else {
+                anyhow::bail!("no dead-letter entry {id} in {}", queue.deadletter);
+            };
+            // The job row first: a worker may read the new entry at once.
+            let job = fields
+                .iter()
+                .find(|(k, _)| k == "job_id")
+                .and_then(|(_, v)| uuid::Uuid::parse_str(v).ok());
+            if let Some(job) = job {
+                let db = crate::adapters::postgres::pool(&settings.postgres)?;
+                if crate::adapters::postgres::requeue_for_replay(&db, job).await? == 0 {
+                    println!("note: job {job} has no failed or dead-lettered row to reset");
+                }
+            }
+            let new_id = queue.replay_dead_letter(&id, &fields).await?;
+            println!("replayed {id} as {new_id} on {}", queue.stream);
+        }
+        DeadletterCommand::Purge { yes } => {
+            if !yes {
+                anyhow::bail!("purging deletes every dead letter for good; add --yes to do it");
+            }
+            let n = queue.purge_dead_letters().await?;
+            println!("purged {n} dead letters from {}", queue.deadletter);
+        }
+    }
+    Ok(())
 }

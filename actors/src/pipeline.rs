@@ -283,9 +283,19 @@ async fn keep_alive_loop(p: Arc<Pipeline>) {
     }
 }
 
+/// Publishes the stream's lag and pending counts, and trims acknowledged entries.
 async fn depth_loop(p: Arc<Pipeline>) {
     let mut stop = p.stop.clone();
+    let mut rounds = 0u64;
     loop {
+        rounds += 1;
+        if rounds % 10 == 1 {
+            match p.ports.queue.trim().await {
+                Ok(n) if n > 0 => tracing::debug!(removed = n, "Trimmed acknowledged entries."),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "Trimming the jobs stream failed."),
+            }
+        }
         if let Ok(d) = p.ports.queue.depth().await {
             metrics()
                 .pending_jobs

@@ -55,6 +55,9 @@ pub trait JobQueue: Send + Sync + 'static {
     /// Resets the idle time of entries `consumer` still owns, so a long job is not
     /// reclaimed while it runs; entries another consumer took over are left alone.
     async fn keep_alive(&self, consumer: &str, stream_ids: &[String]) -> Result<(), PipelineError>;
+    /// Trims acknowledged entries from the head of the stream (never an entry that is
+    /// pending or not yet delivered); returns how many were removed.
+    async fn trim(&self) -> Result<u64, PipelineError>;
     /// Removes consumers (other than `consumer`) idle for `idle_ms` with nothing pending.
     async fn prune_consumers(&self, consumer: &str, idle_ms: u64) -> Result<usize, PipelineError>;
 }

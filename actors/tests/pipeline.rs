@@ -61,6 +61,9 @@ impl JobQueue for FakeQueue {
     async fn keep_alive(&self, _: &str, _: &[String]) -> Result<(), PipelineError> {
         Ok(())
     }
+    async fn trim(&self) -> Result<u64, PipelineError> {
+        Ok(0)
+    }
     async fn prune_consumers(&self, _: &str, _: u64) -> Result<usize, PipelineError> {
         Ok(0)
     }

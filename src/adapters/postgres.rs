@@ -156,6 +156,18 @@ pub async fn undo_upload(
     tx.commit().await
 }
 
+/// Puts a dead-lettered or failed job back to `queued` for a replay; returns rows changed.
+pub async fn requeue_for_replay(pool: &PgPool, job_id: Uuid) -> Result<u64, sqlx::Error> {
+    let r = sqlx::query(
+        "UPDATE jobs SET status = 'queued', error = NULL, finished_at = NULL
+         WHERE id = $1 AND status IN ('dead_lettered', 'failed')",
+    )
+    .bind(job_id)
+    .execute(pool)
+    .await?;
+    Ok(r.rows_affected())
+}
+
 pub async fn pet_has_images(pool: &PgPool, pet_id: &str) -> Result<bool, sqlx::Error> {
     sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM images WHERE pet_id = $1)")
         .bind(pet_id)

@@ -76,18 +76,123 @@ impl RedisQueue {
         }
     }
 
-    /// Adds a job entry (trimming the stream approximately to `maxlen`); returns its id.
+    /// Adds a job entry; returns its id. The stream is not capped here: a length cap
+    /// (`MAXLEN`) would drop entries nobody has processed yet. Workers trim what the
+    /// group has acknowledged instead ([`JobQueue::trim`]).
     pub async fn enqueue(&self, entry: &JobEntry) -> Result<String, RedisError> {
+        self.add(
+            &self.stream,
+            entry.to_fields().iter().map(|(k, v)| (*k, v.as_str())),
+        )
+        .await
+    }
+
+    async fn add<'a>(
+        &self,
+        stream: &str,
+        fields: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<String, RedisError> {
         let mut cmd = redis::cmd("XADD");
-        cmd.arg(&self.stream)
-            .arg("MAXLEN")
-            .arg("~")
-            .arg(self.maxlen)
-            .arg("*");
-        for (k, v) in entry.to_fields() {
+        cmd.arg(stream).arg("*");
+        for (k, v) in fields {
             cmd.arg(k).arg(v);
         }
         cmd.query_async(&mut self.conn.clone()).await
+    }
+
+    /// Dead-letter entries, oldest first: `(id, fields)`.
+    pub async fn dead_letters(
+        &self,
+        count: usize,
+    ) -> Result<Vec<(String, Vec<(String, String)>)>, RedisError> {
+        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(&self.deadletter)
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(reply
+            .ids
+            .into_iter()
+            .map(|e| {
+                let mut fields: Vec<(String, String)> = e
+                    .map
+                    .iter()
+                    .map(|(k, v)| (k.clone(), value_to_string(v)))
+                    .collect();
+                fields.sort();
+                (e.id, fields)
+            })
+            .collect())
+    }
+
+    /// One dead-letter entry's original fields, ready to go back on the jobs stream
+    /// (the attempt number raised by one); `None` if there is no such entry.
+    pub async fn dead_letter_original(
+        &self,
+        id: &str,
+    ) -> Result<Option<Vec<(String, String)>>, RedisError> {
+        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(&self.deadletter)
+            .arg(id)
+            .arg(id)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        let Some(entry) = reply.ids.into_iter().next() else {
+            return Ok(None);
+        };
+        let mut fields: Vec<(String, String)> = entry
+            .map
+            .iter()
+            .filter(|(k, _)| !DEAD_LETTER_FIELDS.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), value_to_string(v)))
+            .collect();
+        fields.sort();
+        for (k, v) in fields.iter_mut() {
+            if k == "attempt" {
+                *v = v
+                    .parse::<u32>()
+                    .map(|a| (a + 1).to_string())
+                    .unwrap_or_else(|_| v.clone());
+            }
+        }
+        Ok(Some(fields))
+    }
+
+    /// Adds `fields` to the jobs stream and removes dead-letter entry `id`; returns the new id.
+    pub async fn replay_dead_letter(
+        &self,
+        id: &str,
+        fields: &[(String, String)],
+    ) -> Result<String, RedisError> {
+        let new_id = self
+            .add(
+                &self.stream,
+                fields.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            )
+            .await?;
+        redis::cmd("XDEL")
+            .arg(&self.deadletter)
+            .arg(id)
+            .query_async::<i64>(&mut self.conn.clone())
+            .await?;
+        Ok(new_id)
+    }
+
+    /// Deletes every dead-letter entry; returns how many there were.
+    pub async fn purge_dead_letters(&self) -> Result<i64, RedisError> {
+        let mut conn = self.conn.clone();
+        let n: i64 = redis::cmd("XLEN")
+            .arg(&self.deadletter)
+            .query_async(&mut conn)
+            .await?;
+        redis::cmd("DEL")
+            .arg(&self.deadletter)
+            .query_async::<i64>(&mut conn)
+            .await?;
+        Ok(n)
     }
 
     pub async fn ping(&self) -> Result<(), RedisError> {
@@ -127,6 +232,15 @@ impl RedisQueue {
             _ => 1,
         }))
     }
+}
+
+/// Fields the dead-letter stream adds to an entry's own.
+const DEAD_LETTER_FIELDS: [&str; 4] = ["error", "deliveries", "failed_at", "source_id"];
+
+/// The id just after `id` (`ms-seq` with the sequence raised by one).
+fn next_id(id: &str) -> Option<String> {
+    let (ms, seq) = id.split_once('-')?;
+    Some(format!("{ms}-{}", seq.parse::<u64>().ok()?.checked_add(1)?))
 }
 
 fn value_to_string(v: &Value) -> String {
@@ -248,6 +362,58 @@ impl JobQueue for RedisQueue {
             pending: g.pending as i64,
         })
         .unwrap_or_default())
+    }
+
+    async fn trim(&self) -> Result<u64, PipelineError> {
+        let mut conn = self.conn.clone();
+        let info: StreamInfoGroupsReply = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(&self.stream)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let Some(group) = info.groups.into_iter().find(|g| g.name == self.group) else {
+            return Ok(0);
+        };
+        // Keep everything from the oldest pending entry, or else everything not yet delivered.
+        let summary: Value = redis::cmd("XPENDING")
+            .arg(&self.stream)
+            .arg(&self.group)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let oldest_pending = match &summary {
+            Value::Array(parts) => match parts.get(1) {
+                Some(v @ (Value::BulkString(_) | Value::SimpleString(_))) => {
+                    Some(value_to_string(v))
+                }
+                _ => None,
+            },
+            _ => None,
+        };
+        let Some(min_id) = oldest_pending.or_else(|| next_id(&group.last_delivered_id)) else {
+            return Ok(0);
+        };
+        let removed: u64 = redis::cmd("XTRIM")
+            .arg(&self.stream)
+            .arg("MINID")
+            .arg(&min_id)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let len: usize = redis::cmd("XLEN")
+            .arg(&self.stream)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        if len > self.maxlen {
+            tracing::warn!(
+                length = len,
+                maxlen = self.maxlen,
+                "The jobs backlog is longer than redis.maxlen."
+            );
+        }
+        Ok(removed)
     }
 
     async fn reclaim(

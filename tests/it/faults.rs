@@ -221,3 +221,169 @@ async fn twenty_quick_uploads_for_one_pet_end_in_one_complete_clustering() {
     db.close().await;
     env.cleanup().await;
 }
+
+#[actix_rt::test]
+async fn jobs_survive_postgres_refusing_connections_for_a_while() {
+    let env = ProcEnv::new(&[
+        ("MEDIA_CLUSTERING__REDIS__MAX_DELIVERIES", "10"),
+        ("MEDIA_CLUSTERING__ACTORS__EMBEDDERS", "1"),
+    ])
+    .await;
+    let serve = env.spawn("serve", "serve", &[]);
+    let client = Client::new(&env, &serve.base);
+    let mut jobs = Vec::new();
+    for i in 0..4 {
+        let files = [photo(2 * i), photo(2 * i + 1)].concat();
+        let up = client.upload(&format!("pg-{i}"), &files, None).await;
+        jobs.push(up["job_id"].as_str().unwrap().to_owned());
+    }
+    // The database refuses connections and loses the ones it had, for two seconds.
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_db_url())
+        .await
+        .unwrap();
+    let db = &env.db_name;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        r#"ALTER DATABASE "{db}" ALLOW_CONNECTIONS false"#
+    )))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()")
+        .bind(db)
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let ready = test_http_client()
+        .get(format!("{}/readyz", serve.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status().as_u16(), 503, "readyz during the outage");
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await; // the outage itself
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        r#"ALTER DATABASE "{db}" ALLOW_CONNECTIONS true"#
+    )))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+
+    for j in &jobs {
+        assert_eq!(client.wait_job(j).await, "succeeded");
+    }
+    let metrics = client.scrape("dev-internal-token").await;
+    assert!(
+        sample(&metrics, "media_cluster_retries_total") >= 1.0,
+        "no retry was counted"
+    );
+    assert_eq!(
+        sample(&metrics, r#"media_cluster_jobs_total{status="succeeded"}"#),
+        4.0
+    );
+    let ready = test_http_client()
+        .get(format!("{}/readyz", serve.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status().as_u16(), 200);
+    drop(serve);
+    env.cleanup().await;
+}
+
+/// A Redis of the test's own, persisting to an append-only file so a restart keeps the stream.
+struct OwnRedis {
+    child: std::process::Child,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl OwnRedis {
+    fn start(dir: &std::path::Path, port: u16) -> Self {
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+            ])
+            .args(["--appendfsync", "always", "--dir", dir.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (make test installs it)");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "own redis-server did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        OwnRedis {
+            child,
+            port,
+            dir: dir.to_owned(),
+        }
+    }
+
+    fn restart(&mut self) {
+        let _ = std::process::Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "shutdown"])
+            .status();
+        let _ = self.child.wait();
+        *self = OwnRedis::start(&self.dir.clone(), self.port);
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[actix_rt::test]
+async fn jobs_survive_a_redis_restart() {
+    let redis_dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut redis = OwnRedis::start(redis_dir.path(), port);
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let env = ProcEnv::new(&[
+        ("REDIS_URL", url.as_str()),
+        ("MEDIA_CLUSTERING__REDIS__CLAIM_MIN_IDLE_MS", "2000"),
+        ("MEDIA_CLUSTERING__REDIS__MAX_DELIVERIES", "10"),
+        ("MEDIA_CLUSTERING__ACTORS__EMBEDDERS", "1"),
+    ])
+    .await;
+    let serve = env.spawn("serve", "serve", &[]);
+    let client = Client::new(&env, &serve.base);
+    let mut jobs = Vec::new();
+    for i in 0..4 {
+        let files = [photo(2 * i + 10), photo(2 * i + 11)].concat();
+        let up = client.upload(&format!("redis-{i}"), &files, None).await;
+        jobs.push(up["job_id"].as_str().unwrap().to_owned());
+    }
+    redis.restart();
+    // While the connection comes back an upload may get 503 (and store nothing);
+    // once it is back, uploads are accepted again.
+    let up = eventually(30, "an upload accepted after the restart", async || {
+        let (status, body) = client.try_upload("redis-after", &photo(30), None).await;
+        assert!(status == 202 || status == 503, "{status}: {body}");
+        (status == 202).then_some(body)
+    })
+    .await;
+    jobs.push(up["job_id"].as_str().unwrap().to_owned());
+    for j in &jobs {
+        assert_eq!(client.wait_job(j).await, "succeeded");
+    }
+    let db = pool(&env).await;
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM cluster_versions").await,
+        jobs.len() as i64
+    );
+    db.close().await;
+    drop(serve);
+    env.cleanup().await;
+}

@@ -3,6 +3,7 @@
 
 mod api;
 mod auth;
+mod deadletter;
 mod faults;
 mod helpers;
 mod metrics;

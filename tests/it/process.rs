@@ -241,6 +241,17 @@ impl Client {
         files: &[(String, Vec<u8>)],
         traceparent: Option<&str>,
     ) -> serde_json::Value {
+        let (status, body) = self.try_upload(pet, files, traceparent).await;
+        assert_eq!(status, 202, "{body}");
+        body
+    }
+
+    pub async fn try_upload(
+        &self,
+        pet: &str,
+        files: &[(String, Vec<u8>)],
+        traceparent: Option<&str>,
+    ) -> (u16, serde_json::Value) {
         let mut r = self
             .http
             .post(format!("{}/v1/pets/{pet}/images", self.base))
@@ -250,8 +261,7 @@ impl Client {
             r = r.header("traceparent", tp);
         }
         let r = r.send().await.unwrap();
-        assert_eq!(r.status().as_u16(), 202);
-        r.json().await.unwrap()
+        (r.status().as_u16(), r.json().await.unwrap_or_default())
     }
 
     pub async fn job_status(&self, job_id: &str) -> String {
@@ -267,7 +277,7 @@ impl Client {
     }
 
     pub async fn wait_job(&self, job_id: &str) -> String {
-        eventually(300, "the job to finish", async || {
+        eventually(60, "the job to finish", async || {
             let s = self.job_status(job_id).await;
             ["succeeded", "failed", "dead_lettered"]
                 .contains(&s.as_str())
