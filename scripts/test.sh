@@ -81,3 +81,7 @@ cargo nextest run --workspace --no-fail-fast "$@"
 # The dashboard's every PromQL expression against a real Prometheus scraping a real job.
 step "Dashboard queries against a real Prometheus"
 BIN="$ROOT/target/debug/media-clustering" scripts/check-dashboard.sh
+
+# The API against its own OpenAPI document, fuzzed by schemathesis.
+step "Schemathesis against /openapi.json"
+scripts/schemathesis.sh

@@ -115,6 +115,7 @@ pub struct Settings {
     #[serde(skip_deserializing, default = "dev")]
     pub env: AppEnv,
     pub server: ServerSettings,
+    pub rate_limit: RateLimitSettings,
     pub auth: AuthSettings,
     pub postgres: PostgresSettings,
     pub redis: RedisSettings,
@@ -138,6 +139,20 @@ pub struct ServerSettings {
     pub max_upload_bytes: u64,
     pub max_image_pixels: u64,
     pub max_files_per_request: usize,
+    /// How long a client may take to send the request head, and the longest pause
+    /// while it sends an upload body (408 past either).
+    pub request_timeout_ms: u64,
+    /// How long a closing connection may take to shut down; 0 waits indefinitely.
+    pub disconnect_timeout_ms: u64,
+}
+
+/// A token bucket per caller on `/v1/*`: `burst` requests at once, refilled at
+/// `requests_per_second`; 0 requests per second disables it.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitSettings {
+    pub requests_per_second: f64,
+    pub burst: u32,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -431,6 +446,22 @@ impl Settings {
         if self.server.max_files_per_request == 0 {
             return Err(invalid("server.max_files_per_request", "must be positive"));
         }
+        if self.server.request_timeout_ms == 0 {
+            return Err(invalid("server.request_timeout_ms", "must be positive"));
+        }
+        let rl = &self.rate_limit;
+        if !(rl.requests_per_second.is_finite() && rl.requests_per_second >= 0.0) {
+            return Err(invalid(
+                "rate_limit.requests_per_second",
+                "must be 0 (off) or a positive number",
+            ));
+        }
+        if rl.requests_per_second > 0.0 && rl.burst == 0 {
+            return Err(invalid(
+                "rate_limit.burst",
+                "must be at least 1 while the limit is on",
+            ));
+        }
         for (key, secret) in [
             ("auth.jwt_secret", &self.auth.jwt_secret),
             ("auth.internal_token", &self.auth.internal_token),
@@ -608,6 +639,60 @@ mod tests {
     }
 
     #[test]
+    fn rate_limit_and_timeouts_load_and_validate() {
+        let s = Settings::load_from(&vars(&[])).unwrap();
+        assert_eq!(s.rate_limit.requests_per_second, 50.0);
+        assert_eq!(s.rate_limit.burst, 100);
+        assert!(s.server.request_timeout_ms > 0);
+        let s = Settings::load_from(&vars(&[
+            ("MEDIA_CLUSTERING__RATE_LIMIT__REQUESTS_PER_SECOND", "0.5"),
+            ("MEDIA_CLUSTERING__RATE_LIMIT__BURST", "2"),
+            ("MEDIA_CLUSTERING__SERVER__REQUEST_TIMEOUT_MS", "1500"),
+        ]))
+        .unwrap();
+        assert_eq!(s.rate_limit.requests_per_second, 0.5);
+        assert_eq!(s.rate_limit.burst, 2);
+        assert_eq!(s.server.request_timeout_ms, 1500);
+        // 0 turns the limit off; then the burst does not matter.
+        let s = Settings::load_from(&vars(&[
+            ("MEDIA_CLUSTERING__RATE_LIMIT__REQUESTS_PER_SECOND", "0"),
+            ("MEDIA_CLUSTERING__RATE_LIMIT__BURST", "0"),
+        ]))
+        .unwrap();
+        assert_eq!(s.rate_limit.requests_per_second, 0.0);
+        for (var, val, key) in [
+            (
+                "MEDIA_CLUSTERING__RATE_LIMIT__REQUESTS_PER_SECOND",
+                "-1",
+                "rate_limit.requests_per_second",
+            ),
+            (
+                "MEDIA_CLUSTERING__RATE_LIMIT__BURST",
+                "0",
+                "rate_limit.burst",
+            ),
+            (
+                "MEDIA_CLUSTERING__RATE_LIMIT__BURST",
+                "lots",
+                "rate_limit.burst",
+            ),
+            (
+                "MEDIA_CLUSTERING__SERVER__REQUEST_TIMEOUT_MS",
+                "0",
+                "server.request_timeout_ms",
+            ),
+            (
+                "MEDIA_CLUSTERING__RATE_LIMIT__PER_MINUTE",
+                "5",
+                "per_minute",
+            ),
+        ] {
+            let e = Settings::load_from(&vars(&[(var, val)])).unwrap_err();
+            assert!(e.to_string().contains(key), "{var}={val}: {e}");
+        }
+    }
+
+    #[test]
     fn production_refuses_missing_and_development_secrets() {
         let e = Settings::load_from(&vars(&[("APP_ENV", "production")])).unwrap_err();
         assert!(e.to_string().contains("auth.jwt_secret"), "{e}");
@@ -621,6 +706,19 @@ mod tests {
         ]))
         .unwrap_err();
         assert!(e.to_string().contains("development secret"), "{e}");
+        let e = Settings::load_from(&vars(&[
+            ("APP_ENV", "production"),
+            (
+                "AUTH_JWT_SECRET",
+                "a-real-secret-that-is-long-enough-0123456789",
+            ),
+            ("INTERNAL_METRICS_TOKEN", "dev-internal-token"),
+        ]))
+        .unwrap_err();
+        assert!(e.to_string().contains("auth.internal_token"), "{e}");
+        assert!(e.to_string().contains("development secret"), "{e}");
+        // The refusal names the key, never the secret.
+        assert!(!e.to_string().contains("dev-internal-token"), "{e}");
         let ok = Settings::load_from(&vars(&[
             ("APP_ENV", "production"),
             (

@@ -18,6 +18,7 @@ use tracing_actix_web::TracingLogger;
 use crate::adapters::postgres::{self, MIGRATOR, PgStore};
 use crate::adapters::redis_queue::RedisQueue;
 use crate::adapters::storage::Storage;
+use crate::api::rate_limit::RateLimiter;
 use crate::api::{self, auth::Jwt};
 use crate::config::Settings;
 
@@ -40,6 +41,8 @@ pub struct AppState {
     pub storage: Storage,
     pub jwt: Jwt,
     pub registry: Registry,
+    /// Per-caller limit on `/v1/*`; `None` when `rate_limit.requests_per_second` is 0.
+    pub limiter: Option<RateLimiter>,
 }
 
 pub struct Application {
@@ -146,6 +149,10 @@ impl Application {
             queue,
             storage,
             registry,
+            limiter: RateLimiter::new(
+                settings.rate_limit.requests_per_second,
+                settings.rate_limit.burst,
+            ),
         });
         let with_api = mode != Mode::Worker;
         let max_body = settings.server.max_upload_bytes;
@@ -164,7 +171,10 @@ impl Application {
                 .default_service(web::to(api::not_found))
         })
         .listen(listener)?
-        .client_request_timeout(Duration::from_secs(30))
+        // A client that is slow to send its request head gets 408; the upload handler
+        // applies the same limit to pauses in the body.
+        .client_request_timeout(Duration::from_millis(settings.server.request_timeout_ms))
+        .client_disconnect_timeout(Duration::from_millis(settings.server.disconnect_timeout_ms))
         .shutdown_timeout(30)
         .disable_signals()
         .run();

@@ -97,6 +97,20 @@ fn bearer(req: &HttpRequest) -> Result<&str, ApiError> {
     }
 }
 
+/// Who a request counts against for rate limiting: the verified `sub`, else the peer
+/// address (never the token itself).
+pub(super) fn caller_key(req: &HttpRequest, jwt: &Jwt) -> String {
+    match bearer(req).and_then(|t| jwt.verify(t)) {
+        Ok(claims) => format!("sub:{}", claims.sub),
+        Err(_) => format!(
+            "peer:{}",
+            req.peer_addr()
+                .map(|a| a.ip().to_string())
+                .unwrap_or_default()
+        ),
+    }
+}
+
 fn state(req: &HttpRequest) -> Result<&web::Data<AppState>, ApiError> {
     req.app_data::<web::Data<AppState>>()
         .ok_or_else(|| ApiError::Internal("application state missing".into()))

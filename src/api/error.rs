@@ -2,7 +2,39 @@
 //! `{"error": {"code": "...", "message": "..."}}`.
 
 use actix_web::http::StatusCode;
+use actix_web::http::header::{ALLOW, RETRY_AFTER, WWW_AUTHENTICATE};
 use actix_web::{HttpResponse, ResponseError};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// The body of every error answer.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({"error": {"code": "invalid_pet_id", "message": "pet_id must be 1-64 characters of [A-Za-z0-9_-]"}}))]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable, machine-readable: `invalid_pet_id`, `invalid_id`, `empty_file`, `no_files`,
+    /// `too_many_files`, `bad_multipart`, `bad_body`, `unauthorized`, `forbidden`, `not_found`,
+    /// `method_not_allowed`, `request_timeout`, `payload_too_large`, `unsupported_media_type`,
+    /// `unprocessable_image`, `rate_limited`, `unavailable`, `not_ready`, `internal`.
+    pub code: String,
+    /// For people; never echoes a credential.
+    pub message: String,
+}
+
+impl ErrorBody {
+    pub fn new(code: &str, message: impl Into<String>) -> Self {
+        ErrorBody {
+            error: ErrorDetail {
+                code: code.to_owned(),
+                message: message.into(),
+            },
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -17,6 +49,12 @@ pub enum ApiError {
     Forbidden(String),
     #[error("{0}")]
     NotFound(String),
+    /// The route exists, the method does not; `allow` lists the methods it takes.
+    #[error("method not allowed; this route takes {allow}")]
+    MethodNotAllowed { allow: &'static str },
+    /// The client stopped sending the body for longer than `server.request_timeout_ms`.
+    #[error("the request body stalled for more than {0} ms")]
+    RequestTimeout(u64),
     /// The body is over `server.max_upload_bytes`.
     #[error("upload exceeds the limit of {0} bytes")]
     PayloadTooLarge(u64),
@@ -26,6 +64,9 @@ pub enum ApiError {
     /// An image that cannot be decoded or is over the pixel limit.
     #[error("{0}")]
     Unprocessable(String),
+    /// The caller is over its `rate_limit`; it may retry after this many seconds.
+    #[error("too many requests; retry after {0} s")]
+    RateLimited(u64),
     /// A dependency is down; nothing was stored.
     #[error("{0}")]
     Unavailable(String),
@@ -48,9 +89,12 @@ impl ApiError {
             ApiError::Unauthorized(_) => "unauthorized",
             ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound(_) => "not_found",
+            ApiError::MethodNotAllowed { .. } => "method_not_allowed",
+            ApiError::RequestTimeout(_) => "request_timeout",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::Unprocessable(_) => "unprocessable_image",
+            ApiError::RateLimited(_) => "rate_limited",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
         }
@@ -64,9 +108,12 @@ impl ResponseError for ApiError {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -81,12 +128,22 @@ impl ResponseError for ApiError {
             _ => {}
         }
         let mut res = HttpResponse::build(self.status_code());
-        if matches!(self, ApiError::Unauthorized(_)) {
-            res.insert_header(("WWW-Authenticate", "Bearer"));
+        match self {
+            ApiError::Unauthorized(_) => {
+                res.insert_header((WWW_AUTHENTICATE, "Bearer"));
+            }
+            ApiError::MethodNotAllowed { allow } => {
+                res.insert_header((ALLOW, *allow));
+            }
+            ApiError::RateLimited(secs) => {
+                res.insert_header((RETRY_AFTER, secs.to_string()));
+            }
+            ApiError::RequestTimeout(_) => {
+                res.insert_header(("Connection", "close"));
+            }
+            _ => {}
         }
-        res.json(
-            serde_json::json!({ "error": { "code": self.code(), "message": self.to_string() } }),
-        )
+        res.json(ErrorBody::new(self.code(), self.to_string()))
     }
 }
 

@@ -3,13 +3,44 @@
 use std::time::Duration;
 
 use actix_web::{HttpResponse, web};
+use serde::Serialize;
+use utoipa::ToSchema;
 
+use super::error::ErrorBody;
 use crate::startup::AppState;
 
-pub async fn healthz() -> HttpResponse {
-    HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
+/// `{"status": "ok"}` or `{"status": "ready"}`.
+#[derive(Serialize, ToSchema)]
+pub struct Health {
+    #[schema(example = "ok")]
+    pub status: &'static str,
 }
 
+/// Liveness: the process answers
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "health",
+    operation_id = "healthz",
+    responses((status = 200, description = "Alive: `{\"status\": \"ok\"}`", body = Health)),
+    security(()),
+)]
+pub async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(Health { status: "ok" })
+}
+
+/// Readiness: Postgres and Redis answer
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "health",
+    operation_id = "readyz",
+    responses(
+        (status = 200, description = "Ready: `{\"status\": \"ready\"}`", body = Health),
+        (status = 503, description = "A dependency does not answer (code `not_ready`, the reason in the message)", body = ErrorBody),
+    ),
+    security(()),
+)]
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let limit = Duration::from_secs(2);
     let pg = tokio::time::timeout(limit, sqlx::query("SELECT 1").execute(&state.db)).await;
@@ -26,10 +57,8 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         Err(_) => problems.push("redis: timed out".into()),
     }
     if problems.is_empty() {
-        HttpResponse::Ok().json(serde_json::json!({ "status": "ready" }))
+        HttpResponse::Ok().json(Health { status: "ready" })
     } else {
-        HttpResponse::ServiceUnavailable().json(
-            serde_json::json!({ "error": { "code": "not_ready", "message": problems.join("; ") } }),
-        )
+        HttpResponse::ServiceUnavailable().json(ErrorBody::new("not_ready", problems.join("; ")))
     }
 }

@@ -1,6 +1,7 @@
 //! `POST /v1/pets/{pet_id}/images`, `POST /v1/pets/{pet_id}/recluster` and `GET /v1/images/{image_id}`.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use actix_web::http::header::{CONTENT_TYPE, LOCATION};
 use actix_web::{HttpRequest, HttpResponse, web};
@@ -13,10 +14,11 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tracing::{Instrument, field};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::auth::{ReadAccess, WriteAccess};
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use crate::adapters::postgres::{self, NewImage};
 use crate::adapters::storage::image_key;
 use crate::startup::AppState;
@@ -26,18 +28,44 @@ use crate::startup::AppState;
 /// connection is dropped. Memory stays at the limit either way.
 const DRAIN_FACTOR: u64 = 4;
 
-#[derive(Serialize)]
-struct UploadedImage {
-    image_id: Uuid,
-    sha256: String,
-    duplicate: bool,
+/// One photo of an accepted upload, in the order of the request.
+#[derive(Serialize, ToSchema)]
+pub struct UploadedImage {
+    pub image_id: Uuid,
+    /// Hex SHA-256 of the bytes.
+    #[schema(pattern = "^[0-9a-f]{64}$")]
+    pub sha256: String,
+    /// True when the pet already had these bytes (same `image_id` as before).
+    pub duplicate: bool,
 }
 
-#[derive(Serialize)]
-struct UploadAccepted {
-    job_id: Uuid,
-    images: Vec<UploadedImage>,
+/// `202` of an upload.
+#[derive(Serialize, ToSchema)]
+pub struct UploadAccepted {
+    pub job_id: Uuid,
+    pub images: Vec<UploadedImage>,
 }
+
+/// `202` of a recluster.
+#[derive(Serialize, ToSchema)]
+pub struct ReclusterAccepted {
+    pub job_id: Uuid,
+}
+
+/// The multipart form of an upload.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct UploadForm {
+    /// One or more photos (JPEG, PNG or WebP, sniffed from the bytes), each a `file` part.
+    #[schema(value_type = Vec<String>, format = Binary, min_items = 1)]
+    pub file: Vec<Vec<u8>>,
+}
+
+/// Raw image bytes.
+#[derive(ToSchema)]
+#[schema(value_type = String, format = Binary)]
+#[allow(dead_code)]
+pub struct RawImage(pub Vec<u8>);
 
 pub fn check_pet_id(pet_id: &str) -> Result<(), ApiError> {
     if valid_pet_id(pet_id) {
@@ -55,25 +83,46 @@ pub fn parse_id(raw: &str, what: &str) -> Result<Uuid, ApiError> {
         .map_err(|_| ApiError::bad_request("invalid_id", format!("{what} must be a UUID")))
 }
 
-/// Counts body bytes against the upload limit.
+/// Counts body bytes against the upload limit and keeps only bytes within it.
 struct Budget {
     total: u64,
     limit: u64,
 }
 
 impl Budget {
-    /// Adds `n` bytes; true once the limit is passed (the bytes are then discarded).
-    fn take(&mut self, n: usize) -> Result<bool, ApiError> {
-        self.total += n as u64;
+    fn new(limit: u64) -> Self {
+        Budget { total: 0, limit }
+    }
+
+    /// Counts `chunk`; appends it to `keep` (when given) only while the request is
+    /// within the limit. Past the limit the bytes are counted and dropped; far past it
+    /// (`DRAIN_FACTOR`), reading stops with 413.
+    fn take(&mut self, chunk: &[u8], keep: Option<&mut BytesMut>) -> Result<(), ApiError> {
+        self.total += chunk.len() as u64;
         if self.total > self.limit.saturating_mul(DRAIN_FACTOR) {
             return Err(ApiError::PayloadTooLarge(self.limit));
         }
-        Ok(self.over())
+        if !self.over()
+            && let Some(buf) = keep
+        {
+            buf.extend_from_slice(chunk);
+        }
+        Ok(())
     }
 
     fn over(&self) -> bool {
         self.total > self.limit
     }
+}
+
+/// The next chunk of a body, or 408 when the client sends nothing for `idle`.
+async fn next_chunk<S, T>(stream: &mut S, idle: Duration) -> Result<Option<T>, ApiError>
+where
+    S: futures::Stream<Item = T> + Unpin,
+{
+    tokio::time::timeout(idle, stream.next())
+        .await
+        .map_err(|_| ApiError::RequestTimeout(idle.as_millis() as u64))
 }
 
 /// Reads the photos of a request: `file` parts of a multipart form, or one raw image body.
@@ -82,6 +131,7 @@ async fn read_files(
     payload: web::Payload,
     limit: u64,
     max_files: usize,
+    idle: Duration,
 ) -> Result<Vec<Bytes>, ApiError> {
     let mime = req
         .headers()
@@ -90,23 +140,21 @@ async fn read_files(
         .and_then(|v| v.split(';').next())
         .map(|v| v.trim().to_ascii_lowercase())
         .unwrap_or_default();
-    let mut budget = Budget { total: 0, limit };
+    let mut budget = Budget::new(limit);
     if mime == "multipart/form-data" {
         let mut form = actix_multipart::Multipart::new(req.headers(), payload.into_inner());
         let mut files = Vec::new();
-        while let Some(part) = form.next().await {
+        while let Some(part) = next_chunk(&mut form, idle).await? {
             let mut part = part.map_err(|e| {
                 ApiError::bad_request("bad_multipart", format!("malformed multipart body: {e}"))
             })?;
             let is_file = matches!(part.name(), Some("file") | Some("files"));
             let mut buf = BytesMut::new();
-            while let Some(chunk) = part.next().await {
+            while let Some(chunk) = next_chunk(&mut part, idle).await? {
                 let chunk = chunk.map_err(|e| {
                     ApiError::bad_request("bad_multipart", format!("malformed multipart body: {e}"))
                 })?;
-                if !budget.take(chunk.len())? && is_file {
-                    buf.extend_from_slice(&chunk);
-                }
+                budget.take(&chunk, is_file.then_some(&mut buf))?;
             }
             if is_file && !budget.over() {
                 files.push(buf.freeze());
@@ -131,13 +179,11 @@ async fn read_files(
     } else if mime.starts_with("image/") || mime == "application/octet-stream" {
         let mut payload = payload.into_inner();
         let mut buf = BytesMut::new();
-        while let Some(chunk) = payload.next().await {
+        while let Some(chunk) = next_chunk(&mut payload, idle).await? {
             let chunk = chunk.map_err(|e| {
                 ApiError::bad_request("bad_body", format!("cannot read the body: {e}"))
             })?;
-            if !budget.take(chunk.len())? {
-                buf.extend_from_slice(&chunk);
-            }
+            budget.take(&chunk, Some(&mut buf))?;
         }
         if budget.over() {
             return Err(ApiError::PayloadTooLarge(limit));
@@ -241,6 +287,55 @@ fn accepted<T: Serialize>(job_id: Uuid, body: &T) -> HttpResponse {
         .json(body)
 }
 
+/// Upload photos of a pet
+///
+/// `multipart/form-data` with one or more `file` parts, or one raw image body. The format
+/// is sniffed from the bytes. A request with one bad file is rejected whole and stores
+/// nothing. The same bytes uploaded again for a pet give the same `image_id`.
+#[utoipa::path(
+    post,
+    path = "/v1/pets/{pet_id}/images",
+    tag = "images",
+    operation_id = "upload_images",
+    params(
+        ("pet_id" = String, Path, description = "1-64 characters of [A-Za-z0-9_-]",
+            pattern = "^[A-Za-z0-9_-]{1,64}$", min_length = 1, max_length = 64),
+    ),
+    request_body(
+        description = "Photos: `file` parts of a form, or one raw JPEG, PNG or WebP body",
+        content(
+            (UploadForm = "multipart/form-data"),
+            (RawImage = "image/jpeg"),
+            (RawImage = "image/png"),
+            (RawImage = "image/webp"),
+            (RawImage = "application/octet-stream"),
+        ),
+    ),
+    responses(
+        (status = 202, description = "Stored and enqueued", body = UploadAccepted,
+            headers(("Location" = String, description = "`/v1/jobs/{job_id}`")),
+            links(
+                ("GetJob" = (operation_id = "get_job",
+                    parameters(("job_id" = "$response.body#/job_id")))),
+                ("GetImage" = (operation_id = "get_image",
+                    parameters(("image_id" = "$response.body#/images/0/image_id")))),
+                ("GetClusters" = (operation_id = "get_clusters",
+                    parameters(("pet_id" = "$request.path.pet_id")))),
+                ("Recluster" = (operation_id = "recluster",
+                    parameters(("pet_id" = "$request.path.pet_id")))),
+            )),
+        (status = 400, description = "Bad `pet_id`, empty file, no `file` part, too many files or a malformed form", body = ErrorBody),
+        (status = 401, response = super::openapi::Unauthorized),
+        (status = 403, response = super::openapi::Forbidden),
+        (status = 408, description = "The body stalled for longer than `server.request_timeout_ms`", body = ErrorBody),
+        (status = 413, description = "The body is over `server.max_upload_bytes`", body = ErrorBody),
+        (status = 415, description = "Not multipart or an image body, or a file that is not JPEG, PNG or WebP", body = ErrorBody),
+        (status = 422, description = "Truncated, undecodable, or over `server.max_image_pixels`", body = ErrorBody),
+        (status = 429, response = super::openapi::RateLimited),
+        (status = 503, response = super::openapi::Unavailable),
+    ),
+    security(("jwt" = ["media:write"])),
+)]
 #[tracing::instrument(name = "upload", skip_all, fields(pet_id = %path.as_str(), job_id = field::Empty, files = field::Empty))]
 pub async fn upload(
     _: WriteAccess,
@@ -252,7 +347,15 @@ pub async fn upload(
     let pet_id = path.into_inner();
     check_pet_id(&pet_id)?;
     let s = &state.settings.server;
-    let files = read_files(&req, payload, s.max_upload_bytes, s.max_files_per_request).await?;
+    let idle = Duration::from_millis(s.request_timeout_ms);
+    let files = read_files(
+        &req,
+        payload,
+        s.max_upload_bytes,
+        s.max_files_per_request,
+        idle,
+    )
+    .await?;
     tracing::Span::current().record("files", files.len());
     let max_pixels = s.max_image_pixels;
     let images = web::block(move || check_images(files, max_pixels))
@@ -344,6 +447,30 @@ async fn remove_objects(state: &AppState, ids: &[Uuid]) {
     }
 }
 
+/// Re-cluster all the photos of a pet
+#[utoipa::path(
+    post,
+    path = "/v1/pets/{pet_id}/recluster",
+    tag = "images",
+    operation_id = "recluster",
+    params(
+        ("pet_id" = String, Path, description = "1-64 characters of [A-Za-z0-9_-]",
+            pattern = "^[A-Za-z0-9_-]{1,64}$", min_length = 1, max_length = 64),
+    ),
+    responses(
+        (status = 202, description = "Enqueued", body = ReclusterAccepted,
+            headers(("Location" = String, description = "`/v1/jobs/{job_id}`")),
+            links(("GetJob" = (operation_id = "get_job",
+                parameters(("job_id" = "$response.body#/job_id")))))),
+        (status = 400, description = "Bad `pet_id`", body = ErrorBody),
+        (status = 401, response = super::openapi::Unauthorized),
+        (status = 403, response = super::openapi::Forbidden),
+        (status = 404, description = "The pet has no photos", body = ErrorBody),
+        (status = 429, response = super::openapi::RateLimited),
+        (status = 503, response = super::openapi::Unavailable),
+    ),
+    security(("jwt" = ["media:write"])),
+)]
 #[tracing::instrument(name = "recluster", skip_all, fields(pet_id = %path.as_str(), job_id = field::Empty))]
 pub async fn recluster(
     _: WriteAccess,
@@ -384,9 +511,32 @@ pub async fn recluster(
         }
         return Err(e);
     }
-    Ok(accepted(job_id, &serde_json::json!({ "job_id": job_id })))
+    Ok(accepted(job_id, &ReclusterAccepted { job_id }))
 }
 
+/// The original bytes of a photo
+#[utoipa::path(
+    get,
+    path = "/v1/images/{image_id}",
+    tag = "images",
+    operation_id = "get_image",
+    params(("image_id" = Uuid, Path, description = "An `image_id` of an upload")),
+    responses(
+        (status = 200, description = "The bytes as uploaded, with their content type",
+            content(
+                (RawImage = "image/jpeg"),
+                (RawImage = "image/png"),
+                (RawImage = "image/webp"),
+            )),
+        (status = 400, description = "`image_id` is not a UUID", body = ErrorBody),
+        (status = 401, response = super::openapi::Unauthorized),
+        (status = 403, response = super::openapi::Forbidden),
+        (status = 404, description = "No such image", body = ErrorBody),
+        (status = 429, response = super::openapi::RateLimited),
+        (status = 503, response = super::openapi::Unavailable),
+    ),
+    security(("jwt" = ["media:read"])),
+)]
 pub async fn get_image(
     _: ReadAccess,
     path: web::Path<String>,
@@ -402,5 +552,97 @@ pub async fn get_image(
             Err(ApiError::NotFound("image bytes are missing".into()))
         }
         Err(e) => Err(ApiError::Unavailable(format!("storage: {e}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budget_keeps_nothing_past_the_limit() {
+        let limit = 1000;
+        let mut budget = Budget::new(limit);
+        let mut kept = BytesMut::new();
+        let chunk = [7u8; 300];
+        // 3 chunks fit (900 bytes); the 4th passes the limit and is dropped, and so is
+        // everything after it, while the rest of the body is still read and counted.
+        for _ in 0..13 {
+            budget.take(&chunk, Some(&mut kept)).unwrap();
+            assert!(kept.len() as u64 <= limit);
+        }
+        assert_eq!(kept.len(), 900);
+        assert!(budget.over());
+        assert_eq!(budget.total, 3900);
+        // Far past the limit (DRAIN_FACTOR times it) reading stops with 413.
+        let e = budget.take(&chunk, Some(&mut kept)).unwrap_err();
+        assert!(matches!(e, ApiError::PayloadTooLarge(1000)), "{e:?}");
+        assert_eq!(kept.len(), 900);
+    }
+
+    #[test]
+    fn budget_counts_parts_it_does_not_keep() {
+        let mut budget = Budget::new(100);
+        budget.take(&[0u8; 80], None).unwrap();
+        assert!(!budget.over());
+        let mut kept = BytesMut::new();
+        budget.take(&[1u8; 30], Some(&mut kept)).unwrap();
+        assert!(budget.over());
+        assert!(kept.is_empty());
+    }
+
+    #[actix_web::test]
+    async fn an_endless_body_is_413_after_a_bounded_read() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicU64, Ordering};
+
+        use actix_web::FromRequest;
+        use actix_web::error::PayloadError;
+
+        let limit = 64 * 1024u64;
+        let pulled = Arc::new(AtomicU64::new(0));
+        let counter = pulled.clone();
+        // A client that never stops sending 8 KiB chunks.
+        let endless = futures::stream::repeat_with(move || {
+            counter.fetch_add(8 * 1024, Ordering::Relaxed);
+            Ok::<_, PayloadError>(Bytes::from(vec![0xFFu8; 8 * 1024]))
+        });
+        let (req, _) = actix_web::test::TestRequest::post()
+            .insert_header((CONTENT_TYPE, "image/jpeg"))
+            .to_http_parts();
+        let mut pl = actix_web::dev::Payload::from(
+            Box::pin(endless) as std::pin::Pin<Box<dyn futures::Stream<Item = _>>>
+        );
+        let payload = web::Payload::from_request(&req, &mut pl).await.unwrap();
+        let e = read_files(&req, payload, limit, 8, Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, ApiError::PayloadTooLarge(l) if l == limit),
+            "{e:?}"
+        );
+        let read = pulled.load(Ordering::Relaxed);
+        assert!(read <= limit * DRAIN_FACTOR + 8 * 1024, "read {read} bytes");
+    }
+
+    #[actix_web::test]
+    async fn a_stalled_body_is_408() {
+        use actix_web::FromRequest;
+        use actix_web::error::PayloadError;
+
+        let stalled =
+            futures::stream::iter([Ok::<_, PayloadError>(Bytes::from_static(b"\xFF\xD8\xFF"))])
+                .chain(futures::stream::pending());
+        let (req, _) = actix_web::test::TestRequest::post()
+            .insert_header((CONTENT_TYPE, "image/jpeg"))
+            .to_http_parts();
+        let mut pl = actix_web::dev::Payload::from(
+            Box::pin(stalled) as std::pin::Pin<Box<dyn futures::Stream<Item = _>>>
+        );
+        let payload = web::Payload::from_request(&req, &mut pl).await.unwrap();
+        let e = read_files(&req, payload, 1024, 8, Duration::from_millis(50))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ApiError::RequestTimeout(50)), "{e:?}");
     }
 }

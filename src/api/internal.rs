@@ -7,6 +7,19 @@ use super::auth::InternalAccess;
 use super::error::ApiError;
 use crate::startup::AppState;
 
+/// Prometheus metrics of this process
+#[utoipa::path(
+    get,
+    path = "/internal/metrics",
+    tag = "internal",
+    operation_id = "metrics",
+    responses(
+        (status = 200, description = "Prometheus text format",
+            content_type = "text/plain", body = String),
+        (status = 401, response = super::openapi::Unauthorized),
+    ),
+    security(("internal_token" = [])),
+)]
 pub async fn metrics(
     _: InternalAccess,
     state: web::Data<AppState>,

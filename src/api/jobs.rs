@@ -3,11 +3,30 @@
 use actix_web::{HttpResponse, web};
 
 use super::auth::ReadAccess;
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::images::{check_pet_id, parse_id};
+use super::openapi::{Clustering, Job};
 use crate::adapters::postgres;
 use crate::startup::AppState;
 
+/// The status of a job
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{job_id}",
+    tag = "jobs",
+    operation_id = "get_job",
+    params(("job_id" = uuid::Uuid, Path, description = "The `job_id` of an upload or recluster")),
+    responses(
+        (status = 200, description = "The job", body = Job),
+        (status = 400, description = "`job_id` is not a UUID", body = ErrorBody),
+        (status = 401, response = super::openapi::Unauthorized),
+        (status = 403, response = super::openapi::Forbidden),
+        (status = 404, description = "No such job", body = ErrorBody),
+        (status = 429, response = super::openapi::RateLimited),
+        (status = 503, response = super::openapi::Unavailable),
+    ),
+    security(("jwt" = ["media:read"])),
+)]
 pub async fn get_job(
     _: ReadAccess,
     path: web::Path<String>,
@@ -20,6 +39,27 @@ pub async fn get_job(
     Ok(HttpResponse::Ok().json(job))
 }
 
+/// The latest clustering of a pet
+#[utoipa::path(
+    get,
+    path = "/v1/pets/{pet_id}/clusters",
+    tag = "jobs",
+    operation_id = "get_clusters",
+    params(
+        ("pet_id" = String, Path, description = "1-64 characters of [A-Za-z0-9_-]",
+            pattern = "^[A-Za-z0-9_-]{1,64}$", min_length = 1, max_length = 64),
+    ),
+    responses(
+        (status = 200, description = "Every photo of the pet in exactly one cluster", body = Clustering),
+        (status = 400, description = "Bad `pet_id`", body = ErrorBody),
+        (status = 401, response = super::openapi::Unauthorized),
+        (status = 403, response = super::openapi::Forbidden),
+        (status = 404, description = "No clustering yet", body = ErrorBody),
+        (status = 429, response = super::openapi::RateLimited),
+        (status = 503, response = super::openapi::Unavailable),
+    ),
+    security(("jwt" = ["media:read"])),
+)]
 pub async fn get_clusters(
     _: ReadAccess,
     path: web::Path<String>,

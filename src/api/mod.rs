@@ -1,4 +1,5 @@
-//! The HTTP API (DESIGN.md "HTTP API"): routes, auth, errors.
+//! The HTTP API (DESIGN.md "HTTP API"): routes, auth, errors, rate limits and
+//! the OpenAPI document.
 
 pub mod auth;
 pub mod error;
@@ -6,31 +7,70 @@ mod health;
 mod images;
 mod internal;
 mod jobs;
+pub mod openapi;
+pub mod rate_limit;
 
-use actix_web::{HttpResponse, web};
+use actix_web::middleware::from_fn;
+use actix_web::{HttpResponse, Route, web};
 
 use error::ApiError;
 
-/// The public API (`/v1/*`) and the health endpoints.
+/// A resource answering `route` on `method`, and 405 with `Allow` and the JSON error otherwise.
+fn resource(path: &str, method: &'static str, route: Route) -> actix_web::Resource {
+    web::resource(path)
+        .route(route)
+        .default_service(web::to(move || async move {
+            Err::<HttpResponse, _>(ApiError::MethodNotAllowed { allow: method })
+        }))
+}
+
+/// The public API (`/v1/*`, rate-limited per caller) and its OpenAPI document.
 pub fn configure_api(cfg: &mut web::ServiceConfig) {
-    cfg.service(
+    cfg.service(resource(
+        "/openapi.json",
+        "GET",
+        web::get().to(openapi::openapi_json),
+    ))
+    .service(
         web::scope("/v1")
-            .route("/pets/{pet_id}/images", web::post().to(images::upload))
-            .route(
+            .wrap(from_fn(rate_limit::limit))
+            .service(resource(
+                "/pets/{pet_id}/images",
+                "POST",
+                web::post().to(images::upload),
+            ))
+            .service(resource(
                 "/pets/{pet_id}/recluster",
+                "POST",
                 web::post().to(images::recluster),
-            )
-            .route("/pets/{pet_id}/clusters", web::get().to(jobs::get_clusters))
-            .route("/jobs/{job_id}", web::get().to(jobs::get_job))
-            .route("/images/{image_id}", web::get().to(images::get_image)),
+            ))
+            .service(resource(
+                "/pets/{pet_id}/clusters",
+                "GET",
+                web::get().to(jobs::get_clusters),
+            ))
+            .service(resource(
+                "/jobs/{job_id}",
+                "GET",
+                web::get().to(jobs::get_job),
+            ))
+            .service(resource(
+                "/images/{image_id}",
+                "GET",
+                web::get().to(images::get_image),
+            )),
     );
 }
 
 /// Health and internal endpoints (the worker serves only these).
 pub fn configure_internal(cfg: &mut web::ServiceConfig) {
-    cfg.route("/healthz", web::get().to(health::healthz))
-        .route("/readyz", web::get().to(health::readyz))
-        .route("/internal/metrics", web::get().to(internal::metrics));
+    cfg.service(resource("/healthz", "GET", web::get().to(health::healthz)))
+        .service(resource("/readyz", "GET", web::get().to(health::readyz)))
+        .service(resource(
+            "/internal/metrics",
+            "GET",
+            web::get().to(internal::metrics),
+        ));
 }
 
 /// Unknown routes answer the JSON error shape too.

@@ -2,6 +2,7 @@
 //! error, and leaves no row, no object and no stream entry.
 
 use std::io::Cursor;
+use std::time::{Duration, Instant};
 
 use image::{DynamicImage, ImageBuffer, ImageFormat, Luma, Rgb, Rgba};
 use media_clustering::startup::Mode;
@@ -256,5 +257,147 @@ async fn unusual_valid_photos_and_raw_bodies_are_accepted() {
     ] {
         assert!(first.contains_key(f), "entry lacks {f}");
     }
+    app.cleanup().await;
+}
+
+#[actix_rt::test]
+async fn a_60_mb_upload_against_the_default_limit_is_413_and_the_server_carries_on() {
+    let app = spawn_app_with(Mode::Api, &[]).await;
+    assert_eq!(app.settings.server.max_upload_bytes, 25 * 1024 * 1024);
+    // A JPEG header followed by 60 MB: only the count, never the bytes, grows past the limit.
+    let mut big = encode(rgb(32, 32), ImageFormat::Jpeg);
+    big.resize(60_000_000, 0xAB);
+    let raw = app
+        .http
+        .post(format!("{}/v1/pets/big/images", app.base))
+        .bearer_auth(&app.token)
+        .header("content-type", "image/jpeg")
+        .body(big.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(raw.status().as_u16(), 413);
+    let body: serde_json::Value = raw.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "payload_too_large", "{body}");
+    // The same as a multipart form.
+    let r = app.upload("big", &[("big.jpg".into(), big)]).await;
+    assert_eq!(r.status().as_u16(), 413);
+    // The next normal upload is served.
+    let r = app
+        .upload(
+            "big",
+            &[("ok.png".into(), encode(rgb(16, 16), ImageFormat::Png))],
+        )
+        .await;
+    assert_eq!(r.status().as_u16(), 202);
+    assert_eq!(app.count("SELECT count(*) FROM images").await, 1);
+    assert_eq!(app.stored_objects(), 1);
+    app.cleanup().await;
+}
+
+#[actix_rt::test]
+async fn wrong_methods_are_405_with_allow_and_the_json_error() {
+    let app = spawn_app_with(Mode::Api, &[]).await;
+    for (method, path, allow) in [
+        (reqwest::Method::PUT, "/v1/pets/rex/images", "POST"),
+        (reqwest::Method::GET, "/v1/pets/rex/recluster", "POST"),
+        (reqwest::Method::DELETE, "/v1/jobs/0", "GET"),
+        (reqwest::Method::POST, "/v1/pets/rex/clusters", "GET"),
+        (reqwest::Method::PATCH, "/v1/images/0", "GET"),
+        (reqwest::Method::POST, "/healthz", "GET"),
+        (reqwest::Method::DELETE, "/openapi.json", "GET"),
+    ] {
+        let r = app
+            .http
+            .request(method.clone(), format!("{}{path}", app.base))
+            .bearer_auth(&app.token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 405, "{method} {path}");
+        assert_eq!(r.headers()["allow"], allow, "{method} {path}");
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(
+            body["error"]["code"], "method_not_allowed",
+            "{method} {path}"
+        );
+    }
+    app.cleanup().await;
+}
+
+#[actix_rt::test]
+async fn slow_clients_are_cut_off_with_408() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let app = spawn_app_with(
+        Mode::Api,
+        &[("MEDIA_CLUSTERING__SERVER__REQUEST_TIMEOUT_MS", "500")],
+    )
+    .await;
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    // Reads until the connection closes or a whole answer (head and body) has arrived.
+    let read_all = |mut s: tokio::net::TcpStream| async move {
+        let mut out = Vec::new();
+        let complete = |out: &[u8]| {
+            let text = String::from_utf8_lossy(out);
+            let Some((head, body)) = text.split_once("\r\n\r\n") else {
+                return false;
+            };
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                })
+                .unwrap_or(0);
+            body.len() >= len
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(10), async {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = s.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                out.extend_from_slice(&buf[..n]);
+                if complete(&out) {
+                    break;
+                }
+            }
+        })
+        .await;
+        String::from_utf8_lossy(&out).into_owned()
+    };
+
+    // A body that starts and then stalls.
+    let started = Instant::now();
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut head = format!(
+        "POST /v1/pets/slow/images HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\n",
+        app.token
+    )
+    .into_bytes();
+    head.extend_from_slice(&[0xFF, 0xD8, 0xFF]);
+    s.write_all(&head).await.unwrap();
+    let answer = read_all(s).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_timeout"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // A request head that never ends.
+    let started = Instant::now();
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let answer = read_all(s).await;
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+        "{answer}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    assert_eq!(app.count("SELECT count(*) FROM images").await, 0);
     app.cleanup().await;
 }
