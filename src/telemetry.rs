@@ -213,15 +213,19 @@ fn filter(level: &str) -> Result<EnvFilter, tracing_subscriber::filter::ParseErr
 /// Installs the global subscriber (and the tracer when telemetry is enabled).
 pub fn init(settings: &Settings) -> anyhow::Result<TelemetryGuard> {
     global::set_text_map_propagator(TraceContextPropagator::new());
-    let filter = filter(&settings.log.level)?;
+    let log_filter = filter(&settings.log.level)?;
     let provider = if settings.telemetry.enabled {
         Some(tracer_provider(settings)?)
     } else {
         None
     };
+    // Spans are exported at `info` whatever the log level, so LOG_LEVEL=warn still traces.
+    let span_filter = filter("info")?;
     let otel = provider.as_ref().map(|p| {
         global::set_tracer_provider(p.clone());
-        tracing_opentelemetry::layer().with_tracer(p.tracer("media-clustering"))
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("media-clustering"))
+            .with_filter(span_filter)
     });
     let fmt = if settings.log.format == "pretty" {
         tracing_subscriber::fmt::layer()
@@ -234,10 +238,9 @@ pub fn init(settings: &Settings) -> anyhow::Result<TelemetryGuard> {
             .boxed()
     };
     tracing_subscriber::registry()
-        .with(filter)
         .with(otel)
         .with(JobFieldsLayer)
-        .with(fmt)
+        .with(fmt.with_filter(log_filter))
         .try_init()?;
     Ok(TelemetryGuard { provider })
 }

@@ -234,6 +234,8 @@ async fn sample_rate_zero_exports_only_what_a_sampled_parent_asks_for() {
     let tap = Receiver::start(env.dir.path());
     let mut vars = otlp_vars(tap.port);
     vars[1].1 = "0".into();
+    // Logging only warnings must not stop tracing.
+    vars.push(("LOG_LEVEL", "warn".into()));
     let serve = env.spawn("serve", "serve", &as_refs(&vars));
     let client = Client::new(&env, &serve.base);
 
