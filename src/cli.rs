@@ -57,6 +57,12 @@ enum Command {
     },
     /// Print the effective configuration, secrets masked.
     Config,
+    /// Embed every photo lacking an embedding for the configured model, ahead of jobs.
+    Reembed {
+        /// Only this pet's photos.
+        #[arg(long)]
+        pet: Option<String>,
+    },
     /// Inspect and re-enqueue dead-lettered jobs.
     Deadletter {
         #[command(subcommand)]
@@ -155,6 +161,10 @@ pub fn run() -> anyhow::Result<()> {
         Command::Telemetry {
             command: TelemetryCommand::Check,
         } => telemetry_check(&settings),
+        Command::Reembed { pet } => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(crate::reembed::reembed(&settings, pet.as_deref())),
         Command::Deadletter { command } => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?

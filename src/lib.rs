@@ -8,6 +8,7 @@
 //! - [`adapters`]: Postgres, Redis Streams and object storage behind the actors' ports.
 //! - [`telemetry`]: JSON logs joined to traces, and the OTLP exporter.
 //! - [`client`]: the bulk upload client.
+//! - [`reembed`]: embeds photos ahead of jobs after a model change.
 //!
 //! The actor runtime, the six actors and the algorithms live in the `actors` crate.
 
@@ -16,5 +17,6 @@ pub mod api;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod reembed;
 pub mod startup;
 pub mod telemetry;

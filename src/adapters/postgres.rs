@@ -156,6 +156,48 @@ pub async fn undo_upload(
     tx.commit().await
 }
 
+/// Photos (of one pet, or all) without an embedding for `model_version`: `(id, storage key)`.
+pub async fn images_without_embedding(
+    pool: &PgPool,
+    model_version: &str,
+    pet_id: Option<&str>,
+) -> Result<Vec<(Uuid, String)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT i.id, i.storage_key FROM images i
+         WHERE ($2::text IS NULL OR i.pet_id = $2)
+           AND NOT EXISTS (SELECT 1 FROM image_embeddings e WHERE e.image_id = i.id AND e.model_version = $1)
+         ORDER BY i.pet_id, i.created_at, i.id",
+    )
+    .bind(model_version)
+    .bind(pet_id)
+    .fetch_all(pool)
+    .await
+}
+
+/// Stores one photo's embedding and quality measures (kept if already there).
+pub async fn insert_embedding(
+    pool: &PgPool,
+    image_id: Uuid,
+    model_version: &str,
+    vector: &[f32],
+    q: &Quality,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO image_embeddings (image_id, model_version, vector, sharpness, noise, exposure, pixels)
+         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (image_id, model_version) DO NOTHING",
+    )
+    .bind(image_id)
+    .bind(model_version)
+    .bind(vector)
+    .bind(q.sharpness)
+    .bind(q.noise)
+    .bind(q.exposure)
+    .bind(q.pixels as i64)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
 /// Puts a dead-lettered or failed job back to `queued` for a replay; returns rows changed.
 pub async fn requeue_for_replay(pool: &PgPool, job_id: Uuid) -> Result<u64, sqlx::Error> {
     let r = sqlx::query(

@@ -7,6 +7,7 @@ mod deadletter;
 mod faults;
 mod helpers;
 mod metrics;
+mod models;
 mod openapi;
 mod pipeline;
 mod process;
