@@ -3,11 +3,17 @@
 //! The threshold is configured as a cosine distance (`1 - cos`); on unit vectors
 //! the L2 distance is `sqrt(2 · cosine distance)`, which is what DBSCAN is given.
 //! Noise points become singleton clusters, so every photo belongs to exactly one.
+//!
+//! Neighbours are found with [`GramSearch`], an exact range search through blocked matrix
+//! products (see [`super::neighbours`]); it returns the same neighbours as linfa's linear scan,
+//! so the clusters are the same, but scales to tens of thousands of 1024-d vectors.
 
 use linfa::traits::Transformer;
 use linfa_clustering::Dbscan;
-use linfa_nn::{CommonNearestNeighbour, distance::L2Dist};
+use linfa_nn::{NearestNeighbour, distance::L2Dist};
 use ndarray::Array2;
+
+use super::neighbours::GramSearch;
 
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ClusterParams {
@@ -25,6 +31,16 @@ pub fn l2_for_cosine(cos_dist: f32) -> f32 {
 /// Clusters `vectors` (each L2-normalised, all the same length). Returns clusters as lists
 /// of indices; each list ascending, lists ordered by their first index.
 pub fn cluster(vectors: &[Vec<f32>], params: &ClusterParams) -> Vec<Vec<usize>> {
+    cluster_with(vectors, params, GramSearch::new())
+}
+
+/// [`cluster`] with the given neighbour search, e.g. linfa's
+/// [`CommonNearestNeighbour`](linfa_nn::CommonNearestNeighbour) to compare against.
+pub fn cluster_with<N: NearestNeighbour>(
+    vectors: &[Vec<f32>],
+    params: &ClusterParams,
+    neighbours: N,
+) -> Vec<Vec<usize>> {
     let n = vectors.len();
     if n == 0 {
         return Vec::new();
@@ -32,14 +48,12 @@ pub fn cluster(vectors: &[Vec<f32>], params: &ClusterParams) -> Vec<Vec<usize>> 
     let dim = vectors[0].len();
     let flat: Vec<f32> = vectors.iter().flat_map(|v| v.iter().copied()).collect();
     let records = Array2::from_shape_vec((n, dim), flat).expect("vectors share one length");
-    let labels = Dbscan::params_with(
-        params.min_points.max(1),
-        L2Dist,
-        CommonNearestNeighbour::LinearSearch,
-    )
-    .tolerance(l2_for_cosine(params.eps))
-    .transform(&records)
-    .expect("valid DBSCAN parameters");
+    // linfa rejects min_points < 2. With noise kept as singletons, 1 and 2 give the same
+    // partition: either way the clusters are the connected components of the eps-graph.
+    let labels = Dbscan::params_with(params.min_points.max(2), L2Dist, neighbours)
+        .tolerance(l2_for_cosine(params.eps))
+        .transform(&records)
+        .expect("valid DBSCAN parameters");
     let mut groups: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
     let mut out = Vec::new();
     for (i, label) in labels.iter().enumerate() {
@@ -56,6 +70,39 @@ pub fn cluster(vectors: &[Vec<f32>], params: &ClusterParams) -> Vec<Vec<usize>> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use linfa_nn::CommonNearestNeighbour;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    /// Seeded embeddings like the pipeline's: tight groups of 3–30 around random unit centres
+    /// (angular spread varying per group, some wider than eps), plus ~15% noise points.
+    fn clustered_with_noise(n: usize, dim: usize, seed: u64) -> Vec<Vec<f32>> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let random_unit = |rng: &mut StdRng| -> Vec<f32> {
+            unit(
+                &(0..dim)
+                    .map(|_| rng.random_range(-1.0f32..1.0))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let mut out: Vec<Vec<f32>> = (0..n * 15 / 100).map(|_| random_unit(&mut rng)).collect();
+        while out.len() < n {
+            let centre = random_unit(&mut rng);
+            let spread: f32 = rng.random_range(0.005..0.05);
+            for _ in 0..rng.random_range(3..=30).min(n - out.len()) {
+                let v: Vec<f32> = centre
+                    .iter()
+                    .map(|c| c + spread * rng.random_range(-1.0f32..1.0))
+                    .collect();
+                out.push(unit(&v));
+            }
+        }
+        // Interleave the groups, as photos arrive in no particular order.
+        for i in (1..n).rev() {
+            out.swap(i, rng.random_range(0..=i));
+        }
+        out
+    }
 
     fn unit(v: &[f32]) -> Vec<f32> {
         let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
@@ -111,5 +158,47 @@ mod tests {
             )
             .is_empty()
         );
+    }
+
+    #[test]
+    fn gram_search_gives_the_same_partition_as_linear_search() {
+        for (seed, dim) in [(1, 64), (2, 256)] {
+            let v = clustered_with_noise(400, dim, seed);
+            // The data has both groups and noise at a typical eps.
+            let typical = cluster(
+                &v,
+                &ClusterParams {
+                    eps: 0.1,
+                    min_points: 2,
+                },
+            );
+            assert!(typical.iter().filter(|c| c.len() > 1).count() >= 10);
+            assert!(typical.iter().filter(|c| c.len() == 1).count() >= 10);
+            for eps in [0.001, 0.01, 0.03, 0.05, 0.1, 0.18, 0.3, 0.6, 1.0] {
+                for min_points in [2, 3, 5] {
+                    let params = ClusterParams { eps, min_points };
+                    let fast = cluster(&v, &params);
+                    let exact = cluster_with(&v, &params, CommonNearestNeighbour::LinearSearch);
+                    assert_eq!(
+                        fast, exact,
+                        "seed {seed}, dim {dim}, eps {eps}, min {min_points}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn min_points_of_one_gives_the_partition_of_two() {
+        let v = clustered_with_noise(200, 32, 3);
+        let one = ClusterParams {
+            eps: 0.05,
+            min_points: 1,
+        };
+        let two = ClusterParams {
+            eps: 0.05,
+            min_points: 2,
+        };
+        assert_eq!(cluster(&v, &one), cluster(&v, &two));
     }
 }

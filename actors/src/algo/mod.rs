@@ -6,4 +6,5 @@ pub mod decode;
 pub mod embed;
 pub mod hero;
 pub mod identity;
+pub mod neighbours;
 pub mod quality;

@@ -1,0 +1,201 @@
+//! The ONNX Runtime backend against tract, on fixture photos and the real model.
+//!
+//! Needs `libonnxruntime.so` 1.31 or newer, given by `ORT_DYLIB_PATH` (as `ort` reads it) or
+//! `MEDIA_CLUSTERING__EMBEDDER__ONNXRUNTIME_LIBRARY`; without one, the ORT tests print why
+//! and pass without checking anything. The model is `MODEL_PATH`, else
+//! `models/open-nsfw.onnx` (`make model`). The `onnxruntime` PyPI wheel ships the library:
+//!
+//! ```sh
+//! ORT_DYLIB_PATH=$(python3 -c 'import onnxruntime, glob, os; print(glob.glob(os.path.join(
+//!     os.path.dirname(onnxruntime.__file__), "capi", "libonnxruntime.so*"))[0])') \
+//!     cargo test -p media-clustering-actors --test ort_backend
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use actors::algo::decode;
+use actors::algo::embed::{ChannelOrder, Layout, OnnxEmbedder, Preprocess};
+use actors::ort_encoder::{ORT_DYLIB_PATH, OrtEncoder, OrtOptions, prepare_model};
+use image::DynamicImage;
+
+const MAX_PIXELS: u64 = 50_000_000;
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn model_path() -> PathBuf {
+    std::env::var_os("MODEL_PATH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("models/open-nsfw.onnx"))
+}
+
+/// The ORT library, or `None` after saying why the test is skipped.
+fn library(test: &str) -> Option<PathBuf> {
+    let found = [
+        ORT_DYLIB_PATH,
+        "MEDIA_CLUSTERING__EMBEDDER__ONNXRUNTIME_LIBRARY",
+    ]
+    .into_iter()
+    .filter_map(std::env::var_os)
+    .map(PathBuf::from)
+    .find(|p| !p.as_os_str().is_empty());
+    match found {
+        Some(p) if p.is_file() => Some(p),
+        Some(p) => panic!("{ORT_DYLIB_PATH}: {} is not a file", p.display()),
+        None => {
+            eprintln!(
+                "SKIPPED {test}: no ONNX Runtime library ({ORT_DYLIB_PATH} and \
+                 MEDIA_CLUSTERING__EMBEDDER__ONNXRUNTIME_LIBRARY are unset)"
+            );
+            None
+        }
+    }
+}
+
+fn model() -> PathBuf {
+    let path = model_path();
+    assert!(
+        path.is_file(),
+        "no model at {} (run `make model` or set MODEL_PATH)",
+        path.display()
+    );
+    path
+}
+
+fn open_nsfw() -> Preprocess {
+    Preprocess {
+        input_size: 224,
+        resize_to: 256,
+        mean: [104.0, 117.0, 123.0],
+        std: [1.0, 1.0, 1.0],
+        scale: 1.0,
+        channel_order: ChannelOrder::Bgr,
+        layout: Layout::Nhwc,
+    }
+}
+
+/// `count` fixture photos spread over the subjects and their variants, decoded.
+fn photos(count: usize) -> Vec<(String, DynamicImage)> {
+    let dir = workspace().join("tests/fixtures/photos");
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("jpg" | "png")))
+        .collect();
+    paths.sort();
+    let step = (paths.len() / count).max(1) + 1;
+    (0..count)
+        .map(|i| &paths[(i * step) % paths.len()])
+        .map(|p| {
+            let img = decode::decode(&std::fs::read(p).unwrap(), MAX_PIXELS).unwrap();
+            (p.file_name().unwrap().to_string_lossy().into_owned(), img)
+        })
+        .collect()
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let na: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let nb: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
+    dot / (na * nb)
+}
+
+#[test]
+fn ort_and_tract_embeddings_agree() {
+    let Some(lib) = library("ort_and_tract_embeddings_agree") else {
+        return;
+    };
+    let model = model();
+    let tract = OnnxEmbedder::load(&model, "open-nsfw", "Reshape", open_nsfw()).unwrap();
+    let ort = OrtEncoder::load(
+        &model,
+        "open-nsfw",
+        "Reshape",
+        open_nsfw(),
+        &OrtOptions::new(&lib, 1),
+    )
+    .unwrap();
+    assert_eq!(ort.output_name(), "Reshape:0");
+    // Same file, same name: the backends share the embedding cache.
+    assert_eq!(ort.model_version(), tract.model_version());
+    let photos = photos(5);
+    assert_eq!(photos.len(), 5);
+    for (name, img) in &photos {
+        let (a, b) = (tract.embed(img).unwrap(), ort.embed(img).unwrap());
+        assert_eq!((a.len(), b.len()), (1024, 1024), "{name}");
+        let norm = b.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-4, "{name}: |ort| = {norm}");
+        let c = cosine(&a, &b);
+        eprintln!("{name}: cosine(tract, ort) = {c:.7}");
+        assert!(c > 0.999, "{name}: cosine(tract, ort) = {c}");
+    }
+}
+
+#[test]
+fn ort_sessions_serve_several_threads() {
+    let Some(lib) = library("ort_sessions_serve_several_threads") else {
+        return;
+    };
+    let model = model();
+    let ort = OrtEncoder::load(
+        &model,
+        "open-nsfw",
+        "Reshape",
+        open_nsfw(),
+        &OrtOptions::new(&lib, 2),
+    )
+    .unwrap();
+    let photos = photos(4);
+    let alone: Vec<Vec<f32>> = photos.iter().map(|(_, i)| ort.embed(i).unwrap()).collect();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..3)
+            .map(|_| s.spawn(|| photos.iter().map(|(_, i)| ort.embed(i).unwrap()).collect()))
+            .collect();
+        for h in handles {
+            let got: Vec<Vec<f32>> = h.join().unwrap();
+            assert_eq!(got, alone);
+        }
+    });
+}
+
+#[test]
+fn ort_takes_the_model_output_when_none_is_named() {
+    let Some(lib) = library("ort_takes_the_model_output_when_none_is_named") else {
+        return;
+    };
+    let ort = OrtEncoder::load(&model(), "m", "", open_nsfw(), &OrtOptions::new(&lib, 1)).unwrap();
+    // open_nsfw's own output: two class probabilities.
+    let v = ort.embed(&photos(1)[0].1).unwrap();
+    assert_eq!(v.len(), 2);
+}
+
+#[test]
+fn a_wrong_library_is_a_load_error() {
+    let err = OrtEncoder::load(
+        &model(),
+        "m",
+        "Reshape",
+        open_nsfw(),
+        &OrtOptions::new("/nonexistent/libonnxruntime.so", 1),
+    )
+    .err()
+    .expect("a missing library fails to load");
+    let text = err.to_string();
+    assert!(text.contains("ONNX Runtime"), "{text}");
+}
+
+#[test]
+fn inner_outputs_are_added_as_graph_outputs() {
+    let bytes = std::fs::read(model()).unwrap();
+    let (edited, tensor) = prepare_model(&bytes, "Reshape").unwrap();
+    assert_eq!(tensor, "Reshape:0");
+    assert!(edited.len() > bytes.len() && edited.starts_with(&bytes));
+    // The node's tensor name selects the same output.
+    assert_eq!(prepare_model(&bytes, "Reshape:0").unwrap().1, "Reshape:0");
+    // The model's own output needs no edit.
+    let (same, first) = prepare_model(&bytes, "").unwrap();
+    assert_eq!((same.len(), first.is_empty()), (bytes.len(), false));
+    let e = prepare_model(&bytes, "NoSuchNode").unwrap_err();
+    assert!(e.contains("NoSuchNode"), "{e}");
+}
