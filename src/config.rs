@@ -207,6 +207,32 @@ pub struct EmbedderSettings {
     pub scale: Option<f32>,
     pub channel_order: Option<ChannelOrder>,
     pub layout: Option<Layout>,
+    /// `tract` (built in) or `onnxruntime` (about twice as fast; needs `libonnxruntime.so`).
+    #[serde(default = "default_backend")]
+    pub backend: String,
+    /// Path to `libonnxruntime.so` (1.31 or newer) for the `onnxruntime` backend; when unset,
+    /// the `ORT_DYLIB_PATH` variable gives it.
+    #[serde(default)]
+    pub onnxruntime_library: Option<PathBuf>,
+    /// Intra-op threads per ONNX Runtime inference (default 1: parallelism comes from
+    /// `actors.embedders`).
+    #[serde(default)]
+    pub onnxruntime_threads: Option<usize>,
+}
+
+fn default_backend() -> String {
+    "tract".into()
+}
+
+/// Which library runs the embedder model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EmbedderBackend {
+    Tract,
+    /// ONNX Runtime, loaded at run time from `library`, with `threads` intra-op threads.
+    OnnxRuntime {
+        library: PathBuf,
+        threads: usize,
+    },
 }
 
 /// A known ONNX image encoder: its preprocessing and embedding output.
@@ -318,6 +344,56 @@ impl EmbedderSettings {
             .clone()
             .unwrap_or_else(|| preset.output.to_owned());
         Ok((name, output, p))
+    }
+
+    /// The configured backend; `ORT_DYLIB_PATH` from the process environment stands in for
+    /// an unset `embedder.onnxruntime_library`.
+    pub fn backend(&self) -> Result<EmbedderBackend, ConfigError> {
+        let var = std::env::var_os(actors::ort_encoder::ORT_DYLIB_PATH).map(PathBuf::from);
+        self.backend_with(var)
+    }
+
+    /// [`EmbedderSettings::backend`] with `ort_dylib_path` as the value of `ORT_DYLIB_PATH`.
+    pub fn backend_with(
+        &self,
+        ort_dylib_path: Option<PathBuf>,
+    ) -> Result<EmbedderBackend, ConfigError> {
+        match self.backend.as_str() {
+            "tract" => Ok(EmbedderBackend::Tract),
+            "onnxruntime" => {
+                let library = self
+                    .onnxruntime_library
+                    .clone()
+                    .or(ort_dylib_path)
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .ok_or_else(|| {
+                        invalid(
+                            "embedder.onnxruntime_library",
+                            "is required by backend `onnxruntime` (or set ORT_DYLIB_PATH): \
+                             the path to libonnxruntime.so 1.31 or newer, e.g. \
+                             onnxruntime/capi/libonnxruntime.so.1.* of the onnxruntime wheel",
+                        )
+                    })?;
+                if !library.is_file() {
+                    return Err(invalid(
+                        "embedder.onnxruntime_library",
+                        format!("`{}` is not a file", library.display()),
+                    ));
+                }
+                let threads = self.onnxruntime_threads.unwrap_or(1);
+                if threads == 0 {
+                    return Err(invalid(
+                        "embedder.onnxruntime_threads",
+                        "must be at least 1",
+                    ));
+                }
+                Ok(EmbedderBackend::OnnxRuntime { library, threads })
+            }
+            other => Err(invalid(
+                "embedder.backend",
+                format!("unknown backend `{other}`; known: tract, onnxruntime"),
+            )),
+        }
     }
 }
 
@@ -522,6 +598,7 @@ impl Settings {
             return Err(invalid("storage.url", "must start with file:// or s3://"));
         }
         self.embedder.resolve()?;
+        self.embedder.backend()?;
         if !(self.clustering.eps > 0.0 && self.clustering.eps <= 2.0) {
             return Err(invalid(
                 "clustering.eps",
@@ -755,5 +832,68 @@ mod tests {
         assert_eq!((p.input_size, p.layout), (336, Layout::Nchw));
         s.embedder.preset = "nope".into();
         assert!(s.embedder.resolve().is_err());
+    }
+
+    #[test]
+    fn embedder_backend_keys_are_validated() {
+        let s = Settings::load_from(&vars(&[])).unwrap();
+        assert_eq!(s.embedder.backend, "tract");
+        assert_eq!(
+            s.embedder.backend_with(None).unwrap(),
+            EmbedderBackend::Tract
+        );
+        let e = Settings::load_from(&vars(&[("MEDIA_CLUSTERING__EMBEDDER__BACKEND", "cuda")]))
+            .unwrap_err();
+        assert!(e.to_string().contains("embedder.backend"), "{e}");
+        assert!(e.to_string().contains("onnxruntime"), "{e}");
+        let e = Settings::load_from(&vars(&[
+            ("MEDIA_CLUSTERING__EMBEDDER__BACKEND", "onnxruntime"),
+            (
+                "MEDIA_CLUSTERING__EMBEDDER__ONNXRUNTIME_LIBRARY",
+                "/nonexistent/libonnxruntime.so",
+            ),
+        ]))
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("embedder.onnxruntime_library")
+                && e.to_string().contains("not a file"),
+            "{e}"
+        );
+
+        let mut ort = s.embedder.clone();
+        ort.backend = "onnxruntime".into();
+        let e = ort.backend_with(None).unwrap_err();
+        assert!(
+            e.to_string().contains("embedder.onnxruntime_library"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("ORT_DYLIB_PATH"), "{e}");
+        // ORT_DYLIB_PATH stands in for the key; the key wins over it.
+        let dir = tempfile::tempdir().unwrap();
+        let (lib, other) = (dir.path().join("libort.so"), dir.path().join("other.so"));
+        std::fs::write(&lib, b"").unwrap();
+        std::fs::write(&other, b"").unwrap();
+        assert_eq!(
+            ort.backend_with(Some(lib.clone())).unwrap(),
+            EmbedderBackend::OnnxRuntime {
+                library: lib.clone(),
+                threads: 1
+            }
+        );
+        ort.onnxruntime_library = Some(other.clone());
+        ort.onnxruntime_threads = Some(2);
+        assert_eq!(
+            ort.backend_with(Some(lib)).unwrap(),
+            EmbedderBackend::OnnxRuntime {
+                library: other,
+                threads: 2
+            }
+        );
+        ort.onnxruntime_threads = Some(0);
+        let e = ort.backend_with(None).unwrap_err();
+        assert!(
+            e.to_string().contains("embedder.onnxruntime_threads"),
+            "{e}"
+        );
     }
 }

@@ -2,7 +2,6 @@
 //! photo that has no embedding for its model version yet, with a progress bar.
 //! Jobs do this lazily for their pet; this does it ahead of time for all pets.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use actors::algo::{decode, quality};
@@ -19,7 +18,7 @@ use crate::startup::load_model;
 pub async fn reembed(settings: &Settings, pet: Option<&str>) -> anyhow::Result<()> {
     let db = postgres::pool(&settings.postgres)?;
     let storage = Storage::from_url(&settings.storage.url).context("opening storage.url")?;
-    let model = Arc::new(load_model(settings).await?);
+    let model = load_model(settings).await?;
     let version = model.model_version().to_owned();
     let todo = postgres::images_without_embedding(&db, &version, pet).await?;
     println!("model {version}: {} photos to embed", todo.len());

@@ -8,7 +8,8 @@ use std::time::Duration;
 use actix_web::dev::Server;
 use actix_web::{App, HttpServer, web};
 use actix_web_prom::PrometheusMetricsBuilder;
-use actors::algo::embed::OnnxEmbedder;
+use actors::algo::embed::{EmbedError, ImageEncoder, OnnxEmbedder};
+use actors::ort_encoder::{OrtEncoder, OrtOptions};
 use actors::pipeline::{self, ActorCounts, PipelineHandle, PipelineSettings, Ports};
 use anyhow::Context;
 use prometheus::Registry;
@@ -20,7 +21,7 @@ use crate::adapters::redis_queue::RedisQueue;
 use crate::adapters::storage::Storage;
 use crate::api::rate_limit::RateLimiter;
 use crate::api::{self, auth::Jwt};
-use crate::config::Settings;
+use crate::config::{EmbedderBackend, Settings};
 
 /// What the process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,13 +69,40 @@ pub fn consumer_name() -> String {
     )
 }
 
-/// Loads the configured ONNX model (slow: optimisation takes seconds, so off the async threads).
-pub async fn load_model(settings: &Settings) -> anyhow::Result<OnnxEmbedder> {
+/// Loads the configured ONNX model with the configured backend (slow: optimisation takes
+/// seconds, so off the async threads). The ONNX Runtime backend gets one session per
+/// embedder thread (`actors.embedders`).
+pub async fn load_model(settings: &Settings) -> anyhow::Result<Arc<dyn ImageEncoder>> {
     let (name, output, pre) = settings.embedder.resolve()?;
+    let backend = settings.embedder.backend()?;
     let path = settings.embedder.model_path.clone();
-    tokio::task::spawn_blocking(move || OnnxEmbedder::load(&path, &name, &output, pre))
-        .await?
-        .with_context(|| "loading the embedder model (embedder.model_path; `make model` fetches the default one)")
+    let sessions = settings.actors.embedders.max(1);
+    let load = move || -> Result<Arc<dyn ImageEncoder>, EmbedError> {
+        Ok(match backend {
+            EmbedderBackend::Tract => Arc::new(OnnxEmbedder::load(&path, &name, &output, pre)?),
+            EmbedderBackend::OnnxRuntime { library, threads } => {
+                let options = OrtOptions {
+                    library,
+                    intra_threads: threads,
+                    sessions,
+                };
+                Arc::new(OrtEncoder::load(&path, &name, &output, pre, &options)?)
+            }
+        })
+    };
+    let model = tokio::task::spawn_blocking(load).await?.with_context(|| {
+        format!(
+            "loading the embedder model with backend `{}` (embedder.model_path; \
+             `make model` fetches the default one)",
+            settings.embedder.backend
+        )
+    })?;
+    tracing::info!(
+        backend = %settings.embedder.backend,
+        model_version = model.model_version(),
+        "Loaded the embedder model."
+    );
+    Ok(model)
 }
 
 pub async fn migrate(db: &PgPool) -> anyhow::Result<()> {
@@ -95,7 +123,7 @@ impl Application {
     pub async fn build_with_model(
         settings: Settings,
         mode: Mode,
-        model: Option<Arc<OnnxEmbedder>>,
+        model: Option<Arc<dyn ImageEncoder>>,
     ) -> anyhow::Result<Self> {
         let settings = Arc::new(settings);
         let db = postgres::pool(&settings.postgres).context("postgres.url")?;
@@ -124,7 +152,7 @@ impl Application {
         } else {
             let model = match model {
                 Some(m) => m,
-                None => Arc::new(load_model(&settings).await?),
+                None => load_model(&settings).await?,
             };
             Some(start_pipeline(
                 &settings,
@@ -231,7 +259,7 @@ pub fn start_pipeline(
     db: PgPool,
     queue: RedisQueue,
     storage: Storage,
-    model: Arc<OnnxEmbedder>,
+    model: Arc<dyn ImageEncoder>,
 ) -> PipelineHandle {
     let a = &settings.actors;
     let r = &settings.redis;

@@ -440,6 +440,27 @@ async fn commit(pool: &PgPool, r: &ClusteringResult) -> Result<i64, sqlx::Error>
         .execute(&mut *tx)
         .await?;
     }
+    // A job started after this one has already written a version: it saw every photo
+    // this one saw, so this result is stale. Keep the embeddings, write no version, and
+    // finish the job as coalesced into the newer one. Versions thus follow job start
+    // order, and the latest covers every photo uploaded before its job started.
+    let newer: Option<i64> = sqlx::query_scalar(
+        "SELECT cv.version FROM cluster_versions cv
+         JOIN jobs theirs ON theirs.id = cv.job_id
+         JOIN jobs mine ON mine.id = $2
+         WHERE cv.pet_id = $1 AND theirs.started_at > mine.started_at
+         ORDER BY cv.version DESC LIMIT 1",
+    )
+    .bind(&job.pet_id)
+    .bind(job.job_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some(version) = newer {
+        mark_succeeded(&mut tx, job.job_id).await?;
+        tx.commit().await?;
+        tracing::info!(job_id = %job.job_id, version, "A newer job already clustered this pet; coalesced.");
+        return Ok(version);
+    }
     let previous = previous_clusters(&mut tx, &job.pet_id).await?;
     let version: i64 = sqlx::query_scalar(
         "SELECT COALESCE(MAX(version), 0) + 1 FROM cluster_versions WHERE pet_id = $1",

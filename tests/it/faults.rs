@@ -95,11 +95,29 @@ async fn two_workers_share_fifty_jobs_and_run_none_twice() {
         let up = client.upload(&format!("pair-{i}"), &photo(i), None).await;
         jobs.push(up["job_id"].as_str().unwrap().to_owned());
     }
-    eventually(300, "all 50 jobs", async || {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    loop {
         let (done, _) = status_counts(&client, &jobs).await;
-        (done == jobs.len()).then_some(())
-    })
-    .await;
+        if done == jobs.len() {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let tail = |p: &Proc| {
+                p.log_text()
+                    .lines()
+                    .rev()
+                    .take(15)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            };
+            panic!(
+                "{done}/50 jobs finished\nworker1:\n{}\nworker2:\n{}",
+                tail(&_w1),
+                tail(&_w2)
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
     assert_eq!(status_counts(&client, &jobs).await.1, 50);
     let db = pool(&env).await;
     assert_eq!(

@@ -3,7 +3,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use actors::algo::embed::OnnxEmbedder;
+use actors::algo::embed::ImageEncoder;
 use actors::pipeline::PipelineHandle;
 use media_clustering::api::auth::Jwt;
 use media_clustering::config::Settings;
@@ -91,6 +91,11 @@ pub fn test_vars(
             "MEDIA_CLUSTERING__EMBEDDER__MODEL_PATH",
             model_path().display().to_string(),
         ),
+        // Tests poll hard; the rate-limit test turns the limit back on.
+        (
+            "MEDIA_CLUSTERING__RATE_LIMIT__REQUESTS_PER_SECOND",
+            "0".into(),
+        ),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
@@ -102,16 +107,14 @@ pub fn test_vars(
 }
 
 /// The model, loaded once per test process.
-pub async fn shared_model(settings: &Settings) -> Arc<OnnxEmbedder> {
-    static MODEL: OnceLock<Arc<OnnxEmbedder>> = OnceLock::new();
+pub async fn shared_model(settings: &Settings) -> Arc<dyn ImageEncoder> {
+    static MODEL: OnceLock<Arc<dyn ImageEncoder>> = OnceLock::new();
     if let Some(m) = MODEL.get() {
         return m.clone();
     }
-    let m = Arc::new(
-        load_model(settings)
-            .await
-            .expect("model loads (run `make model`)"),
-    );
+    let m = load_model(settings)
+        .await
+        .expect("model loads (run `make model`)");
     MODEL.get_or_init(|| m).clone()
 }
 

@@ -11,4 +11,5 @@ mod models;
 mod openapi;
 mod pipeline;
 mod process;
+mod queue;
 mod traces;

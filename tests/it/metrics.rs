@@ -46,6 +46,30 @@ async fn metrics_carry_every_name_and_rise_with_a_job() {
             "missing {n}"
         );
     }
+    // The text parses with Prometheus's own checker (`make test` installs promtool).
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus; make test installs it)");
+    std::io::Write::write_all(promtool.stdin.as_mut().unwrap(), text.as_bytes()).unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    let report =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let problems: Vec<&str> = report
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.contains("no help text"))
+        .collect();
+    assert!(
+        out.status.success() || out.status.code() == Some(3),
+        "promtool: {report}"
+    );
+    assert!(
+        problems.iter().all(|l| !l.to_lowercase().contains("error")),
+        "promtool: {report}"
+    );
     let succeeded = r#"media_cluster_jobs_total{status="succeeded"}"#;
     assert_eq!(sample(&text, succeeded) - sample(&before, succeeded), 1.0);
     for actor in [

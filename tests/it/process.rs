@@ -272,6 +272,7 @@ impl Client {
             .send()
             .await
             .unwrap();
+        assert_eq!(r.status().as_u16(), 200, "GET /v1/jobs/{job_id}");
         let j: serde_json::Value = r.json().await.unwrap();
         j["status"].as_str().unwrap_or_default().to_owned()
     }

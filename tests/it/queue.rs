@@ -1,0 +1,77 @@
+//! The Redis adapter's trimming keeps every entry not yet acknowledged.
+
+use actors::job::{JobEntry, JobKind};
+use actors::ports::JobQueue;
+use media_clustering::adapters::redis_queue::RedisQueue;
+use media_clustering::config::Settings;
+use uuid::Uuid;
+
+use crate::helpers::*;
+
+fn entry() -> JobEntry {
+    JobEntry {
+        job_id: Uuid::now_v7(),
+        pet_id: "trim-pet".into(),
+        kind: JobKind::Recluster,
+        image_ids: vec![],
+        enqueued_at_ms: 0,
+        attempt: 1,
+        traceparent: None,
+        tracestate: None,
+    }
+}
+
+#[actix_rt::test]
+async fn trimming_never_drops_pending_or_undelivered_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = Settings::load_from(&test_vars("unused", dir.path(), &[])).unwrap();
+    let q = RedisQueue::connect(&settings.redis, 1).await.unwrap();
+    for _ in 0..5 {
+        q.enqueue(&entry()).await.unwrap();
+    }
+    // Deliver three; acknowledge the second and third; the first stays pending.
+    let got = q.read("trim-consumer", 3, 100).await.unwrap();
+    assert_eq!(got.len(), 3);
+    q.ack(&got[1].stream_id).await.unwrap();
+    q.ack(&got[2].stream_id).await.unwrap();
+    assert_eq!(
+        q.trim().await.unwrap(),
+        0,
+        "nothing before the oldest pending entry"
+    );
+    assert_eq!(app_xlen(&settings).await, 5);
+
+    // Once the first is acknowledged, the three delivered ones go; the two undelivered stay.
+    q.ack(&got[0].stream_id).await.unwrap();
+    assert_eq!(q.trim().await.unwrap(), 3);
+    assert_eq!(app_xlen(&settings).await, 2);
+    let rest = q.read("trim-consumer", 10, 100).await.unwrap();
+    assert_eq!(rest.len(), 2, "undelivered entries survived trimming");
+    for d in &rest {
+        q.ack(&d.stream_id).await.unwrap();
+    }
+    assert_eq!(q.trim().await.unwrap(), 2);
+    let mut r = redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: i64 = redis::cmd("DEL")
+        .arg(&settings.redis.stream)
+        .query_async(&mut r)
+        .await
+        .unwrap();
+}
+
+async fn app_xlen(settings: &Settings) -> i64 {
+    let mut r = redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    redis::cmd("XLEN")
+        .arg(&settings.redis.stream)
+        .query_async(&mut r)
+        .await
+        .unwrap()
+}
