@@ -50,6 +50,12 @@ export TEST_DATABASE_URL="postgres://postgres:postgres@127.0.0.1:5432/postgres"
 export TEST_REDIS_URL="redis://127.0.0.1:6379"
 export MODEL_PATH="$ROOT/models/open-nsfw.onnx"
 
+# promtool checks the metrics text in the tests (Debian's prometheus package).
+if ! command -v promtool >/dev/null 2>&1; then
+    step "Installing promtool (Debian package prometheus)"
+    { apt-get install -y -qq prometheus || { apt-get update -qq && apt-get install -y -qq prometheus; }; } >/dev/null
+fi
+
 # A real OTLP/HTTP receiver for the trace tests, in a virtualenv under target/.
 step "Installing the OTLP test receiver (oteltap)"
 PYTOOLS="$ROOT/target/pytools"
@@ -61,6 +67,12 @@ if ! "$PYTOOLS/bin/oteltap" --help >/dev/null 2>&1; then
     "$PYTOOLS/bin/pip" install -q oteltap
 fi
 export OTELTAP="$PYTOOLS/bin/oteltap"
+# ONNX Runtime's library for the optional embedder backend's tests (the wheel ships it).
+if ! ls "$PYTOOLS"/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.* >/dev/null 2>&1; then
+    "$PYTOOLS/bin/pip" install -q onnxruntime==1.32.0
+fi
+ORT_DYLIB_PATH="$(ls "$PYTOOLS"/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.* | head -1)"
+export ORT_DYLIB_PATH
 
 # Each test runs in its own process under nextest, so the process-wide metrics a test
 # reads are its own; install it when missing (a one-off build of a few minutes).
