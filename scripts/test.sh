@@ -66,6 +66,9 @@ if ! "$PYTOOLS/bin/oteltap" --help >/dev/null 2>&1; then
     }
     "$PYTOOLS/bin/pip" install -q oteltap
 fi
+# An OTLP/gRPC receiver for the gRPC export test (tests/it/grpc_receiver.py).
+"$PYTOOLS/bin/python" -c "import grpc, opentelemetry.proto" 2>/dev/null \
+    || "$PYTOOLS/bin/pip" install -q grpcio opentelemetry-proto
 export OTELTAP="$PYTOOLS/bin/oteltap"
 # ONNX Runtime's library for the optional embedder backend's tests (the wheel ships it).
 if ! ls "$PYTOOLS"/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.* >/dev/null 2>&1; then

@@ -718,8 +718,8 @@ mod tests {
     #[test]
     fn rate_limit_and_timeouts_load_and_validate() {
         let s = Settings::load_from(&vars(&[])).unwrap();
-        assert_eq!(s.rate_limit.requests_per_second, 50.0);
-        assert_eq!(s.rate_limit.burst, 100);
+        assert_eq!(s.rate_limit.requests_per_second, 200.0);
+        assert_eq!(s.rate_limit.burst, 400);
         assert!(s.server.request_timeout_ms > 0);
         let s = Settings::load_from(&vars(&[
             ("MEDIA_CLUSTERING__RATE_LIMIT__REQUESTS_PER_SECOND", "0.5"),

@@ -274,3 +274,66 @@ async fn sample_rate_zero_exports_only_what_a_sampled_parent_asks_for() {
     drop(serve);
     env.cleanup().await;
 }
+
+#[actix_rt::test]
+async fn spans_reach_a_grpc_collector_by_default_protocol() {
+    let env = ProcEnv::new(&[]).await;
+    let python = std::env::var("OTELTAP")
+        .map(|t| std::path::Path::new(&t).with_file_name("python"))
+        .unwrap_or_else(|_| {
+            concat!(env!("CARGO_MANIFEST_DIR"), "/target/pytools/bin/python").into()
+        });
+    let port = free_port();
+    let out = env.dir.path().join("grpc.out");
+    let mut receiver = std::process::Command::new(&python)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/it/grpc_receiver.py"
+        ))
+        .arg(port.to_string())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .spawn()
+        .expect("python with grpcio (make test installs it)");
+    eventually(30, "the gRPC receiver", async || {
+        std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .contains("listening")
+            .then_some(())
+    })
+    .await;
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let vars = [
+        ("TELEMETRY_ENABLED", "true"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+    ];
+    let serve = env.spawn("serve", "serve", &vars);
+    let client = Client::new(&env, &serve.base);
+    let trace_id = "5bf92f3577b34da6a3ce929d0e0e4737";
+    let up = client
+        .upload(
+            "grpc",
+            &photos(2),
+            Some(&format!("00-{trace_id}-00f067aa0ba902b7-01")),
+        )
+        .await;
+    assert_eq!(
+        client.wait_job(up["job_id"].as_str().unwrap()).await,
+        "succeeded"
+    );
+    eventually(60, "the job's spans over gRPC", async || {
+        let text = std::fs::read_to_string(&out).unwrap_or_default();
+        let ok = text
+            .lines()
+            .any(|l| l == format!("{trace_id} process media:cluster:jobs"))
+            && text
+                .lines()
+                .any(|l| l == format!("{trace_id} postgres.write"));
+        ok.then_some(())
+    })
+    .await;
+    let _ = receiver.kill();
+    let _ = receiver.wait();
+    drop(serve);
+    env.cleanup().await;
+}

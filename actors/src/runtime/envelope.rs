@@ -80,16 +80,19 @@ impl MailboxSlot {
     }
 
     fn release(&mut self) {
-        if self.permit.take().is_some() {
+        // The gauge goes down before the slot is freed, so it never reads above capacity.
+        if let Some(permit) = self.permit.take() {
             self.depth.dec();
+            drop(permit);
         }
     }
 }
 
 impl Drop for MailboxSlot {
     fn drop(&mut self) {
-        if self.permit.take().is_some() {
+        if let Some(permit) = self.permit.take() {
             self.depth.dec();
+            drop(permit);
             metrics()
                 .messages
                 .with_label_values(&[self.kind.as_str(), "dropped"])
