@@ -98,12 +98,26 @@ pub fn probe(bytes: &[u8], max_pixels: u64) -> Result<ImageInfo, DecodeError> {
         return Err(DecodeError::Empty);
     }
     let format = sniff(bytes).ok_or(DecodeError::Unsupported)?;
-    // Only the header is read here; the memory limits apply when decoding.
-    let mut header = ImageReader::with_format(Cursor::new(bytes), format.image_format());
-    header.no_limits();
-    let (width, height) = header
-        .into_dimensions()
-        .map_err(|e| DecodeError::Undecodable(e.to_string()))?;
+    let (width, height) = match format {
+        // Read from IHDR directly: the png crate would inflate ancillary chunks (an iCCP
+        // profile can be a deflate bomb) before reporting the size.
+        Format::Png => png_dimensions(bytes)
+            .ok_or_else(|| DecodeError::Undecodable("PNG without a valid IHDR chunk".into()))?,
+        Format::WebP if !webp_chunks_fit(bytes) => {
+            // image-webp allocates a chunk's declared size before reading it.
+            return Err(DecodeError::Undecodable(
+                "truncated WebP (a chunk runs past the end)".into(),
+            ));
+        }
+        _ => {
+            // Only the header is read here; the memory limits apply when decoding.
+            let mut header = ImageReader::with_format(Cursor::new(bytes), format.image_format());
+            header.no_limits();
+            header
+                .into_dimensions()
+                .map_err(|e| DecodeError::Undecodable(e.to_string()))?
+        }
+    };
     if width == 0 || height == 0 {
         return Err(DecodeError::Undecodable("zero-sized image".into()));
     }
@@ -119,6 +133,39 @@ pub fn probe(bytes: &[u8], max_pixels: u64) -> Result<ImageInfo, DecodeError> {
         width,
         height,
     })
+}
+
+/// Width and height from a PNG's IHDR chunk, which must come first.
+fn png_dimensions(bytes: &[u8]) -> Option<(u32, u32)> {
+    let ihdr = bytes.get(8..24)?;
+    if ihdr[0..8] != [0, 0, 0, 13, b'I', b'H', b'D', b'R'] {
+        return None;
+    }
+    let be = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+    Some((be(&ihdr[8..12]), be(&ihdr[12..16])))
+}
+
+/// Whether every chunk of a WebP's RIFF container lies within the bytes received.
+fn webp_chunks_fit(bytes: &[u8]) -> bool {
+    let le = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
+    let Some(riff) = bytes.get(4..8).map(le) else {
+        return false;
+    };
+    let end = riff.saturating_add(8);
+    if end > bytes.len() {
+        return false;
+    }
+    // The decoder also reads chunks past the RIFF size, so every chunk header in the
+    // bytes received must describe data that is there.
+    let mut at = 12;
+    while at + 8 <= bytes.len() {
+        let size = le(&bytes[at + 4..at + 8]);
+        if size > bytes.len() - (at + 8) {
+            return false;
+        }
+        at += 8 + size + (size & 1);
+    }
+    true
 }
 
 /// Whether a JPEG's last scan is followed by its end-of-image marker. The JPEG

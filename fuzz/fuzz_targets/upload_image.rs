@@ -1,0 +1,65 @@
+//! Uploaded bytes through `decode::probe` and `decode::decode`, as the API does.
+//!
+//! Invariants, beyond "no panic, no hang, no OOM":
+//! - `probe` succeeds only for a sniffed JPEG/PNG/WebP, with non-zero dimensions
+//!   within the pixel limit;
+//! - `decode` fails exactly when `probe` fails (with the same error), or with
+//!   `Undecodable` after a successful probe;
+//! - a decoded image has the probed dimensions (swapped by a 90° EXIF
+//!   orientation) and so never exceeds the pixel limit.
+
+#![no_main]
+
+use actors::algo::decode::{self, DecodeError, Format};
+use libfuzzer_sys::fuzz_target;
+
+/// Small, so that the limit itself gets exercised by fuzzed headers.
+const MAX_PIXELS: u64 = 4_000_000;
+
+fuzz_target!(|data: &[u8]| {
+    let sniffed = decode::sniff(data);
+    let probed = decode::probe(data, MAX_PIXELS);
+    match &probed {
+        Ok(info) => {
+            assert!(
+                matches!(info.format, Format::Jpeg | Format::Png | Format::WebP),
+                "{info:?}"
+            );
+            assert_eq!(Some(info.format), sniffed, "probe and sniff disagree");
+            assert!(info.width > 0 && info.height > 0, "{info:?}");
+            assert!(
+                u64::from(info.width) * u64::from(info.height) <= MAX_PIXELS,
+                "probe accepted {info:?} over the limit"
+            );
+        }
+        Err(DecodeError::Empty) => assert!(data.is_empty()),
+        Err(DecodeError::Unsupported) => assert_eq!(sniffed, None),
+        Err(DecodeError::TooManyPixels { width, height, max }) => {
+            assert_eq!(*max, MAX_PIXELS);
+            assert!(u64::from(*width) * u64::from(*height) > MAX_PIXELS);
+        }
+        Err(DecodeError::Undecodable(_)) => assert!(sniffed.is_some()),
+    }
+
+    match decode::decode(data, MAX_PIXELS) {
+        Ok(img) => {
+            let info = probed.expect("decode succeeded where probe failed");
+            let (w, h) = (img.width(), img.height());
+            assert!(
+                (w, h) == (info.width, info.height) || (h, w) == (info.width, info.height),
+                "decoded {w}x{h}, probed {}x{} ({:?})",
+                info.width,
+                info.height,
+                info.format
+            );
+            assert!(u64::from(w) * u64::from(h) <= MAX_PIXELS);
+        }
+        Err(e) => match probed {
+            Err(p) => assert_eq!(e, p, "decode and probe fail differently"),
+            Ok(info) => assert!(
+                matches!(e, DecodeError::Undecodable(_)),
+                "probe accepted {info:?}, decode failed with {e:?}"
+            ),
+        },
+    }
+});
