@@ -141,7 +141,7 @@ impl Application {
         let storage = Storage::from_url(&settings.storage.url).context("opening storage.url")?;
         let registry = Registry::new();
         actors::metrics::register_all(&registry)?;
-        let prom = PrometheusMetricsBuilder::new("media_cluster")
+        let prom = PrometheusMetricsBuilder::new(actors::metrics::HTTP_NAMESPACE)
             .registry(registry.clone())
             .mask_unmatched_patterns("UNKNOWN")
             .build()

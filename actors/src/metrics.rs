@@ -28,6 +28,10 @@ pub const ACTOR_RESTARTS: &str = "media_cluster_actor_restarts_total";
 pub const ACTOR_INSTANCES: &str = "media_cluster_actor_instances";
 pub const ACTOR_MESSAGES: &str = "media_cluster_actor_messages_total";
 pub const TELEMETRY_DROPPED_SPANS: &str = "media_cluster_telemetry_dropped_spans_total";
+/// Namespace given to actix-web-prom, which records the two HTTP series below.
+pub const HTTP_NAMESPACE: &str = "media_cluster";
+pub const HTTP_REQUESTS_TOTAL: &str = "media_cluster_http_requests_total";
+pub const HTTP_REQUESTS_DURATION: &str = "media_cluster_http_requests_duration_seconds";
 
 /// Buckets for work that takes milliseconds to a minute.
 const SECONDS_BUCKETS: &[f64] = &[
@@ -249,4 +253,43 @@ pub fn register_all(registry: &Registry) -> prometheus::Result<()> {
     registry.register(Box::new(m.messages.clone()))?;
     registry.register(Box::new(m.dropped_spans.clone()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_series_names_follow_from_the_namespace() {
+        // actix-web-prom names its series `<namespace>_http_requests_total` and
+        // `<namespace>_http_requests_duration_seconds`.
+        assert_eq!(
+            format!("{HTTP_NAMESPACE}_http_requests_total"),
+            HTTP_REQUESTS_TOTAL
+        );
+        assert_eq!(
+            format!("{HTTP_NAMESPACE}_http_requests_duration_seconds"),
+            HTTP_REQUESTS_DURATION
+        );
+    }
+
+    #[test]
+    fn every_metric_registers_once() {
+        let registry = Registry::new();
+        register_all(&registry).unwrap();
+        let names: Vec<String> = registry
+            .gather()
+            .iter()
+            .map(|f| f.name().to_owned())
+            .collect();
+        for n in [
+            JOBS_TOTAL,
+            ACTOR_MAILBOX_DEPTH,
+            ACTOR_HANDLING,
+            PENDING_JOBS,
+            TELEMETRY_DROPPED_SPANS,
+        ] {
+            assert!(names.iter().any(|x| x == n), "{n} not registered");
+        }
+    }
 }
