@@ -76,6 +76,8 @@ struct Pipeline {
     pet_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Stream ids being processed here, kept alive against reclaiming.
     in_flight: Mutex<std::collections::HashSet<String>>,
+    /// Pets whose cross-process lock this worker holds, kept alive like the entries.
+    held_pets: Mutex<std::collections::HashSet<String>>,
     stop: watch::Receiver<bool>,
 }
 
@@ -156,6 +158,7 @@ pub fn start(
         inflight: inflight.clone(),
         pet_locks: Mutex::default(),
         in_flight: Mutex::default(),
+        held_pets: Mutex::default(),
         stop: stop_rx,
     });
     for _ in 0..c.stream_readers.max(1) {
@@ -264,6 +267,24 @@ async fn keep_alive_loop(p: Arc<Pipeline>) {
             && let Err(e) = p.ports.queue.keep_alive(&p.settings.consumer, &ids).await
         {
             tracing::warn!(error = %e, "Refreshing in-flight entries failed.");
+        }
+        let pets: Vec<String> = p
+            .held_pets
+            .lock()
+            .expect("held pets")
+            .iter()
+            .cloned()
+            .collect();
+        for pet in pets {
+            let ttl = p.settings.claim_min_idle_ms;
+            if let Err(e) = p
+                .ports
+                .queue
+                .refresh_pet(&pet, &p.settings.consumer, ttl)
+                .await
+            {
+                tracing::warn!(error = %e, "Refreshing a pet's lock failed.");
+            }
         }
         if last_prune.elapsed() >= Duration::from_millis(prune_idle_ms) {
             last_prune = Instant::now();
@@ -387,9 +408,15 @@ async fn process_entry(p: &Pipeline, d: &Delivery) {
         .or_default()
         .clone();
     let guard = lock.lock().await;
+    // Nor across processes: the pet's lock in the queue, held while the job runs. When the
+    // worker stops while waiting for it, the entry stays pending for another consumer.
+    let locked = take_pet_lock(p, &entry.pet_id).await;
     let started = Instant::now();
     let mut attempt = (d.deliveries as u32).max(1);
     loop {
+        if !locked {
+            break;
+        }
         match run_once(p, &entry, d).await {
             Ok(Some((version, clusters, images))) => {
                 if ack(p, d).await {
@@ -458,10 +485,49 @@ async fn process_entry(p: &Pipeline, d: &Delivery) {
             }
         }
     }
+    if locked {
+        p.held_pets.lock().expect("held pets").remove(&entry.pet_id);
+        if let Err(e) = p
+            .ports
+            .queue
+            .unlock_pet(&entry.pet_id, &p.settings.consumer)
+            .await
+        {
+            tracing::warn!(error = %e, "Releasing the pet's lock failed; it expires on its own.");
+        }
+    }
     drop(guard);
     let mut locks = p.pet_locks.lock().expect("pet lock map");
     if Arc::strong_count(&lock) == 2 {
         locks.remove(&entry.pet_id);
+    }
+}
+
+/// Waits for the pet's cross-process lock; false if the worker stops first.
+async fn take_pet_lock(p: &Pipeline, pet_id: &str) -> bool {
+    let mut wait = Duration::from_millis(50);
+    loop {
+        match p
+            .ports
+            .queue
+            .lock_pet(pet_id, &p.settings.consumer, p.settings.claim_min_idle_ms)
+            .await
+        {
+            Ok(true) => {
+                p.held_pets
+                    .lock()
+                    .expect("held pets")
+                    .insert(pet_id.to_owned());
+                return true;
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "Taking the pet's lock failed; retrying."),
+        }
+        if *p.stop.borrow() {
+            return false;
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(1));
     }
 }
 

@@ -58,6 +58,30 @@ pub trait JobQueue: Send + Sync + 'static {
     /// Trims acknowledged entries from the head of the stream (never an entry that is
     /// pending or not yet delivered); returns how many were removed.
     async fn trim(&self) -> Result<u64, PipelineError>;
+    /// Takes the pet's lock for `owner` for `ttl_ms` if nobody holds it, so that two jobs
+    /// of one pet never run at once across worker processes. Queues without shared
+    /// state (tests' fakes) need no lock.
+    async fn lock_pet(
+        &self,
+        _pet_id: &str,
+        _owner: &str,
+        _ttl_ms: u64,
+    ) -> Result<bool, PipelineError> {
+        Ok(true)
+    }
+    /// Extends the pet's lock while `owner` still holds it.
+    async fn refresh_pet(
+        &self,
+        _pet_id: &str,
+        _owner: &str,
+        _ttl_ms: u64,
+    ) -> Result<(), PipelineError> {
+        Ok(())
+    }
+    /// Releases the pet's lock if `owner` holds it.
+    async fn unlock_pet(&self, _pet_id: &str, _owner: &str) -> Result<(), PipelineError> {
+        Ok(())
+    }
     /// Removes consumers (other than `consumer`) idle for `idle_ms` with nothing pending.
     async fn prune_consumers(&self, consumer: &str, idle_ms: u64) -> Result<usize, PipelineError>;
 }

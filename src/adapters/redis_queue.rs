@@ -100,6 +100,11 @@ impl RedisQueue {
         cmd.query_async(&mut self.conn.clone()).await
     }
 
+    /// The key of a pet's lock; it lives beside the jobs stream it guards.
+    fn pet_lock_key(&self, pet_id: &str) -> String {
+        format!("{}:pet-lock:{pet_id}", self.stream)
+    }
+
     /// Dead-letter entries, oldest first: `(id, fields)`.
     pub async fn dead_letters(
         &self,
@@ -414,6 +419,54 @@ impl JobQueue for RedisQueue {
             );
         }
         Ok(removed)
+    }
+
+    async fn lock_pet(
+        &self,
+        pet_id: &str,
+        owner: &str,
+        ttl_ms: u64,
+    ) -> Result<bool, PipelineError> {
+        let set: Option<String> = redis::cmd("SET")
+            .arg(self.pet_lock_key(pet_id))
+            .arg(owner)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl_ms.max(1))
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        Ok(set.is_some())
+    }
+
+    async fn refresh_pet(
+        &self,
+        pet_id: &str,
+        owner: &str,
+        ttl_ms: u64,
+    ) -> Result<(), PipelineError> {
+        redis::cmd("EVAL")
+            .arg("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end")
+            .arg(1)
+            .arg(self.pet_lock_key(pet_id))
+            .arg(owner)
+            .arg(ttl_ms.max(1))
+            .query_async::<i64>(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn unlock_pet(&self, pet_id: &str, owner: &str) -> Result<(), PipelineError> {
+        redis::cmd("EVAL")
+            .arg("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end")
+            .arg(1)
+            .arg(self.pet_lock_key(pet_id))
+            .arg(owner)
+            .query_async::<i64>(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        Ok(())
     }
 
     async fn reclaim(

@@ -405,3 +405,56 @@ async fn jobs_survive_a_redis_restart() {
     drop(serve);
     env.cleanup().await;
 }
+
+#[actix_rt::test]
+async fn two_workers_never_run_one_pets_jobs_at_once() {
+    let env = ProcEnv::new(&[]).await;
+    let api = env.spawn("api", "api", &[]);
+    let client = Client::new(&env, &api.base);
+    let _w1 = env.spawn("worker", "worker1", &[]);
+    let _w2 = env.spawn("worker", "worker2", &[]);
+    let mut jobs = Vec::new();
+    for i in 0..10 {
+        let up = client.upload("shared-pet", &photo(i), None).await;
+        jobs.push(up["job_id"].as_str().unwrap().to_owned());
+    }
+    for j in &jobs {
+        assert_eq!(client.wait_job(j).await, "succeeded");
+    }
+    let db = pool(&env).await;
+    let mut runs: Vec<(chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>)> =
+        sqlx::query_as("SELECT started_at, finished_at FROM jobs WHERE pet_id = 'shared-pet' ORDER BY started_at")
+            .fetch_all(&db)
+            .await
+            .unwrap();
+    runs.sort();
+    for w in runs.windows(2) {
+        assert!(
+            w[0].1 <= w[1].0,
+            "two jobs of one pet overlapped: {:?} and {:?}",
+            w[0],
+            w[1]
+        );
+    }
+    // Both workers took part, and the latest clustering covers every photo.
+    let w1 = _w1.log_text().matches("\"job_id\"").count();
+    let w2 = _w2.log_text().matches("\"job_id\"").count();
+    assert!(w1 > 0 && w2 > 0, "one worker did all the work ({w1}/{w2})");
+    let r = client
+        .http
+        .get(format!("{}/v1/pets/shared-pet/clusters", client.base))
+        .bearer_auth(&client.token)
+        .send()
+        .await
+        .unwrap();
+    let c: serde_json::Value = r.json().await.unwrap();
+    let members: usize = c["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["image_ids"].as_array().unwrap().len())
+        .sum();
+    assert_eq!(members, 10);
+    db.close().await;
+    env.cleanup().await;
+}
