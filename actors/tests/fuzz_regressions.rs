@@ -6,8 +6,9 @@
 //! saved under `tests/fuzz-regressions/<target>/` (minimised findings of the fuzz targets
 //! in `fuzz/`, see `scripts/fuzz.sh`) plus the hand-written cases below.
 //!
-//! A saved input that still fails until its fix lands is listed in `KNOWN_FAILING` and
-//! runs in its own `#[ignore]`d test instead; remove it from the list once fixed.
+//! A saved input that needs more than "no panic" (a memory bound) is listed in
+//! `KNOWN_FAILING` and checked by the test named there. One that still fails until its
+//! fix lands goes there too, with `#[ignore = "reason"]` on that test until it is fixed.
 
 use std::collections::HashMap;
 use std::io::Cursor;
@@ -206,6 +207,31 @@ fn known_failing_entries_name_saved_files() {
             "KNOWN_FAILING names {target}/{name}, which is not saved"
         );
     }
+}
+
+/// Fuzz finding (saved as `upload_image/crash-zune-jpeg-idct-sampling-factors`, 1092
+/// bytes, minimised with `cargo fuzz tmin`): a baseline JPEG, 150x100, whose components
+/// have sampling factors Y 2x2, Cb 1x1, Cr 4x1, so a chroma component is sampled finer
+/// than luma. `probe` accepts it; `decode` panics inside zune-jpeg 0.5.15 while writing
+/// an IDCT block past its component buffer: `range end index 8 out of range for slice of
+/// length 0` (idct/scalar.rs:37) in this build, `called Option::unwrap() on a None value`
+/// (idct/avx2.rs:378) in the fuzz build. Bounds-checked, so a panic, not memory
+/// corruption; in the API it escapes `web::block` as a 500 instead of a 422.
+/// Upstream: etemesi254/zune-image#361 (open). Un-ignore once `decode` turns a
+/// decoder panic into `Undecodable`.
+#[test]
+fn jpeg_with_chroma_sampled_finer_than_luma_does_not_panic() {
+    let name = "crash-zune-jpeg-idct-sampling-factors";
+    let (_, bytes) = saved("upload_image")
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .unwrap();
+    let (probed, decoded) = upload(name, &bytes);
+    assert!(probed.is_ok(), "{probed:?}");
+    assert!(
+        matches!(decoded, Err(DecodeError::Undecodable(_))),
+        "{decoded:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -626,7 +652,10 @@ const MIB: u64 = 1 << 20;
 /// 0.25.10 never passes `Limits` on to image-webp (its memory limit stays `usize::MAX`).
 /// Under libFuzzer: `out-of-memory (malloc(2860243388))` / `malloc(4294967280)`. In
 /// production the zeroed allocation is only reserved (no RSS) where overcommit allows
-/// it, and aborts the process where it does not. Un-ignore once `decode` bounds it.
+/// it, and aborts the process where it does not. Fixed in decode.rs: `probe` refuses a
+/// WebP whose chunks run past the bytes received (to the end of the file, not of the
+/// RIFF size: the fuzzer's input puts the EXIF chunk just past it, where image-webp
+/// still reads).
 #[test]
 #[cfg(target_os = "linux")]
 fn webp_exif_chunk_declaring_4_gib_is_not_allocated() {
@@ -755,7 +784,8 @@ fn png_with_a_small_iccp_profile_decodes() {
 /// inflates an iCCP profile without bound before the pixel check: about 1000x the upload,
 /// 25 GiB for a 25 MiB upload. Under libFuzzer: `out-of-memory (malloc(2214592512))` in
 /// `fdeflate::decompress_to_vec_bounded` from `png::..::parse_iccp_raw`, from
-/// `decode::probe`. Un-ignore once `probe` applies memory limits.
+/// `decode::probe`. Fixed in decode.rs: `probe` reads a PNG's size from IHDR itself;
+/// `decode` still inflates the profile up to its memory limit (96 MiB here).
 #[test]
 #[cfg(target_os = "linux")]
 fn png_iccp_deflate_bomb_is_bounded() {

@@ -189,6 +189,20 @@ pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<DynamicImage, DecodeError
             "truncated JPEG (no end-of-image marker)".into(),
         ));
     }
+    // A decoder that panics on malformed data (zune-jpeg on some chroma sampling
+    // factors, found by fuzzing) must cost a 422, not the request or the thread.
+    std::panic::catch_unwind(|| decode_checked(bytes, info, max_pixels)).unwrap_or_else(|_| {
+        Err(DecodeError::Undecodable(
+            "the decoder failed on malformed data".into(),
+        ))
+    })
+}
+
+fn decode_checked(
+    bytes: &[u8],
+    info: ImageInfo,
+    max_pixels: u64,
+) -> Result<DynamicImage, DecodeError> {
     let undecodable = |e: image::ImageError| DecodeError::Undecodable(e.to_string());
     let mut decoder = reader(bytes, info.format, max_pixels)
         .into_decoder()
