@@ -174,9 +174,10 @@ pub async fn images_without_embedding(
     .await
 }
 
-/// Stores one photo's embedding and quality measures (kept if already there).
-pub async fn insert_embedding(
-    pool: &PgPool,
+/// Stores one photo's embedding and quality measures (kept if already there), on a pool
+/// (`reembed`) or inside a job's commit transaction.
+pub async fn insert_embedding<'e>(
+    db: impl sqlx::PgExecutor<'e>,
     image_id: Uuid,
     model_version: &str,
     vector: &[f32],
@@ -193,7 +194,7 @@ pub async fn insert_embedding(
     .bind(q.noise)
     .bind(q.exposure)
     .bind(q.pixels as i64)
-    .execute(pool)
+    .execute(db)
     .await?;
     Ok(())
 }
@@ -426,19 +427,7 @@ async fn commit(pool: &PgPool, r: &ClusteringResult) -> Result<i64, sqlx::Error>
         return Ok(version);
     }
     for (image_id, vector, q) in &r.new_embeddings {
-        sqlx::query(
-            "INSERT INTO image_embeddings (image_id, model_version, vector, sharpness, noise, exposure, pixels)
-             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (image_id, model_version) DO NOTHING",
-        )
-        .bind(image_id)
-        .bind(&r.model_version)
-        .bind(vector)
-        .bind(q.sharpness)
-        .bind(q.noise)
-        .bind(q.exposure)
-        .bind(q.pixels as i64)
-        .execute(&mut *tx)
-        .await?;
+        insert_embedding(&mut *tx, *image_id, &r.model_version, vector, q).await?;
     }
     // A job started after this one has already written a version: it saw every photo
     // this one saw, so this result is stale. Keep the embeddings, write no version, and
