@@ -214,10 +214,12 @@ pub struct EmbedderSettings {
     /// the `ORT_DYLIB_PATH` variable gives it.
     #[serde(default)]
     pub onnxruntime_library: Option<PathBuf>,
-    /// Intra-op threads per ONNX Runtime inference (default 1: parallelism comes from
-    /// `actors.embedders`).
-    #[serde(default)]
-    pub onnxruntime_threads: Option<usize>,
+    /// Intra-op threads per inference, for either backend. Unset: the machine's cores
+    /// divided by `actors.embedders` (at least 1), so that all embedders busy at once use
+    /// every core and a lone photo still gets several. (`onnxruntime_threads` is the old
+    /// name.)
+    #[serde(default, alias = "onnxruntime_threads")]
+    pub threads: Option<usize>,
 }
 
 fn default_backend() -> String {
@@ -228,10 +230,9 @@ fn default_backend() -> String {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EmbedderBackend {
     Tract,
-    /// ONNX Runtime, loaded at run time from `library`, with `threads` intra-op threads.
+    /// ONNX Runtime, loaded at run time from `library`.
     OnnxRuntime {
         library: PathBuf,
-        threads: usize,
     },
 }
 
@@ -353,6 +354,19 @@ impl EmbedderSettings {
         self.backend_with(var)
     }
 
+    /// Intra-op threads per inference: `embedder.threads`, or the cores shared out among
+    /// `embedders` embedder threads.
+    pub fn intra_op_threads(&self, embedders: usize) -> Result<usize, ConfigError> {
+        match self.threads {
+            Some(0) => Err(invalid("embedder.threads", "must be at least 1")),
+            Some(n) => Ok(n),
+            None => {
+                let cores = std::thread::available_parallelism().map_or(1, usize::from);
+                Ok((cores / embedders.max(1)).max(1))
+            }
+        }
+    }
+
     /// [`EmbedderSettings::backend`] with `ort_dylib_path` as the value of `ORT_DYLIB_PATH`.
     pub fn backend_with(
         &self,
@@ -380,14 +394,7 @@ impl EmbedderSettings {
                         format!("`{}` is not a file", library.display()),
                     ));
                 }
-                let threads = self.onnxruntime_threads.unwrap_or(1);
-                if threads == 0 {
-                    return Err(invalid(
-                        "embedder.onnxruntime_threads",
-                        "must be at least 1",
-                    ));
-                }
-                Ok(EmbedderBackend::OnnxRuntime { library, threads })
+                Ok(EmbedderBackend::OnnxRuntime { library })
             }
             other => Err(invalid(
                 "embedder.backend",
@@ -599,6 +606,7 @@ impl Settings {
         }
         self.embedder.resolve()?;
         self.embedder.backend()?;
+        self.embedder.intra_op_threads(self.actors.embedders)?;
         if !(self.clustering.eps > 0.0 && self.clustering.eps <= 2.0) {
             return Err(invalid(
                 "clustering.eps",
@@ -876,24 +884,39 @@ mod tests {
         assert_eq!(
             ort.backend_with(Some(lib.clone())).unwrap(),
             EmbedderBackend::OnnxRuntime {
-                library: lib.clone(),
-                threads: 1
+                library: lib.clone()
             }
         );
         ort.onnxruntime_library = Some(other.clone());
-        ort.onnxruntime_threads = Some(2);
         assert_eq!(
             ort.backend_with(Some(lib)).unwrap(),
-            EmbedderBackend::OnnxRuntime {
-                library: other,
-                threads: 2
-            }
+            EmbedderBackend::OnnxRuntime { library: other }
         );
-        ort.onnxruntime_threads = Some(0);
-        let e = ort.backend_with(None).unwrap_err();
-        assert!(
-            e.to_string().contains("embedder.onnxruntime_threads"),
-            "{e}"
+    }
+
+    #[test]
+    fn intra_op_threads_share_the_cores_among_embedders() {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let s = Settings::load_from(&vars(&[])).unwrap();
+        assert_eq!(s.embedder.threads, None);
+        assert_eq!(s.embedder.intra_op_threads(1).unwrap(), cores);
+        assert_eq!(
+            s.embedder.intra_op_threads(cores * 2).unwrap(),
+            1,
+            "more embedders than cores still get one thread each"
         );
+        let s =
+            Settings::load_from(&vars(&[("MEDIA_CLUSTERING__EMBEDDER__THREADS", "3")])).unwrap();
+        assert_eq!(s.embedder.intra_op_threads(8).unwrap(), 3);
+        // The old key still works.
+        let s = Settings::load_from(&vars(&[(
+            "MEDIA_CLUSTERING__EMBEDDER__ONNXRUNTIME_THREADS",
+            "2",
+        )]))
+        .unwrap();
+        assert_eq!(s.embedder.threads, Some(2));
+        let e = Settings::load_from(&vars(&[("MEDIA_CLUSTERING__EMBEDDER__THREADS", "0")]))
+            .unwrap_err();
+        assert!(e.to_string().contains("embedder.threads"), "{e}");
     }
 }

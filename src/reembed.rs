@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use actors::algo::{decode, quality};
+use actors::algo::photo;
 use anyhow::Context;
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -41,8 +41,7 @@ pub async fn reembed(settings: &Settings, pet: Option<&str>) -> anyhow::Result<(
                 let result = async {
                     let bytes = storage.get(&key).await?;
                     let (vector, q) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-                        let img = decode::decode(&bytes, max_pixels)?;
-                        Ok((model.embed(&img)?, quality::measure(&img)))
+                        Ok(photo::analyse(&bytes, max_pixels, model.as_ref())?)
                     })
                     .await??;
                     postgres::insert_embedding(db, image_id, version, &vector, &q).await?;

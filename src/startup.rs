@@ -77,10 +77,13 @@ pub async fn load_model(settings: &Settings) -> anyhow::Result<Arc<dyn ImageEnco
     let backend = settings.embedder.backend()?;
     let path = settings.embedder.model_path.clone();
     let sessions = settings.actors.embedders.max(1);
+    let threads = settings.embedder.intra_op_threads(sessions)?;
     let load = move || -> Result<Arc<dyn ImageEncoder>, EmbedError> {
         Ok(match backend {
-            EmbedderBackend::Tract => Arc::new(OnnxEmbedder::load(&path, &name, &output, pre)?),
-            EmbedderBackend::OnnxRuntime { library, threads } => {
+            EmbedderBackend::Tract => {
+                Arc::new(OnnxEmbedder::load(&path, &name, &output, pre)?.with_threads(threads))
+            }
+            EmbedderBackend::OnnxRuntime { library } => {
                 let options = OrtOptions {
                     library,
                     intra_threads: threads,
@@ -100,6 +103,7 @@ pub async fn load_model(settings: &Settings) -> anyhow::Result<Arc<dyn ImageEnco
     tracing::info!(
         backend = %settings.embedder.backend,
         model_version = model.model_version(),
+        intra_op_threads = threads,
         "Loaded the embedder model."
     );
     Ok(model)

@@ -240,6 +240,10 @@ impl ImageEncoder for OrtEncoder {
     fn embed(&self, img: &DynamicImage) -> Result<Vec<f32>, EmbedError> {
         OrtEncoder::embed(self, img)
     }
+
+    fn input_short_side(&self) -> u32 {
+        self.preprocess.resize_to.max(self.preprocess.input_size)
+    }
 }
 
 /// The model as ORT should load it, and the graph output holding the embedding.

@@ -1,4 +1,5 @@
-//! The ONNX Runtime backend against tract, on fixture photos and the real model.
+//! The embedder backends on fixture photos and the real model: ONNX Runtime against tract,
+//! and tract with intra-op threads against tract without.
 //!
 //! Needs `libonnxruntime.so` 1.31 or newer, given by `ORT_DYLIB_PATH` (as `ort` reads it) or
 //! `MEDIA_CLUSTERING__EMBEDDER__ONNXRUNTIME_LIBRARY`; without one, the ORT tests print why
@@ -99,6 +100,44 @@ fn cosine(a: &[f32], b: &[f32]) -> f32 {
     let na: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
     let nb: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
     dot / (na * nb)
+}
+
+/// This process's threads named as tract's intra-op pools are (Linux: /proc/self/task).
+fn pool_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|comm| comm.starts_with("tract-intra-op"))
+        .count()
+}
+
+#[test]
+fn tract_with_intra_op_threads_embeds_as_without() {
+    let model = model();
+    let one = OnnxEmbedder::load(&model, "open-nsfw", "Reshape", open_nsfw()).unwrap();
+    let two = OnnxEmbedder::load(&model, "open-nsfw", "Reshape", open_nsfw())
+        .unwrap()
+        .with_threads(2);
+    assert_eq!((one.threads(), two.threads()), (1, 2));
+    let (_, img) = photos(1).remove(0);
+    two.embed(&img).unwrap();
+    assert_eq!(
+        pool_threads(),
+        2,
+        "this thread's inference ran on a pool of 2 intra-op threads"
+    );
+    // Threads run in a pool per calling thread: embed from two callers at once.
+    std::thread::scope(|s| {
+        let run = |photos: Vec<(String, DynamicImage)>| {
+            for (name, img) in &photos {
+                let c = cosine(&one.embed(img).unwrap(), &two.embed(img).unwrap());
+                assert!(c > 0.99999, "{name}: cosine(1 thread, 2 threads) = {c}");
+            }
+        };
+        let (a, b) = (photos(3), photos(3));
+        s.spawn(move || run(a));
+        s.spawn(move || run(b));
+    });
 }
 
 #[test]

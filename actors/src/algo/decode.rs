@@ -198,6 +198,124 @@ pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<DynamicImage, DecodeError
     })
 }
 
+/// A photo decoded for analysis, possibly at a reduced scale, with the size of the
+/// original (both after the EXIF orientation).
+#[derive(Debug, Clone)]
+pub struct Decoded {
+    pub image: DynamicImage,
+    pub width: u32,
+    pub height: u32,
+}
+
+impl Decoded {
+    fn full(image: DynamicImage) -> Self {
+        Decoded {
+            width: image.width(),
+            height: image.height(),
+            image,
+        }
+    }
+
+    /// Width times height of the original photo.
+    pub fn pixels(&self) -> u64 {
+        u64::from(self.width) * u64::from(self.height)
+    }
+}
+
+/// Like [`decode`], but lets the codec skip work when the caller needs no more than a
+/// shorter side of `min_short` pixels: a large JPEG is decoded by DCT scaling at 1/2, 1/4
+/// or 1/8 of its size (the largest reduction that keeps the shorter side at least
+/// `min_short`), which skips most of the inverse transform, colour conversion and memory.
+/// Other formats, and JPEGs the scaled decoder does not handle (CMYK, 12-bit, lossless),
+/// decode at full size. The whole entropy-coded stream is still read, so a corrupt file
+/// fails here as it does in [`decode`].
+pub fn decode_reduced(
+    bytes: &[u8],
+    max_pixels: u64,
+    min_short: u32,
+) -> Result<Decoded, DecodeError> {
+    let info = probe(bytes, max_pixels)?;
+    if info.format == Format::Jpeg && !jpeg_complete(bytes) {
+        return Err(DecodeError::Undecodable(
+            "truncated JPEG (no end-of-image marker)".into(),
+        ));
+    }
+    let reduction = jpeg_reduction(info, min_short);
+    std::panic::catch_unwind(|| {
+        if reduction > 1
+            && let Some(decoded) = jpeg_scaled(bytes, info, reduction)
+        {
+            return Ok(decoded);
+        }
+        decode_checked(bytes, info, max_pixels).map(Decoded::full)
+    })
+    .unwrap_or_else(|_| {
+        Err(DecodeError::Undecodable(
+            "the decoder failed on malformed data".into(),
+        ))
+    })
+}
+
+/// The largest of 8, 4 and 2 by which a JPEG can be reduced with its shorter side staying
+/// at least `min_short`; 1 when none can (or the photo is not a JPEG).
+fn jpeg_reduction(info: ImageInfo, min_short: u32) -> u32 {
+    let short = info.width.min(info.height);
+    if info.format != Format::Jpeg {
+        return 1;
+    }
+    [8, 4, 2]
+        .into_iter()
+        .find(|k| short.div_ceil(*k) >= min_short.max(1))
+        .unwrap_or(1)
+}
+
+/// Decodes a JPEG at `1/k` scale with jpeg-decoder; `None` when it cannot (unsupported
+/// colour type, or an error the full decoder may still get past), so the caller falls back
+/// to a full decode.
+fn jpeg_scaled(bytes: &[u8], info: ImageInfo, k: u32) -> Option<Decoded> {
+    let mut decoder = jpeg_decoder::Decoder::new(Cursor::new(bytes));
+    // The scaled output is at most a quarter of the full image; the full decoder's limit
+    // holds for the coefficient planes jpeg-decoder keeps for progressive files.
+    decoder.set_max_decoding_buffer_size(
+        usize::try_from(u64::from(info.width) * u64::from(info.height) * 4).ok()?,
+    );
+    let requested = (
+        u16::try_from(info.width.div_ceil(k)).ok()?,
+        u16::try_from(info.height.div_ceil(k)).ok()?,
+    );
+    let (w, h) = decoder.scale(requested.0, requested.1).ok()?;
+    let pixels = decoder.decode().ok()?;
+    let format = decoder.info()?.pixel_format;
+    let (w, h) = (u32::from(w), u32::from(h));
+    let mut image = match format {
+        jpeg_decoder::PixelFormat::RGB24 => {
+            DynamicImage::ImageRgb8(image::RgbImage::from_raw(w, h, pixels)?)
+        }
+        jpeg_decoder::PixelFormat::L8 => {
+            DynamicImage::ImageLuma8(image::GrayImage::from_raw(w, h, pixels)?)
+        }
+        jpeg_decoder::PixelFormat::L16 | jpeg_decoder::PixelFormat::CMYK32 => return None,
+    };
+    // A broken EXIF block is not worth rejecting a photo for, as in `decode`.
+    let orientation = decoder
+        .exif_data()
+        .and_then(image::metadata::Orientation::from_exif_chunk)
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    image.apply_orientation(orientation);
+    let (width, height) = match orientation {
+        image::metadata::Orientation::Rotate90
+        | image::metadata::Orientation::Rotate270
+        | image::metadata::Orientation::Rotate90FlipH
+        | image::metadata::Orientation::Rotate270FlipH => (info.height, info.width),
+        _ => (info.width, info.height),
+    };
+    Some(Decoded {
+        image,
+        width,
+        height,
+    })
+}
+
 fn decode_checked(
     bytes: &[u8],
     info: ImageInfo,
@@ -219,7 +337,7 @@ fn decode_checked(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use image::{ImageBuffer, Rgb};
+    use image::{GenericImageView, ImageBuffer, Rgb};
 
     fn encode(img: &DynamicImage, f: ImageFormat) -> Vec<u8> {
         let mut out = Cursor::new(Vec::new());
@@ -300,32 +418,113 @@ mod tests {
         ));
     }
 
+    /// `jpeg` with an EXIF block saying orientation 6 (rotate 90 degrees clockwise).
+    pub(crate) fn with_orientation_6(jpeg: &[u8]) -> Vec<u8> {
+        // Exif header, big-endian TIFF with one IFD entry: Orientation (0x0112) SHORT = 6.
+        let mut tiff = b"MM\x00\x2a\x00\x00\x00\x08".to_vec();
+        tiff.extend_from_slice(&[
+            0x00, 0x01, 0x01, 0x12, 0x00, 0x03, 0x00, 0x00, 0x00, 0x01, 0x00, 0x06, 0x00, 0x00,
+        ]);
+        tiff.extend_from_slice(&[0, 0, 0, 0]);
+        let mut payload = b"Exif\x00\x00".to_vec();
+        payload.extend(tiff);
+        let mut out = jpeg[..2].to_vec();
+        out.extend_from_slice(&[0xFF, 0xE1]);
+        out.extend_from_slice(&((payload.len() + 2) as u16).to_be_bytes());
+        out.extend(payload);
+        out.extend_from_slice(&jpeg[2..]);
+        out
+    }
+
     #[test]
     fn applies_exif_orientation() {
-        // A 4x2 JPEG with EXIF orientation 6 (rotate 90 degrees clockwise) must come out 2x4.
+        // A 4x2 JPEG with EXIF orientation 6 must come out 2x4.
         let jpeg = encode(
             &DynamicImage::ImageRgb8(ImageBuffer::from_pixel(4, 2, Rgb([9, 9, 9]))),
             ImageFormat::Jpeg,
         );
-        let exif_app1: Vec<u8> = {
-            // Exif header, big-endian TIFF with one IFD entry: Orientation (0x0112) SHORT = 6.
-            let mut tiff = b"MM\x00\x2a\x00\x00\x00\x08".to_vec();
-            tiff.extend_from_slice(&[
-                0x00, 0x01, 0x01, 0x12, 0x00, 0x03, 0x00, 0x00, 0x00, 0x01, 0x00, 0x06, 0x00, 0x00,
-            ]);
-            tiff.extend_from_slice(&[0, 0, 0, 0]);
-            let mut payload = b"Exif\x00\x00".to_vec();
-            payload.extend(tiff);
-            let mut seg = vec![0xFF, 0xE1];
-            seg.extend_from_slice(&((payload.len() + 2) as u16).to_be_bytes());
-            seg.extend(payload);
-            seg
-        };
-        let mut with_exif = jpeg[..2].to_vec();
-        with_exif.extend(exif_app1);
-        with_exif.extend_from_slice(&jpeg[2..]);
-        let img = decode(&with_exif, 1_000_000).unwrap();
+        let img = decode(&with_orientation_6(&jpeg), 1_000_000).unwrap();
         assert_eq!((img.width(), img.height()), (2, 4));
+    }
+
+    /// A smooth, textured photo-like RGB image.
+    fn photo(w: u32, h: u32) -> DynamicImage {
+        DynamicImage::ImageRgb8(ImageBuffer::from_fn(w, h, |x, y| {
+            let (fx, fy) = (x as f32 / w as f32, y as f32 / h as f32);
+            let v = |a: f32, b: f32| (128.0 + 90.0 * (fx * a).sin() * (fy * b).cos()) as u8;
+            Rgb([v(7.0, 5.0), v(3.0, 11.0), v(13.0, 2.0)])
+        }))
+    }
+
+    #[test]
+    fn reduced_decoding_takes_the_largest_reduction_that_keeps_the_short_side() {
+        let jpeg = encode(&photo(1600, 1200), ImageFormat::Jpeg);
+        for (min_short, expect) in [
+            (100, (200, 150)),
+            (300, (400, 300)),
+            (301, (800, 600)),
+            (600, (800, 600)),
+            (700, (1600, 1200)),
+            (5000, (1600, 1200)),
+        ] {
+            let d = decode_reduced(&jpeg, 50_000_000, min_short).unwrap();
+            assert_eq!(d.image.dimensions(), expect, "min_short {min_short}");
+            assert_eq!((d.width, d.height), (1600, 1200), "the original's size");
+            assert_eq!(d.pixels(), 1600 * 1200);
+        }
+        // Other formats decode at full size.
+        let png = encode(&photo(800, 600), ImageFormat::Png);
+        let d = decode_reduced(&png, 50_000_000, 100).unwrap();
+        assert_eq!(d.image.dimensions(), (800, 600));
+    }
+
+    #[test]
+    fn reduced_decoding_keeps_the_content() {
+        let original = photo(1600, 1200);
+        let jpeg = encode(&original, ImageFormat::Jpeg);
+        let reduced = decode_reduced(&jpeg, 50_000_000, 300).unwrap().image;
+        let full = decode(&jpeg, 50_000_000).unwrap().to_rgb8();
+        let expected = crate::algo::resize::rgb(&full, 400, 300);
+        let diff: u64 = reduced
+            .to_rgb8()
+            .as_raw()
+            .iter()
+            .zip(expected.as_raw())
+            .map(|(a, b)| u64::from(a.abs_diff(*b)))
+            .sum();
+        let mean = diff as f64 / expected.as_raw().len() as f64;
+        assert!(mean < 2.0, "mean difference {mean} levels");
+    }
+
+    #[test]
+    fn reduced_decoding_applies_orientation_and_handles_grey() {
+        let jpeg = with_orientation_6(&encode(&photo(1600, 800), ImageFormat::Jpeg));
+        let d = decode_reduced(&jpeg, 50_000_000, 200).unwrap();
+        assert_eq!(d.image.dimensions(), (200, 400));
+        assert_eq!((d.width, d.height), (800, 1600));
+
+        let grey = DynamicImage::ImageLuma8(photo(1600, 1200).to_luma8());
+        let d = decode_reduced(&encode(&grey, ImageFormat::Jpeg), 50_000_000, 300).unwrap();
+        assert_eq!(d.image.dimensions(), (400, 300));
+        assert!(d.image.as_luma8().is_some());
+    }
+
+    #[test]
+    fn reduced_decoding_rejects_what_decoding_rejects() {
+        let jpeg = encode(&photo(1600, 1200), ImageFormat::Jpeg);
+        let cut = &jpeg[..jpeg.len() / 2];
+        assert!(matches!(
+            decode_reduced(cut, 50_000_000, 300),
+            Err(DecodeError::Undecodable(_))
+        ));
+        assert!(matches!(
+            decode_reduced(&jpeg, 1_000_000, 300),
+            Err(DecodeError::TooManyPixels { .. })
+        ));
+        assert_eq!(
+            decode_reduced(b"", 1_000_000, 300).unwrap_err(),
+            DecodeError::Empty
+        );
     }
 
     fn crc32(data: &[u8]) -> u32 {

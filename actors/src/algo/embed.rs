@@ -7,9 +7,12 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use image::{DynamicImage, imageops::FilterType};
+use image::DynamicImage;
 use sha2::{Digest, Sha256};
+use tract_linalg::multithread::{Executor, multithread_tract_scope};
 use tract_onnx::prelude::*;
+
+use super::resize;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -51,16 +54,18 @@ pub enum EmbedError {
 }
 
 /// Fills the model input from a decoded photo (resize shorter side, centre crop, normalise).
+/// An RGB photo is read in place; other pixel formats are converted once.
 pub fn preprocess(img: &DynamicImage, p: &Preprocess) -> Vec<f32> {
-    let rgb = img.to_rgb8();
-    let (w, h) = rgb.dimensions();
-    let short = w.min(h).max(1) as f32;
-    let scale = p.resize_to as f32 / short;
-    let (rw, rh) = (
-        ((w as f32 * scale).round() as u32).max(p.input_size),
-        ((h as f32 * scale).round() as u32).max(p.input_size),
-    );
-    let resized = image::imageops::resize(&rgb, rw, rh, FilterType::Triangle);
+    let converted;
+    let rgb = match img.as_rgb8() {
+        Some(rgb) => rgb,
+        None => {
+            converted = img.to_rgb8();
+            &converted
+        }
+    };
+    let (rw, rh) = resize::short_side_size(rgb.dimensions(), p.resize_to, p.input_size);
+    let resized = resize::rgb(rgb, rw, rh);
     let (x0, y0) = ((rw - p.input_size) / 2, (rh - p.input_size) / 2);
     let n = p.input_size as usize;
     let mut out = vec![0f32; 3 * n * n];
@@ -104,6 +109,11 @@ pub trait ImageEncoder: Send + Sync + 'static {
     /// Names the model and its weights; embeddings are cached per model version.
     fn model_version(&self) -> &str;
     fn embed(&self, img: &DynamicImage) -> Result<Vec<f32>, EmbedError>;
+    /// The shorter side the model's preprocessing resizes photos to, so that a photo can
+    /// be decoded at reduced scale without losing what the model sees (0: no need).
+    fn input_short_side(&self) -> u32 {
+        0
+    }
 }
 
 impl ImageEncoder for OnnxEmbedder {
@@ -114,6 +124,10 @@ impl ImageEncoder for OnnxEmbedder {
     fn embed(&self, img: &DynamicImage) -> Result<Vec<f32>, EmbedError> {
         OnnxEmbedder::embed(self, img)
     }
+
+    fn input_short_side(&self) -> u32 {
+        self.preprocess.resize_to.max(self.preprocess.input_size)
+    }
 }
 
 /// An ONNX image encoder, optimised once and shared by the embedder threads.
@@ -121,6 +135,25 @@ pub struct OnnxEmbedder {
     plan: Arc<TypedRunnableModel>,
     preprocess: Preprocess,
     model_version: String,
+    threads: usize,
+}
+
+thread_local! {
+    // Each embedder thread runs its inferences on its own pool of intra-op threads, so that
+    // `embedders x threads` matches the cores instead of every embedder sharing one pool.
+    static EXECUTOR: std::cell::RefCell<Option<(usize, Executor)>> = const { std::cell::RefCell::new(None) };
+}
+
+/// This thread's tract executor with `threads` intra-op threads (built on first use).
+fn thread_executor(threads: usize) -> Executor {
+    EXECUTOR.with_borrow_mut(|slot| match slot {
+        Some((n, exec)) if *n == threads => exec.clone(),
+        _ => {
+            let exec = Executor::multithread_with_name(threads, "tract-intra-op");
+            *slot = Some((threads, exec.clone()));
+            exec
+        }
+    })
 }
 
 impl OnnxEmbedder {
@@ -159,7 +192,19 @@ impl OnnxEmbedder {
             plan,
             preprocess,
             model_version: model_version(name, &bytes),
+            threads: 1,
         })
+    }
+
+    /// Runs each inference on `threads` intra-op threads (tract's matrix products split
+    /// across a pool per calling thread); 1, the default, runs it on the calling thread.
+    pub fn with_threads(mut self, threads: usize) -> Self {
+        self.threads = threads.max(1);
+        self
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads
     }
 
     pub fn model_version(&self) -> &str {
@@ -185,10 +230,13 @@ impl OnnxEmbedder {
             .unwrap_or_default();
         let tensor =
             Tensor::from_shape(&dims, &input).map_err(|e| EmbedError::Inference(e.to_string()))?;
-        let out = self
-            .plan
-            .run(tvec!(tensor.into()))
-            .map_err(|e| EmbedError::Inference(e.to_string()))?;
+        let run = || self.plan.run(tvec!(tensor.into()));
+        let out = if self.threads > 1 {
+            multithread_tract_scope(thread_executor(self.threads), run)
+        } else {
+            run()
+        }
+        .map_err(|e| EmbedError::Inference(e.to_string()))?;
         let view = out[0]
             .to_plain_array_view::<f32>()
             .map_err(|e| EmbedError::Inference(e.to_string()))?;

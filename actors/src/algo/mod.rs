@@ -7,4 +7,6 @@ pub mod embed;
 pub mod hero;
 pub mod identity;
 pub mod neighbours;
+pub mod photo;
 pub mod quality;
+pub mod resize;

@@ -3,7 +3,7 @@ use std::time::Instant;
 
 use uuid::Uuid;
 
-use crate::algo::{decode, embed::ImageEncoder, quality};
+use crate::algo::{embed::ImageEncoder, photo, quality};
 use crate::error::PipelineError;
 use crate::events::PhotoEmbedded;
 use crate::runtime::{ActorKind, Request, SyncStage};
@@ -37,12 +37,7 @@ impl SyncStage for Embedder {
     fn handle(&mut self, msg: EmbedPhoto) -> Result<Embedded, PipelineError> {
         let _span = tracing::info_span!("embed", image_id = %msg.image_id, model_version = self.model.model_version()).entered();
         let started = Instant::now();
-        let img = decode::decode(&msg.bytes, self.max_pixels)
-            .map_err(|e| PipelineError::permanent(format!("image {}: {e}", msg.image_id)))?;
-        let quality = quality::measure(&img);
-        let vector = self
-            .model
-            .embed(&img)
+        let (vector, quality) = photo::analyse(&msg.bytes, self.max_pixels, self.model.as_ref())
             .map_err(|e| PipelineError::permanent(format!("image {}: {e}", msg.image_id)))?;
         PhotoEmbedded {
             image_id: msg.image_id,

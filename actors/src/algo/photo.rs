@@ -1,0 +1,128 @@
+//! One photo from upload bytes to what clustering and the hero score need: decoded once,
+//! at the smallest scale the model and the quality measures allow, then measured and
+//! embedded.
+
+use super::decode::{self, DecodeError};
+use super::embed::{EmbedError, ImageEncoder};
+use super::quality::{self, Quality};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PhotoError {
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error(transparent)]
+    Embed(#[from] EmbedError),
+}
+
+/// The shorter side a photo is decoded to at least, for `model`.
+pub fn source_short_side(model: &dyn ImageEncoder) -> u32 {
+    model.input_short_side().max(quality::SOURCE_SHORT_SIDE)
+}
+
+/// Decodes, measures and embeds one photo.
+pub fn analyse(
+    bytes: &[u8],
+    max_pixels: u64,
+    model: &dyn ImageEncoder,
+) -> Result<(Vec<f32>, Quality), PhotoError> {
+    let decoded = decode::decode_reduced(bytes, max_pixels, source_short_side(model))?;
+    let quality = quality::measure_scaled(&decoded.image, decoded.pixels());
+    let vector = model.embed(&decoded.image)?;
+    Ok((vector, quality))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Cursor;
+    use std::sync::Mutex;
+
+    use image::{DynamicImage, ImageFormat};
+
+    use super::*;
+    use crate::algo::quality::tests::{add_noise, scene};
+
+    /// Records the size of what it is asked to embed.
+    struct Probe {
+        side: u32,
+        seen: Mutex<Vec<(u32, u32)>>,
+    }
+
+    impl ImageEncoder for Probe {
+        fn model_version(&self) -> &str {
+            "probe"
+        }
+        fn embed(&self, img: &DynamicImage) -> Result<Vec<f32>, EmbedError> {
+            self.seen.lock().unwrap().push((img.width(), img.height()));
+            Ok(vec![1.0, 0.0])
+        }
+        fn input_short_side(&self) -> u32 {
+            self.side
+        }
+    }
+
+    fn jpeg(img: &DynamicImage) -> Vec<u8> {
+        let mut out = Cursor::new(Vec::new());
+        DynamicImage::ImageRgb8(img.to_rgb8())
+            .write_to(&mut out, ImageFormat::Jpeg)
+            .unwrap();
+        out.into_inner()
+    }
+
+    #[test]
+    fn decodes_at_the_scale_the_model_and_the_measures_need() {
+        let bytes = jpeg(&scene(2400, 1800));
+        // The measures need a shorter side of SOURCE_SHORT_SIDE (672): 1800 / 2 = 900 is
+        // the smallest DCT reduction that keeps it.
+        let model = Probe {
+            side: 256,
+            seen: Mutex::default(),
+        };
+        let (_, q) = analyse(&bytes, 50_000_000, &model).unwrap();
+        assert_eq!(model.seen.lock().unwrap().as_slice(), &[(1200, 900)]);
+        assert_eq!(
+            q.pixels,
+            2400 * 1800,
+            "resolution counts the original's pixels"
+        );
+        // A model that wants more detail gets it.
+        let model = Probe {
+            side: 1000,
+            seen: Mutex::default(),
+        };
+        analyse(&bytes, 50_000_000, &model).unwrap();
+        assert_eq!(model.seen.lock().unwrap().as_slice(), &[(2400, 1800)]);
+    }
+
+    #[test]
+    fn reduced_scale_measures_agree_with_full_scale_ones() {
+        let model = Probe {
+            side: 256,
+            seen: Mutex::default(),
+        };
+        let clean = scene(3200, 2400);
+        let noisy = add_noise(&clean, 18.0);
+        let measure_both = |img: &DynamicImage| {
+            let bytes = jpeg(img);
+            let (_, reduced) = analyse(&bytes, 50_000_000, &model).unwrap();
+            let full = quality::measure(&decode::decode(&bytes, 50_000_000).unwrap());
+            (reduced, full)
+        };
+        let (clean_r, clean_f) = measure_both(&clean);
+        let (noisy_r, noisy_f) = measure_both(&noisy);
+        let close = |a: f32, b: f32, tol: f32| (a - b).abs() <= tol * a.abs().max(b.abs());
+        for (r, f) in [(clean_r, clean_f), (noisy_r, noisy_f)] {
+            assert!(close(r.sharpness, f.sharpness, 0.05), "{r:?} vs {f:?}");
+            assert!(close(r.exposure, f.exposure, 0.05), "{r:?} vs {f:?}");
+            assert_eq!(r.pixels, f.pixels);
+        }
+        assert!(
+            close(noisy_r.noise, noisy_f.noise, 0.15),
+            "{noisy_r:?} vs {noisy_f:?}"
+        );
+        // What the hero score relies on survives: the noisy shot reads as noisier.
+        assert!(
+            noisy_r.noise > 2.0 * clean_r.noise,
+            "{noisy_r:?} vs {clean_r:?}"
+        );
+    }
+}
