@@ -327,7 +327,8 @@ def main() -> int:
         for row in rust_dec["rows"]:
             data = Path(row["file"]).read_bytes()
             res = {"megapixels": row["megapixels"]}
-            for mode, draft in (("full", None), ("draft", RESIZE_TO)):
+            # Pillow's draft() asked for the same shorter side as the Rust reduced decode.
+            for mode, draft in (("full", None), ("draft", row["min_short"])):
                 dec, pre = [], []
                 for run in range(a.decode_runs + 1):
                     t = time.perf_counter()
@@ -441,16 +442,31 @@ def print_tables(res: dict) -> None:
         p("Decode + preprocess per photo (JPEG q90, median of "
           f"{res['decode']['rust']['runs']} runs, ms):")
         p()
-        p("| MP | size | bytes | Rust decode | Rust preprocess (to_rgb8 / resize) | Rust total "
-          "| Pillow decode + prep | Pillow draft decode + prep (decoded size) | draft vs full cos |")
-        p("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+        p("Rust columns: decode + preprocess + quality measures. `before`: full decode, RGB copy "
+          "and the image crate's resize (the embedder before reduced-scale decoding); `full`: "
+          "full decode, SIMD preprocessing; `reduced`: decode_reduced at the embedder's minimum "
+          f"shorter side ({res['decode']['rust']['rows'][0]['min_short']} px), as photo::analyse "
+          "does. Pillow columns: decode + preprocess (no quality measures).")
+        p()
+        p("| MP | size | bytes | Rust before | Rust full | Rust reduced (decoded at) "
+          "| Pillow full | Pillow draft (decoded at) | cos reduced vs full (tract) "
+          "| cos draft vs full (ORT) | API upload check (decode at 1/8) |")
+        p("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+        def parts(x):
+            return (f"{x['decode_ms']:.1f} + {x['preprocess_ms']:.1f} + {x['quality_ms']:.1f} "
+                    f"= **{x['total_ms']:.1f}**")
+
         for r, q in zip(res["decode"]["rust"]["rows"], res["decode"]["pillow"]):
             f, d = q["full"], q["draft"]
-            p(f"| {r['megapixels']} | {r['width']}x{r['height']} | {r['bytes']} | {r['decode_ms']:.1f} | "
-              f"{r['preprocess_ms']:.1f} ({r['preprocess_to_rgb8_ms']:.1f} / {r['preprocess_resize_ms']:.1f}) | "
-              f"{r['decode_plus_preprocess_ms']:.1f} | {f['decode_ms']:.1f} + {f['preprocess_ms']:.1f} | "
+            red = r["reduced"]
+            cos = r.get("reduced_vs_full_cos")
+            p(f"| {r['megapixels']} | {r['width']}x{r['height']} | {r['bytes']} | {parts(r['before'])} | "
+              f"{parts(r['full'])} | {parts(red)} ({red['decoded_size'][0]}x{red['decoded_size'][1]}) | "
+              f"{f['decode_ms']:.1f} + {f['preprocess_ms']:.1f} | "
               f"{d['decode_ms']:.1f} + {d['preprocess_ms']:.1f} ({d['decoded_size'][0]}x{d['decoded_size'][1]}) | "
-              f"{q['draft_vs_full_cos']:.4f} |")
+              f"{'n/a' if cos is None else f'{cos:.4f}'} | {q['draft_vs_full_cos']:.4f} | "
+              f"{r['upload_check_ms']:.1f} |")
 
 
 if __name__ == "__main__":

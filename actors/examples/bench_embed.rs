@@ -6,7 +6,9 @@
 //!                                            [--passes N] [--warmup N] [--threads N]
 //!                                            [--dump DIR] [--json FILE]
 //! target/release/examples/bench_embed decode [--photo FILE] [--sizes 1,12,24] [--runs N]
-//!                                            [--work DIR] [--json FILE]
+//!                                            [--model P] [--work DIR] [--json FILE]
+//! target/release/examples/bench_embed threads [--configs 1x1,1x2,2x1] [--passes N]
+//!                                             [--model P] [--photos DIR] [--json FILE]
 //! ```
 //!
 //! `embed` decodes every photo in `--photos` with `decode::decode`, preprocesses it with
@@ -22,7 +24,16 @@
 //!
 //! `decode` makes JPEGs of 1, 12 and 24 megapixels (quality 90) from a fixture photo
 //! (upscaled, with a little deterministic noise so they compress like photos), writes them
-//! to `--work`, and times `decode::decode` and `embed::preprocess` on each (median of runs).
+//! to `--work`, and times on each (median of runs) decoding, preprocessing and the quality
+//! measures along three paths: `before` (full decode, RGB copy and the `image` crate's
+//! resize, as the embedder did before), `full` (full decode, today's preprocessing) and
+//! `reduced` (`decode::decode_reduced` at the embedder's minimum shorter side, as
+//! `photo::analyse` does). With a model (`--model`, default models/open-nsfw.onnx) it also
+//! gives the cosine between the embeddings of the reduced and the full decode.
+//!
+//! `threads` runs `OnnxEmbedder::embed` (preprocess + inference) over the photos from
+//! EMBEDDERS threads sharing one model with THREADS intra-op threads each (`embedder.threads`)
+//! for each `--configs` entry, and gives photos/s, median latency and photos per CPU-second.
 //!
 //! CPU time is read from /proc/self/stat (utime + stime of all threads, 100 ticks/s).
 
@@ -31,9 +42,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use actors::algo::decode;
 use actors::algo::embed::{self, ChannelOrder, Layout, OnnxEmbedder, Preprocess};
-use image::{DynamicImage, ImageBuffer, Rgb, imageops::FilterType};
+use actors::algo::{decode, quality};
+use image::{DynamicImage, GenericImageView, imageops::FilterType};
 use serde_json::{Value, json};
 use tract_onnx::prelude::*;
 
@@ -169,16 +180,9 @@ fn run_plan(plan: &Arc<TypedRunnableModel>, input: &Tensor) -> BoxResult<Vec<f32
     Ok(v)
 }
 
-fn bench_embed(a: &Args) -> BoxResult<()> {
-    let model = PathBuf::from(a.str("model", "models/open-nsfw.onnx"));
-    let output = a.str("output", "Reshape");
-    let photos = PathBuf::from(a.str("photos", "tests/fixtures/photos"));
-    let passes = a.num("passes", 3)?.max(1);
-    let warmup = a.num("warmup", 3)?;
-    let threads = a.num("threads", 1)?.max(1);
-    let p = open_nsfw();
-
-    let mut paths: Vec<PathBuf> = std::fs::read_dir(&photos)?
+/// The JPEG, PNG and WebP files in `dir`, sorted.
+fn photo_paths(dir: &Path) -> BoxResult<Vec<PathBuf>> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("");
@@ -190,8 +194,92 @@ fn bench_embed(a: &Args) -> BoxResult<()> {
         .collect();
     paths.sort();
     if paths.is_empty() {
-        return Err(format!("no photos in {}", photos.display()).into());
+        return Err(format!("no photos in {}", dir.display()).into());
     }
+
+    Ok(paths)
+}
+
+/// `embedders` threads embed every photo `passes` times with one shared `OnnxEmbedder`
+/// running `intra` intra-op threads per inference, as the service's embedder stage does.
+fn bench_threads(a: &Args) -> BoxResult<()> {
+    let model = PathBuf::from(a.str("model", "models/open-nsfw.onnx"));
+    let output = a.str("output", "Reshape");
+    let passes = a.num("passes", 3)?.max(1);
+    let configs = a.str("configs", "1x1,1x2,2x1");
+    let paths = photo_paths(&PathBuf::from(a.str("photos", "tests/fixtures/photos")))?;
+    let images: Vec<DynamicImage> = paths
+        .iter()
+        .map(|p| Ok(decode::decode(&std::fs::read(p)?, MAX_PIXELS)?))
+        .collect::<BoxResult<_>>()?;
+    let mut rows = Vec::new();
+    for config in configs.split(',') {
+        let (e, t) = config
+            .split_once('x')
+            .ok_or("configs are EMBEDDERSxTHREADS, e.g. 2x1")?;
+        let (embedders, intra): (usize, usize) = (e.trim().parse()?, t.trim().parse()?);
+        let embedder =
+            OnnxEmbedder::load(&model, "bench", &output, open_nsfw())?.with_threads(intra);
+        let work = || -> BoxResult<Vec<f64>> {
+            // Warm-up: builds this thread's pool and touches the weights.
+            embedder.embed(&images[0])?;
+            let mut lat = Vec::new();
+            for _ in 0..passes {
+                for img in &images {
+                    let t = Instant::now();
+                    std::hint::black_box(embedder.embed(img)?);
+                    lat.push(ms(t.elapsed()));
+                }
+            }
+            Ok(lat)
+        };
+        let (cpu0, t0) = (cpu_seconds(), Instant::now());
+        let lat: Vec<f64> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..embedders)
+                .map(|_| s.spawn(|| work().map_err(|e| e.to_string())))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("embedder thread"))
+                .collect::<Result<Vec<_>, String>>()
+        })?
+        .concat();
+        let (wall, cpu) = (t0.elapsed().as_secs_f64(), cpu_seconds() - cpu0);
+        let n = lat.len() as f64;
+        let row = json!({
+            "embedders": embedders,
+            "intra_op_threads": intra,
+            "photos": lat.len(),
+            "photos_per_s": n / wall,
+            "median_latency_ms": median(&lat),
+            "cpu_s": cpu,
+            "photos_per_cpu_s": n / cpu,
+        });
+        eprintln!(
+            "{embedders} embedder(s) x {intra} intra-op thread(s): {:.1} photos/s, median latency \
+             {:.1} ms, {:.1} photos/CPU-s",
+            n / wall,
+            median(&lat),
+            n / cpu
+        );
+        rows.push(row);
+    }
+    emit(
+        &a.str("json", "-"),
+        &json!({"passes": passes, "rows": rows}),
+    )
+}
+
+fn bench_embed(a: &Args) -> BoxResult<()> {
+    let model = PathBuf::from(a.str("model", "models/open-nsfw.onnx"));
+    let output = a.str("output", "Reshape");
+    let photos = PathBuf::from(a.str("photos", "tests/fixtures/photos"));
+    let passes = a.num("passes", 3)?.max(1);
+    let warmup = a.num("warmup", 3)?;
+    let threads = a.num("threads", 1)?.max(1);
+    let p = open_nsfw();
+
+    let paths = photo_paths(&photos)?;
 
     // Decode once (timed, for information) and keep the decoded photos.
     let mut images = Vec::new();
@@ -468,13 +556,74 @@ fn synthetic(src: &DynamicImage, mp: u32) -> DynamicImage {
     DynamicImage::ImageRgb8(img)
 }
 
+/// Times of one way of getting from JPEG bytes to the model input and the quality measures.
+#[derive(Default)]
+struct PathTimes {
+    decode: Vec<f64>,
+    preprocess: Vec<f64>,
+    quality: Vec<f64>,
+    decoded_size: (u32, u32),
+}
+
+impl PathTimes {
+    fn json(&self) -> Value {
+        let (d, p, q) = (
+            median(&self.decode),
+            median(&self.preprocess),
+            median(&self.quality),
+        );
+        json!({
+            "decode_ms": d,
+            "preprocess_ms": p,
+            "quality_ms": q,
+            "total_ms": d + p + q,
+            "decoded_size": [self.decoded_size.0, self.decoded_size.1],
+        })
+    }
+}
+
+/// The preprocessing as it was before SIMD resizing: an RGB copy, then the `image` crate's
+/// Triangle resize, centre crop and normalisation.
+fn preprocess_before(img: &DynamicImage, p: &Preprocess) -> Vec<f32> {
+    let rgb = img.to_rgb8();
+    let (w, h) = rgb.dimensions();
+    let scale = p.resize_to as f32 / w.min(h) as f32;
+    let (rw, rh) = (
+        ((w as f32 * scale).round() as u32).max(p.input_size),
+        ((h as f32 * scale).round() as u32).max(p.input_size),
+    );
+    let small = image::imageops::resize(&rgb, rw, rh, FilterType::Triangle);
+    embed::preprocess(&DynamicImage::ImageRgb8(small), p)
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(*x) * f64::from(*y))
+        .sum()
+}
+
 fn bench_decode(a: &Args) -> BoxResult<()> {
     let photo = a.str("photo", "tests/fixtures/photos/motorcycle_left__orig.png");
     let sizes = a.str("sizes", "1,12,24");
     let runs = a.num("runs", 5)?.max(1);
     let work = PathBuf::from(a.str("work", "/tmp/bench-embed"));
+    let model = a.str("model", "models/open-nsfw.onnx");
     std::fs::create_dir_all(&work)?;
     let p = open_nsfw();
+    // What the embedder stage asks the decoder for with this preset (photo::source_short_side).
+    let min_short = p.resize_to.max(quality::SOURCE_SHORT_SIDE);
+    let embedder = if Path::new(&model).is_file() {
+        Some(OnnxEmbedder::load(
+            Path::new(&model),
+            "bench",
+            &a.str("output", "Reshape"),
+            p.clone(),
+        )?)
+    } else {
+        eprintln!("no model at {model}: embeddings of the reduced and full decodes not compared");
+        None
+    };
     let src = decode::decode(&std::fs::read(&photo)?, MAX_PIXELS)?;
 
     let mut rows = Vec::new();
@@ -489,53 +638,87 @@ fn bench_decode(a: &Args) -> BoxResult<()> {
         let (w, h) = (img.width(), img.height());
         drop(img);
 
-        let (mut dec, mut pre, mut rgb, mut resize) = (vec![], vec![], vec![], vec![]);
-        // One untimed round first (page faults, caches), then `runs` timed ones.
+        let (mut before, mut full, mut reduced) = Default::default();
+        let mut check = Vec::new();
+        // One untimed round first (page faults, caches), then `runs` timed ones. The three
+        // paths alternate within a round so that changes in load hit them alike.
         for run in 0..=runs {
+            let keep = run > 0;
+            // Before: full decode, RGB copy + `image` Triangle resize, measures at full size.
+            let t = Instant::now();
+            let img = decode::decode(&bytes, MAX_PIXELS)?;
+            let d = ms(t.elapsed());
+            let t = Instant::now();
+            std::hint::black_box(preprocess_before(&img, &p));
+            let pr = ms(t.elapsed());
+            let t = Instant::now();
+            std::hint::black_box(quality::measure(&img));
+            let q = ms(t.elapsed());
+            record(&mut before, keep, (d, pr, q), img.dimensions());
+            drop(img);
+            // Full decode with today's preprocessing (borrowed RGB, SIMD resize).
             let t = Instant::now();
             let img = decode::decode(&bytes, MAX_PIXELS)?;
             let d = ms(t.elapsed());
             let t = Instant::now();
             let x = embed::preprocess(&img, &p);
             let pr = ms(t.elapsed());
-            std::hint::black_box(&x);
-            // The two big steps inside preprocess, timed apart: RGB copy, then resize.
             let t = Instant::now();
-            let buf: ImageBuffer<Rgb<u8>, Vec<u8>> = img.to_rgb8();
-            let rg = ms(t.elapsed());
-            let scale = p.resize_to as f32 / w.min(h) as f32;
-            let (rw, rh) = (
-                ((w as f32 * scale).round() as u32).max(p.input_size),
-                ((h as f32 * scale).round() as u32).max(p.input_size),
-            );
+            std::hint::black_box(quality::measure(&img));
+            let q = ms(t.elapsed());
+            record(&mut full, keep, (d, pr, q), img.dimensions());
+            std::hint::black_box(x);
+            drop(img);
+            // The embedder stage's path (photo::analyse without inference).
             let t = Instant::now();
-            let small = image::imageops::resize(&buf, rw, rh, FilterType::Triangle);
-            let rs = ms(t.elapsed());
-            std::hint::black_box(&small);
-            if run > 0 {
-                dec.push(d);
-                pre.push(pr);
-                rgb.push(rg);
-                resize.push(rs);
+            let dec = decode::decode_reduced(&bytes, MAX_PIXELS, min_short)?;
+            let d = ms(t.elapsed());
+            let t = Instant::now();
+            let x = embed::preprocess(&dec.image, &p);
+            let pr = ms(t.elapsed());
+            let t = Instant::now();
+            std::hint::black_box(quality::measure_scaled(&dec.image, dec.pixels()));
+            let q = ms(t.elapsed());
+            record(&mut reduced, keep, (d, pr, q), dec.image.dimensions());
+            std::hint::black_box(x);
+            // The API's upload check (src/api/images.rs): the smallest decode there is.
+            let t = Instant::now();
+            std::hint::black_box(decode::decode_reduced(&bytes, MAX_PIXELS, 1)?);
+            let c = ms(t.elapsed());
+            if keep {
+                check.push(c);
             }
         }
+        let cos = match &embedder {
+            Some(e) => {
+                let full_img = decode::decode(&bytes, MAX_PIXELS)?;
+                let red = decode::decode_reduced(&bytes, MAX_PIXELS, min_short)?;
+                json!(cosine(&e.embed(&full_img)?, &e.embed(&red.image)?))
+            }
+            None => Value::Null,
+        };
         let row = json!({
             "megapixels": mp,
             "width": w,
             "height": h,
             "file": path.display().to_string(),
             "bytes": bytes.len(),
-            "decode_ms": median(&dec),
-            "preprocess_ms": median(&pre),
-            "preprocess_to_rgb8_ms": median(&rgb),
-            "preprocess_resize_ms": median(&resize),
-            "decode_plus_preprocess_ms": median(&dec) + median(&pre),
+            "min_short": min_short,
+            "before": before.json(),
+            "full": full.json(),
+            "reduced": reduced.json(),
+            "reduced_vs_full_cos": cos,
+            "upload_check_ms": median(&check),
         });
         eprintln!(
-            "{mp} MP ({w}x{h}, {} bytes): decode {:.1} ms, preprocess {:.1} ms",
+            "{mp} MP ({w}x{h}, {} bytes): before {:.1} ms, full decode {:.1} ms, reduced {:.1} ms \
+             (decoded at {}x{}; cosine to full {cos})",
             bytes.len(),
-            median(&dec),
-            median(&pre)
+            row["before"]["total_ms"].as_f64().unwrap_or_default(),
+            row["full"]["total_ms"].as_f64().unwrap_or_default(),
+            row["reduced"]["total_ms"].as_f64().unwrap_or_default(),
+            reduced.decoded_size.0,
+            reduced.decoded_size.1,
         );
         rows.push(row);
     }
@@ -545,14 +728,25 @@ fn bench_decode(a: &Args) -> BoxResult<()> {
     )
 }
 
+fn record(t: &mut PathTimes, keep: bool, (d, p, q): (f64, f64, f64), size: (u32, u32)) {
+    t.decoded_size = size;
+    if keep {
+        t.decode.push(d);
+        t.preprocess.push(p);
+        t.quality.push(q);
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("embed") => Args::parse(&args[1..]).and_then(|a| bench_embed(&a)),
         Some("decode") => Args::parse(&args[1..]).and_then(|a| bench_decode(&a)),
-        _ => {
-            Err("usage: bench_embed embed|decode [--key value ...] (see the file's header)".into())
-        }
+        Some("threads") => Args::parse(&args[1..]).and_then(|a| bench_threads(&a)),
+        _ => Err(
+            "usage: bench_embed embed|decode|threads [--key value ...] (see the file's header)"
+                .into(),
+        ),
     };
     if let Err(e) = result {
         eprintln!("bench_embed: {e}");
