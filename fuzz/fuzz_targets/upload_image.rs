@@ -1,4 +1,5 @@
-//! Uploaded bytes through `decode::probe` and `decode::decode`, as the API does.
+//! Uploaded bytes through `decode::probe`, `decode::decode`, and `decode::decode_reduced`
+//! at the API's scale (1/8) and at a scale the embedder asks for.
 //!
 //! Invariants, beyond "no panic, no hang, no OOM":
 //! - `probe` succeeds only for a sniffed JPEG/PNG/WebP, with non-zero dimensions
@@ -6,7 +7,10 @@
 //! - `decode` fails exactly when `probe` fails (with the same error), or with
 //!   `Undecodable` after a successful probe;
 //! - a decoded image has the probed dimensions (swapped by a 90° EXIF
-//!   orientation) and so never exceeds the pixel limit.
+//!   orientation) and so never exceeds the pixel limit;
+//! - `decode_reduced` fails like `decode` when `probe` fails, otherwise only with
+//!   `Undecodable`; when it succeeds it reports the probed size (oriented) as the
+//!   original's and its image is no larger than that.
 
 #![no_main]
 
@@ -61,5 +65,30 @@ fuzz_target!(|data: &[u8]| {
                 "probe accepted {info:?}, decode failed with {e:?}"
             ),
         },
+    }
+
+    for min_short in [1, 300] {
+        match decode::decode_reduced(data, MAX_PIXELS, min_short) {
+            Ok(d) => {
+                let info = probed.clone().expect("decode_reduced succeeded where probe failed");
+                assert!(
+                    (d.width, d.height) == (info.width, info.height)
+                        || (d.height, d.width) == (info.width, info.height),
+                    "reduced decode reports {}x{}, probed {}x{}",
+                    d.width,
+                    d.height,
+                    info.width,
+                    info.height
+                );
+                assert!(d.image.width() <= d.width && d.image.height() <= d.height);
+            }
+            Err(e) => match &probed {
+                Err(p) => assert_eq!(&e, p, "decode_reduced and probe fail differently"),
+                Ok(info) => assert!(
+                    matches!(e, DecodeError::Undecodable(_)),
+                    "probe accepted {info:?}, decode_reduced failed with {e:?}"
+                ),
+            },
+        }
     }
 });

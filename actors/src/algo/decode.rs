@@ -322,14 +322,38 @@ fn decode_checked(
     max_pixels: u64,
 ) -> Result<DynamicImage, DecodeError> {
     let undecodable = |e: image::ImageError| DecodeError::Undecodable(e.to_string());
-    let mut decoder = reader(bytes, info.format, max_pixels)
+    if info.format == Format::Png {
+        // The png crate's own allocations (row buffers, and ancillary chunks such as an
+        // iCCP profile, which it inflates) get a budget of their own; the image buffer
+        // keeps the pixel-based limit. With one limit for both, a small upload could
+        // inflate a deflate bomb in iCCP to the whole image budget (464 MiB at 50 Mpx).
+        let mut codec_limits = Limits::default();
+        codec_limits.max_alloc = Some(PNG_CODEC_BUDGET + 16 * u64::from(info.width));
+        let mut decoder =
+            image::codecs::png::PngDecoder::with_limits(Cursor::new(bytes), codec_limits)
+                .map_err(undecodable)?;
+        decoder
+            .set_limits(limits(max_pixels))
+            .map_err(undecodable)?;
+        return finish(decoder).map_err(undecodable);
+    }
+    let decoder = reader(bytes, info.format, max_pixels)
         .into_decoder()
         .map_err(undecodable)?;
+    finish(decoder).map_err(undecodable)
+}
+
+/// What the png crate may allocate besides its row buffers: ancillary chunks (an ICC
+/// profile, text, EXIF) are well under this in real photos.
+const PNG_CODEC_BUDGET: u64 = 16 << 20;
+
+/// Reads the pixels and applies the EXIF orientation.
+fn finish(mut decoder: impl ImageDecoder) -> image::ImageResult<DynamicImage> {
     // A broken EXIF block is not worth rejecting a photo for.
     let orientation = decoder
         .orientation()
         .unwrap_or(image::metadata::Orientation::NoTransforms);
-    let mut img = DynamicImage::from_decoder(decoder).map_err(undecodable)?;
+    let mut img = DynamicImage::from_decoder(decoder)?;
     img.apply_orientation(orientation);
     Ok(img)
 }
