@@ -47,7 +47,9 @@ fuzz_target!(|data: &[u8]| {
 
     match decode::decode(data, MAX_PIXELS) {
         Ok(img) => {
-            let info = probed.expect("decode succeeded where probe failed");
+            let info = probed
+                .as_ref()
+                .expect("decode succeeded where probe failed");
             let (w, h) = (img.width(), img.height());
             assert!(
                 (w, h) == (info.width, info.height) || (h, w) == (info.width, info.height),
@@ -58,8 +60,8 @@ fuzz_target!(|data: &[u8]| {
             );
             assert!(u64::from(w) * u64::from(h) <= MAX_PIXELS);
         }
-        Err(e) => match probed {
-            Err(p) => assert_eq!(e, p, "decode and probe fail differently"),
+        Err(e) => match &probed {
+            Err(p) => assert_eq!(&e, p, "decode and probe fail differently"),
             Ok(info) => assert!(
                 matches!(e, DecodeError::Undecodable(_)),
                 "probe accepted {info:?}, decode failed with {e:?}"
@@ -70,7 +72,9 @@ fuzz_target!(|data: &[u8]| {
     for min_short in [1, 300] {
         match decode::decode_reduced(data, MAX_PIXELS, min_short) {
             Ok(d) => {
-                let info = probed.clone().expect("decode_reduced succeeded where probe failed");
+                let info = probed
+                    .as_ref()
+                    .expect("decode_reduced succeeded where probe failed");
                 assert!(
                     (d.width, d.height) == (info.width, info.height)
                         || (d.height, d.width) == (info.width, info.height),
