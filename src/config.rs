@@ -253,15 +253,7 @@ pub fn presets() -> Vec<Preset> {
         Preset {
             name: "open-nsfw",
             output: "Reshape",
-            preprocess: Preprocess {
-                input_size: 224,
-                resize_to: 256,
-                mean: [104.0, 117.0, 123.0],
-                std: [1.0, 1.0, 1.0],
-                scale: 1.0,
-                channel_order: ChannelOrder::Bgr,
-                layout: Layout::Nhwc,
-            },
+            preprocess: Preprocess::OPEN_NSFW,
         },
         // OpenAI CLIP image encoders (ViT-B/32 and friends) exported to ONNX: image_embeds output.
         Preset {

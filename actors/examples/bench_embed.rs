@@ -12,7 +12,7 @@
 //! ```
 //!
 //! `embed` decodes every photo in `--photos` with `decode::decode`, preprocesses it with
-//! `embed::preprocess` (the "open-nsfw" preset of src/config.rs), then times
+//! `embed::preprocess` (the "open-nsfw" preset, `Preprocess::OPEN_NSFW`), then times
 //! - preprocessing alone, per photo;
 //! - inference alone: a tract plan built exactly as `OnnxEmbedder::load` builds it, run on the
 //!   prepared tensors, `--passes` passes over all photos after `--warmup` inferences;
@@ -42,27 +42,14 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use actors::algo::embed::{self, ChannelOrder, Layout, OnnxEmbedder, Preprocess};
-use actors::algo::{decode, quality};
+use actors::algo::embed::{self, Layout, OnnxEmbedder, Preprocess};
+use actors::algo::{decode, photo, quality, resize};
 use image::{DynamicImage, GenericImageView, imageops::FilterType};
 use serde_json::{Value, json};
 use tract_onnx::prelude::*;
 
 /// The service's default `server.max_image_pixels` (config/default.toml).
 const MAX_PIXELS: u64 = 50_000_000;
-
-/// The "open-nsfw" preset of src/config.rs.
-fn open_nsfw() -> Preprocess {
-    Preprocess {
-        input_size: 224,
-        resize_to: 256,
-        mean: [104.0, 117.0, 123.0],
-        std: [1.0, 1.0, 1.0],
-        scale: 1.0,
-        channel_order: ChannelOrder::Bgr,
-        layout: Layout::Nhwc,
-    }
-}
 
 type BoxResult<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -218,8 +205,8 @@ fn bench_threads(a: &Args) -> BoxResult<()> {
             .split_once('x')
             .ok_or("configs are EMBEDDERSxTHREADS, e.g. 2x1")?;
         let (embedders, intra): (usize, usize) = (e.trim().parse()?, t.trim().parse()?);
-        let embedder =
-            OnnxEmbedder::load(&model, "bench", &output, open_nsfw())?.with_threads(intra);
+        let embedder = OnnxEmbedder::load(&model, "bench", &output, Preprocess::OPEN_NSFW)?
+            .with_threads(intra);
         let work = || -> BoxResult<Vec<f64>> {
             // Warm-up: builds this thread's pool and touches the weights.
             embedder.embed(&images[0])?;
@@ -277,7 +264,7 @@ fn bench_embed(a: &Args) -> BoxResult<()> {
     let passes = a.num("passes", 3)?.max(1);
     let warmup = a.num("warmup", 3)?;
     let threads = a.num("threads", 1)?.max(1);
-    let p = open_nsfw();
+    let p = Preprocess::OPEN_NSFW;
 
     let paths = photo_paths(&photos)?;
 
@@ -586,12 +573,7 @@ impl PathTimes {
 /// Triangle resize, centre crop and normalisation.
 fn preprocess_before(img: &DynamicImage, p: &Preprocess) -> Vec<f32> {
     let rgb = img.to_rgb8();
-    let (w, h) = rgb.dimensions();
-    let scale = p.resize_to as f32 / w.min(h) as f32;
-    let (rw, rh) = (
-        ((w as f32 * scale).round() as u32).max(p.input_size),
-        ((h as f32 * scale).round() as u32).max(p.input_size),
-    );
+    let (rw, rh) = resize::short_side_size(rgb.dimensions(), p.resize_to, p.input_size);
     let small = image::imageops::resize(&rgb, rw, rh, FilterType::Triangle);
     embed::preprocess(&DynamicImage::ImageRgb8(small), p)
 }
@@ -610,9 +592,9 @@ fn bench_decode(a: &Args) -> BoxResult<()> {
     let work = PathBuf::from(a.str("work", "/tmp/bench-embed"));
     let model = a.str("model", "models/open-nsfw.onnx");
     std::fs::create_dir_all(&work)?;
-    let p = open_nsfw();
-    // What the embedder stage asks the decoder for with this preset (photo::source_short_side).
-    let min_short = p.resize_to.max(quality::SOURCE_SHORT_SIDE);
+    let p = Preprocess::OPEN_NSFW;
+    // What the embedder stage asks the decoder for with this preset.
+    let min_short = photo::source_short_side(p.source_short_side());
     let embedder = if Path::new(&model).is_file() {
         Some(OnnxEmbedder::load(
             Path::new(&model),

@@ -20,24 +20,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use actors::algo::decode;
-use actors::algo::embed::{self, ChannelOrder, Layout, OnnxEmbedder, Preprocess};
+use actors::algo::embed::{self, OnnxEmbedder, Preprocess};
 use actors::ort_encoder::{ORT_DYLIB_PATH, OrtEncoder, OrtOptions};
 use image::DynamicImage;
 use tract_onnx::prelude::*;
 
 type BoxResult<T> = Result<T, Box<dyn std::error::Error>>;
-
-fn open_nsfw() -> Preprocess {
-    Preprocess {
-        input_size: 224,
-        resize_to: 256,
-        mean: [104.0, 117.0, 123.0],
-        std: [1.0, 1.0, 1.0],
-        scale: 1.0,
-        channel_order: ChannelOrder::Bgr,
-        layout: Layout::Nhwc,
-    }
-}
 
 fn cpu_seconds() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
@@ -98,7 +86,7 @@ fn main() -> BoxResult<()> {
             .map(PathBuf::from)
             .ok_or("give --library or set ORT_DYLIB_PATH to libonnxruntime.so")?,
     };
-    let p = open_nsfw();
+    let p = Preprocess::OPEN_NSFW;
 
     let mut paths: Vec<PathBuf> = std::fs::read_dir(&photos)?
         .filter_map(|e| e.ok().map(|e| e.path()))

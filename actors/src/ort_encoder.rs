@@ -242,7 +242,7 @@ impl ImageEncoder for OrtEncoder {
     }
 
     fn input_short_side(&self) -> u32 {
-        self.preprocess.resize_to.max(self.preprocess.input_size)
+        self.preprocess.source_short_side()
     }
 }
 

@@ -285,26 +285,11 @@ fn sample() -> DynamicImage {
     }))
 }
 
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = 0xFFFF_FFFFu32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
-
 fn png_chunk(kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
     let mut c = u32::try_from(data.len()).unwrap().to_be_bytes().to_vec();
     c.extend_from_slice(kind);
     c.extend_from_slice(data);
-    c.extend_from_slice(&crc32(&[kind.as_slice(), data].concat()).to_be_bytes());
+    c.extend_from_slice(&crc32fast::hash(&[kind.as_slice(), data].concat()).to_be_bytes());
     c
 }
 

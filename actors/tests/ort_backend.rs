@@ -15,7 +15,7 @@
 use std::path::{Path, PathBuf};
 
 use actors::algo::decode;
-use actors::algo::embed::{ChannelOrder, Layout, OnnxEmbedder, Preprocess};
+use actors::algo::embed::{OnnxEmbedder, Preprocess};
 use actors::ort_encoder::{ORT_DYLIB_PATH, OrtEncoder, OrtOptions, prepare_model};
 use image::DynamicImage;
 
@@ -64,18 +64,6 @@ fn model() -> PathBuf {
     path
 }
 
-fn open_nsfw() -> Preprocess {
-    Preprocess {
-        input_size: 224,
-        resize_to: 256,
-        mean: [104.0, 117.0, 123.0],
-        std: [1.0, 1.0, 1.0],
-        scale: 1.0,
-        channel_order: ChannelOrder::Bgr,
-        layout: Layout::Nhwc,
-    }
-}
-
 /// `count` fixture photos spread over the subjects and their variants, decoded.
 fn photos(count: usize) -> Vec<(String, DynamicImage)> {
     let dir = workspace().join("tests/fixtures/photos");
@@ -114,8 +102,8 @@ fn pool_threads() -> usize {
 #[test]
 fn tract_with_intra_op_threads_embeds_as_without() {
     let model = model();
-    let one = OnnxEmbedder::load(&model, "open-nsfw", "Reshape", open_nsfw()).unwrap();
-    let two = OnnxEmbedder::load(&model, "open-nsfw", "Reshape", open_nsfw())
+    let one = OnnxEmbedder::load(&model, "open-nsfw", "Reshape", Preprocess::OPEN_NSFW).unwrap();
+    let two = OnnxEmbedder::load(&model, "open-nsfw", "Reshape", Preprocess::OPEN_NSFW)
         .unwrap()
         .with_threads(2);
     assert_eq!((one.threads(), two.threads()), (1, 2));
@@ -146,12 +134,12 @@ fn ort_and_tract_embeddings_agree() {
         return;
     };
     let model = model();
-    let tract = OnnxEmbedder::load(&model, "open-nsfw", "Reshape", open_nsfw()).unwrap();
+    let tract = OnnxEmbedder::load(&model, "open-nsfw", "Reshape", Preprocess::OPEN_NSFW).unwrap();
     let ort = OrtEncoder::load(
         &model,
         "open-nsfw",
         "Reshape",
-        open_nsfw(),
+        Preprocess::OPEN_NSFW,
         &OrtOptions::new(&lib, 1),
     )
     .unwrap();
@@ -181,7 +169,7 @@ fn ort_sessions_serve_several_threads() {
         &model,
         "open-nsfw",
         "Reshape",
-        open_nsfw(),
+        Preprocess::OPEN_NSFW,
         &OrtOptions::new(&lib, 2),
     )
     .unwrap();
@@ -203,7 +191,14 @@ fn ort_takes_the_model_output_when_none_is_named() {
     let Some(lib) = library("ort_takes_the_model_output_when_none_is_named") else {
         return;
     };
-    let ort = OrtEncoder::load(&model(), "m", "", open_nsfw(), &OrtOptions::new(&lib, 1)).unwrap();
+    let ort = OrtEncoder::load(
+        &model(),
+        "m",
+        "",
+        Preprocess::OPEN_NSFW,
+        &OrtOptions::new(&lib, 1),
+    )
+    .unwrap();
     // open_nsfw's own output: two class probabilities.
     let v = ort.embed(&photos(1)[0].1).unwrap();
     assert_eq!(v.len(), 2);
@@ -215,7 +210,7 @@ fn a_wrong_library_is_a_load_error() {
         &model(),
         "m",
         "Reshape",
-        open_nsfw(),
+        Preprocess::OPEN_NSFW,
         &OrtOptions::new("/nonexistent/libonnxruntime.so", 1),
     )
     .err()

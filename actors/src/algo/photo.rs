@@ -14,9 +14,10 @@ pub enum PhotoError {
     Embed(#[from] EmbedError),
 }
 
-/// The shorter side a photo is decoded to at least, for `model`.
-pub fn source_short_side(model: &dyn ImageEncoder) -> u32 {
-    model.input_short_side().max(quality::SOURCE_SHORT_SIDE)
+/// The shorter side a photo is decoded to at least, for a model that resizes photos to a
+/// shorter side of `model_side` ([`ImageEncoder::input_short_side`]).
+pub fn source_short_side(model_side: u32) -> u32 {
+    model_side.max(quality::SOURCE_SHORT_SIDE)
 }
 
 /// Decodes, measures and embeds one photo.
@@ -25,7 +26,11 @@ pub fn analyse(
     max_pixels: u64,
     model: &dyn ImageEncoder,
 ) -> Result<(Vec<f32>, Quality), PhotoError> {
-    let decoded = decode::decode_reduced(bytes, max_pixels, source_short_side(model))?;
+    let decoded = decode::decode_reduced(
+        bytes,
+        max_pixels,
+        source_short_side(model.input_short_side()),
+    )?;
     let quality = quality::measure_scaled(&decoded.image, decoded.pixels());
     let vector = model.embed(&decoded.image)?;
     Ok((vector, quality))
