@@ -68,6 +68,11 @@ enum Command {
         #[command(subcommand)]
         command: DeadletterCommand,
     },
+    /// Benchmark helpers (`scripts/bench_e2e.py` drives the service itself).
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
     /// Telemetry tools.
     Telemetry {
         #[command(subcommand)]
@@ -102,6 +107,24 @@ enum DeadletterCommand {
         /// Required: purging cannot be undone.
         #[arg(long)]
         yes: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Decode + preprocess + embed a folder of photos on `actors.embedders` threads with the
+    /// configured model, backend and intra-op threads, and no service around it; prints
+    /// photos/s as JSON (the CPU bound the end-to-end benchmark compares against).
+    CpuBound {
+        /// A folder of JPEG, PNG or WebP photos.
+        #[arg(long, default_value = "tests/fixtures/photos")]
+        photos: PathBuf,
+        /// Keep going (after one pass over every photo) until this many seconds have passed.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Also take the quality measures the hero score needs.
+        #[arg(long)]
+        with_quality: bool,
     },
 }
 
@@ -161,6 +184,18 @@ pub fn run() -> anyhow::Result<()> {
         Command::Telemetry {
             command: TelemetryCommand::Check,
         } => telemetry_check(&settings),
+        Command::Bench {
+            command:
+                BenchCommand::CpuBound {
+                    photos,
+                    seconds,
+                    with_quality,
+                },
+        } => {
+            let r = crate::bench::cpu_bound(&settings, &photos, seconds, with_quality)?;
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }
         Command::Reembed { pet } => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?
@@ -170,7 +205,7 @@ pub fn run() -> anyhow::Result<()> {
             .build()?
             .block_on(deadletter(&settings, command)),
         Command::Migrate => actix_rt::System::new().block_on(async {
-            let _telemetry = telemetry::init(&settings)?;
+            let _telemetry = telemetry::init(&settings, &actors::metrics::Metrics::new())?;
             let db = crate::adapters::postgres::pool(&settings.postgres)?;
             migrate(&db).await?;
             tracing::info!("Migrations applied.");
@@ -182,11 +217,34 @@ pub fn run() -> anyhow::Result<()> {
     }
 }
 
+/// Development only: `MEDIA_CLUSTERING_FAULTS=embedder=2,read_loop=1` makes those points of
+/// the pipeline panic that many times (for restart and escalation drills).
+const FAULTS_VAR: &str = "MEDIA_CLUSTERING_FAULTS";
+
 fn serve(settings: Settings, mode: Mode) -> anyhow::Result<()> {
+    let faults = match std::env::var(FAULTS_VAR) {
+        Ok(spec) if !spec.is_empty() => {
+            anyhow::ensure!(
+                settings.env == crate::config::AppEnv::Development,
+                "{FAULTS_VAR} is refused outside development"
+            );
+            Some(std::sync::Arc::new(
+                actors::runtime::Faults::parse(&spec)
+                    .map_err(|e| anyhow::anyhow!("{FAULTS_VAR}: {e}"))?,
+            ))
+        }
+        _ => None,
+    };
     actix_rt::System::new().block_on(async move {
-        let mut telemetry = telemetry::init(&settings).context("setting up telemetry")?;
+        let metrics = actors::metrics::Metrics::new();
+        let mut telemetry = telemetry::init(&settings, &metrics).context("setting up telemetry")?;
+        let options = crate::startup::BuildOptions {
+            metrics: Some(metrics),
+            model: None,
+            faults,
+        };
         let result = async {
-            Application::build(settings, mode)
+            Application::build_with(settings, mode, options)
                 .await?
                 .run_until_stopped()
                 .await

@@ -144,6 +144,9 @@ pub struct ServerSettings {
     pub request_timeout_ms: u64,
     /// How long a closing connection may take to shut down; 0 waits indefinitely.
     pub disconnect_timeout_ms: u64,
+    /// After the pipeline gives up (restart intensity exceeded), how long at least `/readyz`
+    /// keeps answering 503 before the process exits, so probes and load balancers see it.
+    pub unready_grace_ms: u64,
 }
 
 /// A token bucket per caller on `/v1/*`: `burst` requests at once, refilled at
@@ -422,8 +425,29 @@ pub struct ActorSettings {
     pub hero_selectors: usize,
     pub postgres_writers: usize,
     pub mailbox_capacity: usize,
+    /// Pets processed at once (a pet's waiting jobs are coalesced into its next batch).
     pub max_inflight_jobs: usize,
+    /// Stream entries read and held by this process: running, or waiting for their pet.
+    pub max_queued_jobs: usize,
     pub shutdown_timeout_ms: u64,
+    /// Failures of one actor kind tolerated within `restart_window_ms`; one more makes the
+    /// process not ready, drain and exit non-zero.
+    pub max_restarts: u32,
+    pub restart_window_ms: u64,
+    /// Wait before restarting a failed actor or loop; doubles per failure in the window.
+    pub restart_backoff_ms: u64,
+    pub restart_backoff_max_ms: u64,
+}
+
+impl ActorSettings {
+    pub fn restart_policy(&self) -> actors::runtime::supervisor::RestartPolicy {
+        actors::runtime::supervisor::RestartPolicy {
+            max_restarts: self.max_restarts,
+            window: std::time::Duration::from_millis(self.restart_window_ms),
+            backoff: std::time::Duration::from_millis(self.restart_backoff_ms),
+            max_backoff: std::time::Duration::from_millis(self.restart_backoff_max_ms),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -617,10 +641,24 @@ impl Settings {
             ("actors.postgres_writers", a.postgres_writers),
             ("actors.mailbox_capacity", a.mailbox_capacity),
             ("actors.max_inflight_jobs", a.max_inflight_jobs),
+            ("actors.max_queued_jobs", a.max_queued_jobs),
+            ("actors.restart_window_ms", a.restart_window_ms as usize),
         ] {
             if n == 0 {
                 return Err(invalid(key, "must be at least 1"));
             }
+        }
+        if a.max_queued_jobs < a.max_inflight_jobs {
+            return Err(invalid(
+                "actors.max_queued_jobs",
+                "must be at least actors.max_inflight_jobs (every running job is held)",
+            ));
+        }
+        if a.restart_backoff_max_ms < a.restart_backoff_ms {
+            return Err(invalid(
+                "actors.restart_backoff_max_ms",
+                "must be at least actors.restart_backoff_ms",
+            ));
         }
         if !(0.0..=1.0).contains(&self.telemetry.sample_rate) {
             return Err(invalid("telemetry.sample_rate", "must be between 0 and 1"));

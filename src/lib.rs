@@ -9,11 +9,13 @@
 //! - [`telemetry`]: JSON logs joined to traces, and the OTLP exporter.
 //! - [`client`]: the bulk upload client.
 //! - [`reembed`]: embeds photos ahead of jobs after a model change.
+//! - [`bench`]: the CPU bound of `media-clustering bench cpu-bound`.
 //!
 //! The actor runtime, the six actors and the algorithms live in the `actors` crate.
 
 pub mod adapters;
 pub mod api;
+pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -9,8 +9,11 @@ use actix_web::dev::Server;
 use actix_web::{App, HttpServer, web};
 use actix_web_prom::PrometheusMetricsBuilder;
 use actors::algo::embed::{EmbedError, ImageEncoder, OnnxEmbedder};
+use actors::metrics::Metrics;
 use actors::ort_encoder::{OrtEncoder, OrtOptions};
 use actors::pipeline::{self, ActorCounts, PipelineHandle, PipelineSettings, Ports};
+use actors::runtime::{Faults, Health};
+use actors::stages::DbTarget;
 use anyhow::Context;
 use prometheus::Registry;
 use sqlx::PgPool;
@@ -42,6 +45,9 @@ pub struct AppState {
     pub storage: Storage,
     pub jwt: Jwt,
     pub registry: Registry,
+    pub metrics: Arc<Metrics>,
+    /// The pipeline's readiness (never failing in `api` mode).
+    pub health: Arc<Health>,
     /// Per-caller limit on `/v1/*`; `None` when `rate_limit.requests_per_second` is 0.
     pub limiter: Option<RateLimiter>,
 }
@@ -50,7 +56,20 @@ pub struct Application {
     port: u16,
     server: Server,
     pipeline: Option<PipelineHandle>,
+    health: Arc<Health>,
     shutdown_timeout: Duration,
+    unready_grace: Duration,
+}
+
+/// What a process shares with its application beyond the settings.
+#[derive(Default)]
+pub struct BuildOptions {
+    /// The metrics handle (the exporter counts dropped spans in it too); a new one if unset.
+    pub metrics: Option<Arc<Metrics>>,
+    /// An already loaded model (tests share one); loaded from the settings if unset.
+    pub model: Option<Arc<dyn ImageEncoder>>,
+    /// Injected faults (tests and drills); none if unset.
+    pub faults: Option<Arc<Faults>>,
 }
 
 /// `host-pid-random`: unique per process, so a restarted worker never inherits
@@ -117,10 +136,10 @@ pub async fn migrate(db: &PgPool) -> anyhow::Result<()> {
 }
 
 impl Application {
-    /// Connects, migrates (if configured), starts the pipeline (unless `Api`) and binds.
+    /// Connects, migrates (if configured), binds, then starts the pipeline (unless `Api`).
     /// Must run inside an actix `System`.
     pub async fn build(settings: Settings, mode: Mode) -> anyhow::Result<Self> {
-        Self::build_with_model(settings, mode, None).await
+        Self::build_with(settings, mode, BuildOptions::default()).await
     }
 
     /// As [`Application::build`], reusing an already loaded model (tests share one).
@@ -129,7 +148,20 @@ impl Application {
         mode: Mode,
         model: Option<Arc<dyn ImageEncoder>>,
     ) -> anyhow::Result<Self> {
+        let options = BuildOptions {
+            model,
+            ..BuildOptions::default()
+        };
+        Self::build_with(settings, mode, options).await
+    }
+
+    pub async fn build_with(
+        settings: Settings,
+        mode: Mode,
+        options: BuildOptions,
+    ) -> anyhow::Result<Self> {
         let settings = Arc::new(settings);
+        let metrics = options.metrics.unwrap_or_else(Metrics::new);
         let db = postgres::pool(&settings.postgres).context("postgres.url")?;
         if settings.postgres.migrate_on_start && mode != Mode::Api {
             migrate(&db).await?;
@@ -144,29 +176,19 @@ impl Application {
             .context("connecting to Redis (redis.url)")?;
         let storage = Storage::from_url(&settings.storage.url).context("opening storage.url")?;
         let registry = Registry::new();
-        actors::metrics::register_all(&registry)?;
+        metrics.register(&registry)?;
         let prom = PrometheusMetricsBuilder::new(actors::metrics::HTTP_NAMESPACE)
             .registry(registry.clone())
             .mask_unmatched_patterns("UNKNOWN")
             .build()
             .map_err(|e| anyhow::anyhow!("registering HTTP metrics: {e}"))?;
-
-        let pipeline = if mode == Mode::Api {
-            None
-        } else {
-            let model = match model {
-                Some(m) => m,
-                None => load_model(&settings).await?,
-            };
-            Some(start_pipeline(
-                &settings,
-                db.clone(),
-                queue.clone(),
-                storage.clone(),
-                model,
-            ))
+        let model = match (mode, options.model) {
+            (Mode::Api, _) => None,
+            (_, Some(m)) => Some(m),
+            (_, None) => Some(load_model(&settings).await?),
         };
 
+        // Bind first: a process that cannot take its port takes no job either.
         let bind = if mode == Mode::Worker {
             &settings.server.internal_bind
         } else {
@@ -174,13 +196,16 @@ impl Application {
         };
         let listener = TcpListener::bind(bind).with_context(|| format!("binding {bind}"))?;
         let port = listener.local_addr()?.port();
+        let health = Health::new();
         let state = web::Data::new(AppState {
             jwt: Jwt::new(settings.auth.jwt_secret.expose()),
             settings: settings.clone(),
-            db,
-            queue,
-            storage,
+            db: db.clone(),
+            queue: queue.clone(),
+            storage: storage.clone(),
             registry,
+            metrics: metrics.clone(),
+            health: health.clone(),
             limiter: RateLimiter::new(
                 settings.rate_limit.requests_per_second,
                 settings.rate_limit.burst,
@@ -211,11 +236,27 @@ impl Application {
         .disable_signals()
         .run();
         tracing::info!(port, mode = ?mode, "Listening.");
+
+        let pipeline = model.map(|model| {
+            let faults = options.faults.unwrap_or_default();
+            start_pipeline(
+                &settings,
+                db,
+                queue,
+                storage,
+                model,
+                metrics,
+                health.clone(),
+                faults,
+            )
+        });
         Ok(Application {
             port,
             server,
             pipeline,
+            health,
             shutdown_timeout: Duration::from_millis(settings.actors.shutdown_timeout_ms),
+            unready_grace: Duration::from_millis(settings.server.unready_grace_ms),
         })
     }
 
@@ -227,10 +268,15 @@ impl Application {
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let http = self.server.handle();
         let mut server = actix_rt::spawn(self.server);
-        tokio::select! {
+        let health = self.health.clone();
+        let escalated = tokio::select! {
             result = &mut server => return Ok(result??),
-            signal = next_signal() => tracing::info!(signal, "Stopping: no new jobs; finishing in-flight ones."),
-        }
+            signal = next_signal() => {
+                tracing::info!(signal, "Stopping: no new jobs; finishing in-flight ones.");
+                None
+            }
+            reason = health.escalated() => Some(reason),
+        };
         // A second signal exits at once; unacknowledged entries are reclaimed by other workers.
         actix_rt::spawn(async {
             let signal = next_signal().await;
@@ -246,10 +292,23 @@ impl Application {
                 );
             }
         };
-        futures::join!(http.stop(true), drain);
+        if escalated.is_some() {
+            // Keep answering while draining, and for a grace period at least, so that probes
+            // and load balancers see `/readyz` say 503 and why.
+            futures::join!(drain, tokio::time::sleep(self.unready_grace));
+            http.stop(true).await;
+        } else {
+            futures::join!(http.stop(true), drain);
+        }
         server.await??;
-        tracing::info!("Stopped.");
-        Ok(())
+        match escalated {
+            // Non-zero, so that the orchestrator replaces the process.
+            Some(reason) => anyhow::bail!("the pipeline gave up: {reason}"),
+            None => {
+                tracing::info!("Stopped.");
+                Ok(())
+            }
+        }
     }
 
     /// For tests: the server future and the pipeline, to run and stop separately.
@@ -258,18 +317,23 @@ impl Application {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 pub fn start_pipeline(
     settings: &Settings,
     db: PgPool,
     queue: RedisQueue,
     storage: Storage,
     model: Arc<dyn ImageEncoder>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    faults: Arc<Faults>,
 ) -> PipelineHandle {
     let a = &settings.actors;
     let r = &settings.redis;
     let ps = PipelineSettings {
         stream: r.stream.clone(),
         group: r.group.clone(),
+        deadletter_stream: r.deadletter_stream.clone(),
         consumer: consumer_name(),
         block_ms: r.block_ms,
         claim_min_idle_ms: r.claim_min_idle_ms,
@@ -284,16 +348,38 @@ pub fn start_pipeline(
         },
         mailbox_capacity: a.mailbox_capacity,
         max_inflight_jobs: a.max_inflight_jobs,
+        max_queued_jobs: a.max_queued_jobs,
+        restart: a.restart_policy(),
         params: settings.clustering.params(),
         max_pixels: settings.server.max_image_pixels,
     };
     tracing::info!(consumer = %ps.consumer, stream = %ps.stream, group = %ps.group, "Starting the pipeline.");
+    if !faults.is_empty() {
+        tracing::warn!("Fault injection is on: chosen points of the pipeline will panic.");
+    }
     let ports = Ports {
         queue: Arc::new(queue),
         store: Arc::new(PgStore { pool: db }),
         blobs: Arc::new(storage),
+        db_target: db_target(&settings.postgres),
     };
-    pipeline::start(ps, ports, model)
+    pipeline::start(ps, ports, model, metrics, health, faults)
+}
+
+/// Database name, host and port of `postgres.url`, for span attributes.
+fn db_target(p: &crate::config::PostgresSettings) -> DbTarget {
+    let u = url::Url::parse(p.url.expose()).ok();
+    DbTarget {
+        namespace: u
+            .as_ref()
+            .map(|u| u.path().trim_start_matches('/').to_owned())
+            .unwrap_or_default(),
+        address: u
+            .as_ref()
+            .and_then(|u| u.host_str().map(str::to_owned))
+            .unwrap_or_default(),
+        port: u.and_then(|u| u.port()).unwrap_or(5432),
+    }
 }
 
 /// Waits for SIGTERM or SIGINT and names it.

@@ -29,6 +29,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::Settings;
+use actors::metrics::Metrics;
 
 /// Keeps the tracer provider; flushes and shuts it down when dropped.
 pub struct TelemetryGuard {
@@ -88,6 +89,7 @@ pub fn span_exporter(settings: &Settings) -> anyhow::Result<opentelemetry_otlp::
 pub struct CountingExporter<E> {
     inner: E,
     endpoint: String,
+    dropped: prometheus::IntCounter,
 }
 
 /// Unix seconds of the last export warning.
@@ -99,7 +101,7 @@ impl<E: SpanExporter> SpanExporter for CountingExporter<E> {
         let n = batch.len() as u64;
         let result = self.inner.export(batch).await;
         if let Err(e) = &result {
-            actors::metrics::metrics().dropped_spans.inc_by(n);
+            self.dropped.inc_by(n);
             let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs())
@@ -151,10 +153,14 @@ fn resource(settings: &Settings) -> Resource {
 
 /// Builds the OTLP tracer provider: batch processor, parent-based ratio sampler, resource
 /// (`OTEL_RESOURCE_ATTRIBUTES` is merged in by the SDK's resource detectors).
-pub fn tracer_provider(settings: &Settings) -> anyhow::Result<SdkTracerProvider> {
+pub fn tracer_provider(
+    settings: &Settings,
+    metrics: &Metrics,
+) -> anyhow::Result<SdkTracerProvider> {
     let exporter = CountingExporter {
         inner: span_exporter(settings)?,
         endpoint: traces_endpoint(settings),
+        dropped: metrics.dropped_spans.clone(),
     };
     let ratio = Sampler::TraceIdRatioBased(settings.telemetry.sample_rate);
     Ok(SdkTracerProvider::builder()
@@ -211,11 +217,11 @@ fn filter(level: &str) -> Result<EnvFilter, tracing_subscriber::filter::ParseErr
 }
 
 /// Installs the global subscriber (and the tracer when telemetry is enabled).
-pub fn init(settings: &Settings) -> anyhow::Result<TelemetryGuard> {
+pub fn init(settings: &Settings, metrics: &Metrics) -> anyhow::Result<TelemetryGuard> {
     global::set_text_map_propagator(TraceContextPropagator::new());
     let log_filter = filter(&settings.log.level)?;
     let provider = if settings.telemetry.enabled {
-        Some(tracer_provider(settings)?)
+        Some(tracer_provider(settings, metrics)?)
     } else {
         None
     };

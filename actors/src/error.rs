@@ -1,19 +1,33 @@
-//! The pipeline's failure type: whether a failure is worth retrying is part of it.
+//! The pipeline's failure type. Which class a failure belongs to is part of the type, so the
+//! scheduler and the supervisor decide from it, never from a message.
+
+/// How a failure is handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureClass {
+    /// Infrastructure: try the job again later (backoff, then the dead-letter stream).
+    Retryable,
+    /// This job cannot succeed whatever is retried: it fails with its reason.
+    Permanent,
+    /// This photo can never be processed: it is quarantined and its pet goes on without it.
+    Poison,
+}
 
 /// A failure while processing a job.
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
-    /// A dependency (Postgres, Redis, object storage) is unavailable or timed out;
-    /// the job is left in the stream and tried again.
+    /// A dependency (Postgres, Redis, object storage) is unavailable or timed out.
     #[error("{dependency} unavailable: {message}")]
     Unavailable {
         dependency: &'static str,
         message: String,
     },
-    /// The job cannot succeed whatever is retried (an image that no longer decodes,
-    /// a missing object); the job fails with this message.
+    /// The job cannot succeed whatever is retried.
     #[error("{0}")]
     Permanent(String),
+    /// One photo cannot be decoded or embedded (bad data, over a limit); the job goes on
+    /// without it.
+    #[error("{0}")]
+    Poison(String),
     /// An actor panicked or stopped while handling the job's message.
     #[error("actor {actor} failed: {message}")]
     ActorFailed {
@@ -37,8 +51,22 @@ impl PipelineError {
         PipelineError::Permanent(e.to_string())
     }
 
-    /// Retryable failures leave the stream entry unacknowledged so that it is delivered again.
+    pub fn poison(e: impl std::fmt::Display) -> Self {
+        PipelineError::Poison(e.to_string())
+    }
+
+    pub fn class(&self) -> FailureClass {
+        match self {
+            PipelineError::Permanent(_) => FailureClass::Permanent,
+            PipelineError::Poison(_) => FailureClass::Poison,
+            PipelineError::Unavailable { .. }
+            | PipelineError::ActorFailed { .. }
+            | PipelineError::ShuttingDown => FailureClass::Retryable,
+        }
+    }
+
+    /// Retryable failures leave the stream entry unacknowledged so that it is tried again.
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, PipelineError::Permanent(_))
+        self.class() == FailureClass::Retryable
     }
 }

@@ -1,64 +1,31 @@
-//! Things worth counting, one type each: `emit()` writes the log line and
-//! updates the metric together, so logs and counters never disagree.
+//! Things worth counting, one type each: `emit()` writes the log line and updates the metric
+//! together, so logs and counters never disagree.
 
 use std::time::Duration;
 
 use uuid::Uuid;
 
-use crate::metrics::{JobOutcome, metrics};
+use crate::metrics::{JobOutcome, Metrics};
 use crate::runtime::ActorKind;
 
 pub struct ActorRestarted<'a> {
     pub kind: ActorKind,
+    /// Which child of the kind: `instance`, or the name of a loop.
+    pub child: &'static str,
     pub reason: &'a str,
+    pub failures_in_window: u32,
 }
 
 impl ActorRestarted<'_> {
-    pub fn emit(self) {
+    pub fn emit(self, m: &Metrics) {
         tracing::error!(
             actor = self.kind.as_str(),
+            child = self.child,
             reason = self.reason,
-            "Actor failed and was restarted."
+            failures_in_window = self.failures_in_window,
+            "Actor failed; the supervisor restarts it after a backoff."
         );
-        metrics()
-            .restarts
-            .with_label_values(&[self.kind.as_str()])
-            .inc();
-    }
-}
-
-pub struct ActorStateChanged {
-    pub kind: ActorKind,
-    pub running: bool,
-}
-
-impl ActorStateChanged {
-    pub fn emit(self) {
-        let g = metrics().instances.with_label_values(&[self.kind.as_str()]);
-        if self.running {
-            g.inc();
-            tracing::debug!(actor = self.kind.as_str(), "Actor started.");
-        } else {
-            g.dec();
-            tracing::debug!(actor = self.kind.as_str(), "Actor stopped.");
-        }
-    }
-}
-
-pub struct InstanceCountDrift {
-    pub kind: ActorKind,
-    pub expected: usize,
-    pub running: i64,
-}
-
-impl InstanceCountDrift {
-    pub fn emit(self) {
-        tracing::warn!(
-            actor = self.kind.as_str(),
-            expected = self.expected,
-            running = self.running,
-            "Actor instance count differs from the configuration."
-        );
+        m.restarts.with_label_values(&[self.kind.as_str()]).inc();
     }
 }
 
@@ -66,22 +33,24 @@ pub struct JobSucceeded<'a> {
     pub job_id: Uuid,
     pub model_version: &'a str,
     pub version: i64,
+    /// Jobs of the pet this one clustering completed (1 when not coalesced).
+    pub batch: usize,
     pub clusters: usize,
     pub images: usize,
     pub elapsed: Duration,
 }
 
 impl JobSucceeded<'_> {
-    pub fn emit(self) {
+    pub fn emit(self, m: &Metrics) {
         tracing::info!(
             job_id = %self.job_id,
             cluster_version = self.version,
+            batch = self.batch,
             clusters = self.clusters,
             images = self.images,
             elapsed_ms = self.elapsed.as_millis() as u64,
             "Job succeeded."
         );
-        let m = metrics();
         m.jobs
             .with_label_values(&[JobOutcome::Succeeded.as_str()])
             .inc();
@@ -97,10 +66,9 @@ pub struct JobFailed<'a> {
 }
 
 impl JobFailed<'_> {
-    pub fn emit(self) {
+    pub fn emit(self, m: &Metrics) {
         tracing::error!(job_id = %self.job_id, error = self.error, "Job failed permanently.");
-        metrics()
-            .jobs
+        m.jobs
             .with_label_values(&[JobOutcome::Failed.as_str()])
             .inc();
     }
@@ -114,7 +82,7 @@ pub struct EntryDeadLettered<'a> {
 }
 
 impl EntryDeadLettered<'_> {
-    pub fn emit(self) {
+    pub fn emit(self, m: &Metrics) {
         tracing::error!(
             stream_id = self.stream_id,
             job_id = self.job_id.map(|j| j.to_string()),
@@ -122,7 +90,6 @@ impl EntryDeadLettered<'_> {
             error = self.error,
             "Stream entry moved to the dead-letter stream."
         );
-        let m = metrics();
         m.deadletters.inc();
         if self.job_id.is_some() {
             m.jobs
@@ -140,7 +107,7 @@ pub struct JobRetried<'a> {
 }
 
 impl JobRetried<'_> {
-    pub fn emit(self) {
+    pub fn emit(self, m: &Metrics) {
         tracing::warn!(
             job_id = %self.job_id,
             attempt = self.attempt,
@@ -148,7 +115,7 @@ impl JobRetried<'_> {
             error = self.error,
             "Job attempt failed with a retryable error; retrying after a backoff."
         );
-        metrics().retries.inc();
+        m.retries.inc();
     }
 }
 
@@ -159,12 +126,26 @@ pub struct PhotoEmbedded<'a> {
 }
 
 impl PhotoEmbedded<'_> {
-    pub fn emit(self) {
+    pub fn emit(self, m: &Metrics) {
         tracing::debug!(image_id = %self.image_id, elapsed_ms = self.elapsed.as_secs_f64() * 1e3, "Photo embedded.");
-        metrics()
-            .embedding
+        m.embedding
             .with_label_values(&[self.model_version])
             .observe(self.elapsed.as_secs_f64());
+    }
+}
+
+pub struct PhotoQuarantined<'a> {
+    pub image_id: Uuid,
+    pub error: &'a str,
+}
+
+impl PhotoQuarantined<'_> {
+    pub fn emit(self) {
+        tracing::warn!(
+            image_id = %self.image_id,
+            error = self.error,
+            "Photo cannot be processed; it is left out of clustering and listed as unprocessable."
+        );
     }
 }
 
@@ -174,14 +155,13 @@ pub struct PostgresWritten {
 }
 
 impl PostgresWritten {
-    pub fn emit(self) {
+    pub fn emit(self, m: &Metrics) {
         tracing::debug!(
             operation = self.operation,
             elapsed_ms = self.elapsed.as_secs_f64() * 1e3,
-            "Postgres write committed."
+            "Postgres operation done."
         );
-        metrics()
-            .postgres_write
+        m.postgres_write
             .with_label_values(&[self.operation])
             .observe(self.elapsed.as_secs_f64());
     }

@@ -1,16 +1,19 @@
 //! Every Prometheus metric of the service, defined once.
 //!
-//! The metrics are process-global (one registry per process, shared by all
-//! threads, as Prometheus expects); [`register_all`] adds them to a registry
-//! that an HTTP endpoint serves. Names and label values are constants, and no
-//! label ever carries a pet, job or image id.
+//! [`Metrics::new`] builds one set of collectors; the process builds it once and hands it to
+//! the pipeline, the API and the exporter, and [`Metrics::register`] adds it to the registry
+//! that `/internal/metrics` serves. Tests build their own, so every test reads only its own
+//! values whatever runs beside it. Names and label values are constants, and no label ever
+//! carries a pet, job or image id.
 
-use std::sync::LazyLock;
+use std::sync::Arc;
 
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry,
 };
+
+use crate::runtime::ActorKind;
 
 pub const JOBS_TOTAL: &str = "media_cluster_jobs_total";
 pub const RETRIES_TOTAL: &str = "media_cluster_retries_total";
@@ -22,7 +25,9 @@ pub const PENDING_JOBS: &str = "media_cluster_pending_jobs";
 pub const WORKER_INFLIGHT: &str = "media_cluster_worker_inflight";
 pub const JOB_QUEUE_WAIT: &str = "media_cluster_job_queue_wait_seconds";
 pub const ACTOR_MAILBOX_DEPTH: &str = "media_cluster_actor_mailbox_depth";
+pub const ACTOR_MAILBOX_CAPACITY: &str = "media_cluster_actor_mailbox_capacity";
 pub const ACTOR_MAILBOX_WAIT: &str = "media_cluster_actor_mailbox_wait_seconds";
+pub const ACTOR_SEND_BLOCKED: &str = "media_cluster_actor_send_blocked_seconds";
 pub const ACTOR_HANDLING: &str = "media_cluster_actor_handling_seconds";
 pub const ACTOR_RESTARTS: &str = "media_cluster_actor_restarts_total";
 pub const ACTOR_INSTANCES: &str = "media_cluster_actor_instances";
@@ -46,16 +51,15 @@ const WAIT_BUCKETS: &[f64] = &[
 /// `outcome` label values of [`ACTOR_MESSAGES`].
 pub const MESSAGE_OUTCOMES: [&str; 4] = ["ok", "error", "panic", "dropped"];
 
-/// `operation` label values of [`POSTGRES_WRITE`].
-pub const POSTGRES_OPERATIONS: [&str; 4] =
-    ["start_job", "commit_clusters", "finish_job", "requeue_job"];
-
-/// Creates the series labelled with a model version, so rates see its first job too.
-pub fn register_model_version(model_version: &str) {
-    let m = metrics();
-    m.processing.with_label_values(&[model_version]);
-    m.embedding.with_label_values(&[model_version]);
-}
+/// `operation` label values of [`POSTGRES_WRITE`]: one per kind of postgres-writer message.
+pub const POSTGRES_OPERATIONS: [&str; 6] = [
+    "start_jobs",
+    "load_pet",
+    "store_embedding",
+    "commit_clusters",
+    "finish_jobs",
+    "requeue_jobs",
+];
 
 /// Closed set of `status` label values of [`JOBS_TOTAL`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,7 +90,9 @@ pub struct Metrics {
     pub worker_inflight: IntGauge,
     pub job_queue_wait: Histogram,
     pub mailbox_depth: IntGaugeVec,
+    pub mailbox_capacity: IntGaugeVec,
     pub mailbox_wait: HistogramVec,
+    pub send_blocked: HistogramVec,
     pub handling: HistogramVec,
     pub restarts: IntCounterVec,
     pub instances: IntGaugeVec,
@@ -111,7 +117,9 @@ fn gauge_vec(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
 }
 
 impl Metrics {
-    fn new() -> Self {
+    /// A fresh set of collectors, every closed label set created so that each series exists
+    /// from the first scrape.
+    pub fn new() -> Arc<Self> {
         let m = Metrics {
             jobs: counter_vec(JOBS_TOTAL, "Jobs finished, by final status.", &["status"]),
             retries: IntCounter::new(
@@ -138,7 +146,7 @@ impl Metrics {
             ),
             postgres_write: hist(
                 POSTGRES_WRITE,
-                "Time of one Postgres write transaction, by operation.",
+                "Time of one Postgres operation of the pipeline, by operation.",
                 &["operation"],
                 SECONDS_BUCKETS,
             ),
@@ -162,24 +170,35 @@ impl Metrics {
             .expect("valid histogram"),
             mailbox_depth: gauge_vec(
                 ACTOR_MAILBOX_DEPTH,
-                "Messages sent to an actor kind and not yet being handled.",
+                "Messages accepted by an actor kind and not yet started by an instance.",
+                &["actor"],
+            ),
+            mailbox_capacity: gauge_vec(
+                ACTOR_MAILBOX_CAPACITY,
+                "Messages an actor kind's mailbox holds before senders wait.",
                 &["actor"],
             ),
             mailbox_wait: hist(
                 ACTOR_MAILBOX_WAIT,
-                "Time a message waited in an actor's mailbox before handling started.",
+                "Time a message waited in an actor kind's mailbox before an instance started it.",
+                &["actor"],
+                WAIT_BUCKETS,
+            ),
+            send_blocked: hist(
+                ACTOR_SEND_BLOCKED,
+                "Time a sender waited for a free slot in an actor kind's mailbox (back-pressure).",
                 &["actor"],
                 WAIT_BUCKETS,
             ),
             handling: hist(
                 ACTOR_HANDLING,
-                "Time an actor spent handling one message, including its asynchronous part.",
+                "Time an instance was busy with one message.",
                 &["actor"],
                 SECONDS_BUCKETS,
             ),
             restarts: counter_vec(
                 ACTOR_RESTARTS,
-                "Actor restarts after a panic or failure.",
+                "Restarts of a failed actor instance or loop, by actor kind.",
                 &["actor"],
             ),
             instances: gauge_vec(
@@ -198,7 +217,6 @@ impl Metrics {
             )
             .expect("valid counter"),
         };
-        // Pre-create the closed label sets so every series exists from the first scrape.
         for s in [
             JobOutcome::Succeeded,
             JobOutcome::Failed,
@@ -209,10 +227,12 @@ impl Metrics {
         for s in ["lag", "pending"] {
             m.pending_jobs.with_label_values(&[s]);
         }
-        for a in crate::runtime::ActorKind::ALL {
+        for a in ActorKind::ALL {
             let a = a.as_str();
             m.mailbox_depth.with_label_values(&[a]);
+            m.mailbox_capacity.with_label_values(&[a]);
             m.mailbox_wait.with_label_values(&[a]);
+            m.send_blocked.with_label_values(&[a]);
             m.handling.with_label_values(&[a]);
             m.restarts.with_label_values(&[a]);
             m.instances.with_label_values(&[a]);
@@ -223,36 +243,75 @@ impl Metrics {
         for op in POSTGRES_OPERATIONS {
             m.postgres_write.with_label_values(&[op]);
         }
-        m
+        Arc::new(m)
+    }
+
+    /// Creates the series labelled with a model version, so rates see its first job too.
+    pub fn register_model_version(&self, model_version: &str) {
+        self.processing.with_label_values(&[model_version]);
+        self.embedding.with_label_values(&[model_version]);
+    }
+
+    /// The series of one actor kind, resolved once.
+    pub fn actor(&self, kind: ActorKind) -> ActorMetrics {
+        let a = kind.as_str();
+        let outcome = |o: &str| self.messages.with_label_values(&[a, o]);
+        ActorMetrics {
+            kind,
+            depth: self.mailbox_depth.with_label_values(&[a]),
+            capacity: self.mailbox_capacity.with_label_values(&[a]),
+            wait: self.mailbox_wait.with_label_values(&[a]),
+            send_blocked: self.send_blocked.with_label_values(&[a]),
+            handling: self.handling.with_label_values(&[a]),
+            restarts: self.restarts.with_label_values(&[a]),
+            instances: self.instances.with_label_values(&[a]),
+            ok: outcome("ok"),
+            error: outcome("error"),
+            panic: outcome("panic"),
+            dropped: outcome("dropped"),
+        }
+    }
+
+    /// Registers every metric in `registry` (clones share their values).
+    pub fn register(&self, registry: &Registry) -> prometheus::Result<()> {
+        registry.register(Box::new(self.jobs.clone()))?;
+        registry.register(Box::new(self.retries.clone()))?;
+        registry.register(Box::new(self.deadletters.clone()))?;
+        registry.register(Box::new(self.processing.clone()))?;
+        registry.register(Box::new(self.embedding.clone()))?;
+        registry.register(Box::new(self.postgres_write.clone()))?;
+        registry.register(Box::new(self.pending_jobs.clone()))?;
+        registry.register(Box::new(self.worker_inflight.clone()))?;
+        registry.register(Box::new(self.job_queue_wait.clone()))?;
+        registry.register(Box::new(self.mailbox_depth.clone()))?;
+        registry.register(Box::new(self.mailbox_capacity.clone()))?;
+        registry.register(Box::new(self.mailbox_wait.clone()))?;
+        registry.register(Box::new(self.send_blocked.clone()))?;
+        registry.register(Box::new(self.handling.clone()))?;
+        registry.register(Box::new(self.restarts.clone()))?;
+        registry.register(Box::new(self.instances.clone()))?;
+        registry.register(Box::new(self.messages.clone()))?;
+        registry.register(Box::new(self.dropped_spans.clone()))?;
+        Ok(())
     }
 }
 
-/// The process-wide metrics.
-pub fn metrics() -> &'static Metrics {
-    static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
-    &METRICS
-}
-
-/// Registers every metric in `registry` (clones share their values).
-pub fn register_all(registry: &Registry) -> prometheus::Result<()> {
-    let m = metrics();
-    registry.register(Box::new(m.jobs.clone()))?;
-    registry.register(Box::new(m.retries.clone()))?;
-    registry.register(Box::new(m.deadletters.clone()))?;
-    registry.register(Box::new(m.processing.clone()))?;
-    registry.register(Box::new(m.embedding.clone()))?;
-    registry.register(Box::new(m.postgres_write.clone()))?;
-    registry.register(Box::new(m.pending_jobs.clone()))?;
-    registry.register(Box::new(m.worker_inflight.clone()))?;
-    registry.register(Box::new(m.job_queue_wait.clone()))?;
-    registry.register(Box::new(m.mailbox_depth.clone()))?;
-    registry.register(Box::new(m.mailbox_wait.clone()))?;
-    registry.register(Box::new(m.handling.clone()))?;
-    registry.register(Box::new(m.restarts.clone()))?;
-    registry.register(Box::new(m.instances.clone()))?;
-    registry.register(Box::new(m.messages.clone()))?;
-    registry.register(Box::new(m.dropped_spans.clone()))?;
-    Ok(())
+/// The series of one actor kind (clones of the labelled children: updating one updates the
+/// registered family).
+#[derive(Clone)]
+pub struct ActorMetrics {
+    pub kind: ActorKind,
+    pub depth: IntGauge,
+    pub capacity: IntGauge,
+    pub wait: Histogram,
+    pub send_blocked: Histogram,
+    pub handling: Histogram,
+    pub restarts: IntCounter,
+    pub instances: IntGauge,
+    pub ok: IntCounter,
+    pub error: IntCounter,
+    pub panic: IntCounter,
+    pub dropped: IntCounter,
 }
 
 #[cfg(test)]
@@ -276,7 +335,7 @@ mod tests {
     #[test]
     fn every_metric_registers_once() {
         let registry = Registry::new();
-        register_all(&registry).unwrap();
+        Metrics::new().register(&registry).unwrap();
         let names: Vec<String> = registry
             .gather()
             .iter()
@@ -285,11 +344,24 @@ mod tests {
         for n in [
             JOBS_TOTAL,
             ACTOR_MAILBOX_DEPTH,
+            ACTOR_MAILBOX_CAPACITY,
+            ACTOR_SEND_BLOCKED,
             ACTOR_HANDLING,
             PENDING_JOBS,
             TELEMETRY_DROPPED_SPANS,
         ] {
             assert!(names.iter().any(|x| x == n), "{n} not registered");
         }
+    }
+
+    #[test]
+    fn two_handles_do_not_share_values() {
+        let (a, b) = (Metrics::new(), Metrics::new());
+        a.retries.inc();
+        a.actor(ActorKind::Embedder).depth.inc();
+        assert_eq!(a.retries.get(), 1);
+        assert_eq!(b.retries.get(), 0);
+        assert_eq!(b.actor(ActorKind::Embedder).depth.get(), 0);
+        assert_eq!(a.mailbox_depth.with_label_values(&["embedder"]).get(), 1);
     }
 }

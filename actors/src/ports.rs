@@ -10,7 +10,6 @@ use uuid::Uuid;
 use crate::algo::cluster::ClusterParams;
 use crate::algo::quality::Quality;
 use crate::error::PipelineError;
-use crate::job::JobEntry;
 
 /// One entry delivered from the jobs stream.
 #[derive(Debug, Clone)]
@@ -39,8 +38,8 @@ pub trait JobQueue: Send + Sync + 'static {
         count: usize,
         block_ms: u64,
     ) -> Result<Vec<Delivery>, PipelineError>;
-    /// Acknowledges an entry once its result is committed.
-    async fn ack(&self, stream_id: &str) -> Result<(), PipelineError>;
+    /// Acknowledges entries once their results are committed.
+    async fn ack(&self, stream_ids: &[String]) -> Result<(), PipelineError>;
     /// Copies the entry to the dead-letter stream with `error`, then acknowledges it.
     async fn dead_letter(&self, delivery: &Delivery, error: &str) -> Result<(), PipelineError>;
     async fn depth(&self) -> Result<QueueDepth, PipelineError>;
@@ -102,7 +101,7 @@ pub enum JobStart {
     Unknown,
 }
 
-/// One photo of a pet with its cached embedding, if any, for the current model.
+/// One processable photo of a pet with its cached embedding, if any, for the current model.
 #[derive(Debug, Clone)]
 pub struct PetImage {
     pub image_id: Uuid,
@@ -117,39 +116,54 @@ pub struct ClusterOut {
     pub members: Vec<(Uuid, f64)>,
 }
 
-/// Everything a successful job writes, in one transaction.
+/// What one clustering of a pet writes, in one transaction. It completes every job of its
+/// batch (a pet's jobs that waited while another of its jobs ran are coalesced into one
+/// clustering); the cluster version is recorded under `version_job`, the batch's newest.
 #[derive(Debug, Clone)]
 pub struct ClusteringResult {
-    pub job: JobEntry,
+    pub pet_id: String,
+    pub job_ids: Vec<Uuid>,
+    pub version_job: Uuid,
     pub model_version: String,
     pub params: ClusterParams,
-    pub new_embeddings: Vec<(Uuid, Vec<f32>, Quality)>,
     pub clusters: Vec<ClusterOut>,
 }
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Marks the job `running` (counting the attempt), unless it already finished.
-    async fn start_job(&self, job_id: Uuid, stream_id: &str) -> Result<JobStart, PipelineError>;
-    /// Every photo of the pet, with embeddings cached for `model_version`.
+    /// Marks each job `running` (counting the attempt) unless it already finished; answers
+    /// in the order asked. `jobs` are `(job id, stream id)`.
+    async fn start_jobs(&self, jobs: &[(Uuid, String)]) -> Result<Vec<JobStart>, PipelineError>;
+    /// Every photo of the pet that is not quarantined, with embeddings cached for
+    /// `model_version`.
     async fn pet_images(
         &self,
         pet_id: &str,
         model_version: &str,
     ) -> Result<Vec<PetImage>, PipelineError>;
-    /// Writes embeddings, a new cluster version with its clusters and members, and
-    /// marks the job `succeeded`, in one transaction. Idempotent by job id: a job
-    /// that already has a version gets that version back and nothing is written.
+    /// Stores one photo's embedding and quality measures (kept if already there).
+    async fn store_embedding(
+        &self,
+        image_id: Uuid,
+        model_version: &str,
+        vector: &[f32],
+        quality: &Quality,
+    ) -> Result<(), PipelineError>;
+    /// Marks a photo unprocessable with its reason: it is left out of clustering from now on.
+    async fn quarantine(&self, image_id: Uuid, error: &str) -> Result<(), PipelineError>;
+    /// Writes a new cluster version with its clusters and members and marks every job of the
+    /// batch `succeeded`, in one transaction. Idempotent: a batch whose `version_job` already
+    /// has a version gets that version back and nothing is written.
     async fn commit(&self, result: &ClusteringResult) -> Result<i64, PipelineError>;
-    /// Marks the job `failed` or `dead_lettered` with `error`.
+    /// Marks jobs `failed` or `dead_lettered` with `error`.
     async fn finish_unsuccessful(
         &self,
-        job_id: Uuid,
+        job_ids: &[Uuid],
         status: FinalStatus,
         error: &str,
     ) -> Result<(), PipelineError>;
-    /// Puts a job back to `queued` after a retryable failure, recording the error.
-    async fn requeue(&self, job_id: Uuid, error: &str) -> Result<(), PipelineError>;
+    /// Puts jobs back to `queued` (handed back on shutdown), recording the error.
+    async fn requeue(&self, job_ids: &[Uuid], error: &str) -> Result<(), PipelineError>;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

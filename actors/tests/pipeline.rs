@@ -1,344 +1,23 @@
-//! The actor runtime through its ports, with in-memory fakes: restarts after a
-//! panic, mailbox depth under a slow stage, back-pressure, retries and dead letters.
+//! The actor runtime through its ports, with in-memory fakes: instances that bound
+//! concurrency, mailbox depth under slow stages, per-pet scheduling and coalescing,
+//! restarts and escalation, kept work, bounded memory, retries, quarantine and dead letters.
+//! Each test has its own metrics handle, so they pass under plain `cargo test` too.
 
-use std::collections::{HashMap, VecDeque};
-use std::io::Cursor;
+mod support;
+
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use actors::algo::cluster::ClusterParams;
-use actors::algo::embed::{EmbedError, ImageEncoder};
-use actors::error::PipelineError;
-use actors::job::{JobEntry, JobKind};
-use actors::metrics::metrics;
-use actors::pipeline::{self, ActorCounts, PipelineHandle, PipelineSettings, Ports};
-use actors::ports::*;
-use async_trait::async_trait;
-use image::{DynamicImage, ImageBuffer, ImageFormat, Rgb};
-use uuid::Uuid;
+use actors::runtime::ActorKind;
+use actors::runtime::faults::FaultPoint;
+use support::*;
 
-#[derive(Default)]
-struct FakeQueue {
-    entries: Mutex<VecDeque<Delivery>>,
-    acked: Mutex<Vec<String>>,
-    dead: Mutex<Vec<(Delivery, String)>>,
+fn colours(n: usize, seed: u8) -> Vec<[u8; 3]> {
+    (0..n)
+        .map(|i| [seed.wrapping_mul(37), (i as u8).wrapping_mul(11), 90])
+        .collect()
 }
-
-#[async_trait]
-impl JobQueue for FakeQueue {
-    async fn read(&self, _: &str, count: usize, _: u64) -> Result<Vec<Delivery>, PipelineError> {
-        let batch: Vec<Delivery> = {
-            let mut q = self.entries.lock().unwrap();
-            let n = count.min(q.len());
-            q.drain(..n).collect()
-        };
-        if batch.is_empty() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        Ok(batch)
-    }
-    async fn ack(&self, id: &str) -> Result<(), PipelineError> {
-        self.acked.lock().unwrap().push(id.to_owned());
-        Ok(())
-    }
-    async fn dead_letter(&self, d: &Delivery, error: &str) -> Result<(), PipelineError> {
-        self.dead
-            .lock()
-            .unwrap()
-            .push((d.clone(), error.to_owned()));
-        self.ack(&d.stream_id).await
-    }
-    async fn depth(&self) -> Result<QueueDepth, PipelineError> {
-        Ok(QueueDepth {
-            lag: self.entries.lock().unwrap().len() as i64,
-            pending: 0,
-        })
-    }
-    async fn reclaim(&self, _: &str, _: u64, _: usize) -> Result<Vec<Delivery>, PipelineError> {
-        Ok(vec![])
-    }
-    async fn keep_alive(&self, _: &str, _: &[String]) -> Result<(), PipelineError> {
-        Ok(())
-    }
-    async fn trim(&self) -> Result<u64, PipelineError> {
-        Ok(0)
-    }
-    async fn prune_consumers(&self, _: &str, _: u64) -> Result<usize, PipelineError> {
-        Ok(0)
-    }
-}
-
-#[derive(Default)]
-struct FakeStore {
-    jobs: Mutex<HashMap<Uuid, String>>,
-    images: Mutex<HashMap<String, Vec<Uuid>>>,
-    commits: Mutex<Vec<ClusteringResult>>,
-    /// Commits that panic before any that succeeds.
-    panics: AtomicU32,
-    /// Commits that fail with a retryable error before any that succeeds.
-    failures: AtomicU32,
-}
-
-fn take_one(n: &AtomicU32) -> bool {
-    n.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1))
-        .is_ok()
-}
-
-#[async_trait]
-impl Store for FakeStore {
-    async fn start_job(&self, job_id: Uuid, _: &str) -> Result<JobStart, PipelineError> {
-        let mut jobs = self.jobs.lock().unwrap();
-        Ok(match jobs.get_mut(&job_id) {
-            Some(s) if s == "queued" || s == "running" => {
-                *s = "running".into();
-                JobStart::Started { attempts: 1 }
-            }
-            Some(_) => JobStart::AlreadyFinished,
-            None => JobStart::Unknown,
-        })
-    }
-    async fn pet_images(&self, pet_id: &str, _: &str) -> Result<Vec<PetImage>, PipelineError> {
-        let images = self.images.lock().unwrap();
-        Ok(images
-            .get(pet_id)
-            .map(|ids| {
-                ids.iter()
-                    .map(|id| PetImage {
-                        image_id: *id,
-                        storage_key: id.to_string(),
-                        cached: None,
-                    })
-                    .collect()
-            })
-            .unwrap_or_default())
-    }
-    async fn commit(&self, result: &ClusteringResult) -> Result<i64, PipelineError> {
-        if take_one(&self.panics) {
-            panic!("injected panic in commit");
-        }
-        if take_one(&self.failures) {
-            return Err(PipelineError::unavailable("postgres", "injected outage"));
-        }
-        self.jobs
-            .lock()
-            .unwrap()
-            .insert(result.job.job_id, "succeeded".into());
-        let mut commits = self.commits.lock().unwrap();
-        commits.push(result.clone());
-        Ok(commits.len() as i64)
-    }
-    async fn finish_unsuccessful(
-        &self,
-        job_id: Uuid,
-        status: FinalStatus,
-        _: &str,
-    ) -> Result<(), PipelineError> {
-        self.jobs
-            .lock()
-            .unwrap()
-            .insert(job_id, status.as_str().into());
-        Ok(())
-    }
-    async fn requeue(&self, job_id: Uuid, _: &str) -> Result<(), PipelineError> {
-        self.jobs.lock().unwrap().insert(job_id, "queued".into());
-        Ok(())
-    }
-}
-
-#[derive(Default)]
-struct FakeBlobs(Mutex<HashMap<String, Vec<u8>>>);
-
-#[async_trait]
-impl BlobStore for FakeBlobs {
-    async fn get(&self, key: &str) -> Result<Vec<u8>, PipelineError> {
-        self.0
-            .lock()
-            .unwrap()
-            .get(key)
-            .cloned()
-            .ok_or_else(|| PipelineError::permanent("missing"))
-    }
-}
-
-/// Embeds a photo as its mean colour; optionally slow, to back up its mailbox.
-struct ColourEncoder {
-    delay: Duration,
-}
-
-impl ImageEncoder for ColourEncoder {
-    fn model_version(&self) -> &str {
-        "colour-test"
-    }
-    fn embed(&self, img: &DynamicImage) -> Result<Vec<f32>, EmbedError> {
-        std::thread::sleep(self.delay);
-        let rgb = img.to_rgb8();
-        let n = (rgb.width() * rgb.height()) as f32;
-        let mut v = vec![0f32; 3];
-        for p in rgb.pixels() {
-            for (acc, channel) in v.iter_mut().zip(p.0) {
-                *acc += f32::from(channel) / n;
-            }
-        }
-        actors::algo::embed::l2_normalize(&mut v);
-        Ok(v)
-    }
-}
-
-fn png(colour: [u8; 3]) -> Vec<u8> {
-    let img = DynamicImage::ImageRgb8(ImageBuffer::from_pixel(32, 24, Rgb(colour)));
-    let mut out = Cursor::new(Vec::new());
-    img.write_to(&mut out, ImageFormat::Png).unwrap();
-    out.into_inner()
-}
-
-struct Harness {
-    queue: Arc<FakeQueue>,
-    store: Arc<FakeStore>,
-    blobs: Arc<FakeBlobs>,
-    handle: Option<PipelineHandle>,
-    next_id: u32,
-}
-
-fn settings(embedders: usize, capacity: usize, max_deliveries: u32) -> PipelineSettings {
-    PipelineSettings {
-        stream: "test:jobs".into(),
-        group: "test".into(),
-        consumer: "test-consumer".into(),
-        block_ms: 10,
-        claim_min_idle_ms: 60_000,
-        max_deliveries,
-        retry_base: Duration::from_millis(5),
-        counts: ActorCounts {
-            stream_readers: 1,
-            embedders,
-            clusterers: 1,
-            hero_selectors: 1,
-            postgres_writers: 2,
-        },
-        mailbox_capacity: capacity,
-        max_inflight_jobs: 4,
-        params: ClusterParams {
-            eps: 0.01,
-            min_points: 2,
-        },
-        max_pixels: 1_000_000,
-    }
-}
-
-impl Harness {
-    fn start(s: PipelineSettings, store: FakeStore, delay: Duration) -> Self {
-        let (queue, store, blobs) = (
-            Arc::new(FakeQueue::default()),
-            Arc::new(store),
-            Arc::new(FakeBlobs::default()),
-        );
-        let ports = Ports {
-            queue: queue.clone(),
-            store: store.clone(),
-            blobs: blobs.clone(),
-        };
-        let handle = pipeline::start(s, ports, Arc::new(ColourEncoder { delay }));
-        Harness {
-            queue,
-            store,
-            blobs,
-            handle: Some(handle),
-            next_id: 0,
-        }
-    }
-
-    /// Adds a pet with photos of the given colours and enqueues its job; returns the stream id.
-    fn enqueue(&mut self, pet: &str, colours: &[[u8; 3]]) -> (Uuid, String) {
-        let ids: Vec<Uuid> = colours.iter().map(|_| Uuid::now_v7()).collect();
-        for (id, c) in ids.iter().zip(colours) {
-            self.blobs.0.lock().unwrap().insert(id.to_string(), png(*c));
-        }
-        self.store
-            .images
-            .lock()
-            .unwrap()
-            .entry(pet.into())
-            .or_default()
-            .extend(&ids);
-        let job_id = Uuid::now_v7();
-        self.store
-            .jobs
-            .lock()
-            .unwrap()
-            .insert(job_id, "queued".into());
-        let entry = JobEntry {
-            job_id,
-            pet_id: pet.into(),
-            kind: JobKind::ImageAdded,
-            image_ids: ids,
-            enqueued_at_ms: 0,
-            attempt: 1,
-            traceparent: None,
-            tracestate: None,
-        };
-        let sid = self.push(
-            entry
-                .to_fields()
-                .into_iter()
-                .map(|(k, v)| (k.to_owned(), v))
-                .collect(),
-        );
-        (job_id, sid)
-    }
-
-    fn push(&mut self, fields: HashMap<String, String>) -> String {
-        self.next_id += 1;
-        let stream_id = format!("{}-0", self.next_id);
-        self.queue.entries.lock().unwrap().push_back(Delivery {
-            stream_id: stream_id.clone(),
-            fields,
-            deliveries: 1,
-        });
-        stream_id
-    }
-
-    async fn wait_acked(&self, stream_id: &str) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !self
-            .queue
-            .acked
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|a| a == stream_id)
-        {
-            assert!(
-                Instant::now() < deadline,
-                "entry {stream_id} never acknowledged"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
-    fn status(&self, job: Uuid) -> String {
-        self.store.jobs.lock().unwrap()[&job].clone()
-    }
-
-    async fn stop(mut self) {
-        if let Some(h) = self.handle.take() {
-            assert!(
-                h.shutdown(Duration::from_secs(5)).await,
-                "in-flight jobs did not drain"
-            );
-        }
-    }
-}
-
-fn gauge(name: &str, actor: &str) -> i64 {
-    match name {
-        "depth" => metrics().mailbox_depth.with_label_values(&[actor]).get(),
-        _ => metrics().instances.with_label_values(&[actor]).get(),
-    }
-}
-
-const RED: [u8; 3] = [200, 10, 10];
-const BLUE: [u8; 3] = [10, 10, 200];
 
 #[actix_rt::test]
 async fn a_panicking_actor_is_restarted_and_its_job_still_succeeds() {
@@ -347,49 +26,116 @@ async fn a_panicking_actor_is_restarted_and_its_job_still_succeeds() {
         ..Default::default()
     };
     let mut h = Harness::start(settings(2, 16, 5), store, Duration::ZERO);
-    let restarts = metrics()
-        .restarts
-        .with_label_values(&["postgres_writer"])
-        .get();
     let (job, sid) = h.enqueue("rex", &[RED, RED, BLUE]);
     h.wait_acked(&sid).await;
 
     assert_eq!(h.status(job), "succeeded");
+    assert_eq!(h.restarts("postgres_writer"), 1);
     assert_eq!(
-        metrics()
-            .restarts
-            .with_label_values(&["postgres_writer"])
-            .get(),
-        restarts + 1
-    );
-    assert_eq!(
-        metrics()
+        h.metrics
             .messages
             .with_label_values(&["postgres_writer", "panic"])
             .get(),
         1
     );
-    assert!(
-        metrics().retries.get() >= 1,
-        "the failed attempt was retried"
-    );
+    assert_eq!(h.metrics.retries.get(), 1, "the failed attempt was retried");
     let commits = h.store.commits.lock().unwrap().clone();
     assert_eq!(commits.len(), 1);
     assert_eq!(commits[0].clusters.len(), 2, "red pair and blue singleton");
-    // The supervisor restores the configured count.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while gauge("instances", "postgres_writer") != 2 {
-        assert!(
-            Instant::now() < deadline,
-            "postgres_writer instances {}",
-            gauge("instances", "postgres_writer")
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    // The embeddings were kept when they were made: the retry embedded nothing.
+    assert_eq!(h.encoder.embedded.load(Ordering::SeqCst), 3);
+    h.until("the writer's instances back to 2", || {
+        h.instances("postgres_writer") == 2
+    })
+    .await;
+    h.until("the pet unlocked", || h.locked_pets().is_empty())
+        .await;
     // And the pipeline keeps working.
     let (job2, sid2) = h.enqueue("rex", &[BLUE]);
     h.wait_acked(&sid2).await;
     assert_eq!(h.status(job2), "succeeded");
+    h.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_panic_in_each_stage_the_read_loop_or_a_job_restarts_it_and_the_job_ends() {
+    let cases = [
+        (
+            FaultPoint::Actor(ActorKind::StreamReader),
+            Some("stream_reader"),
+        ),
+        (FaultPoint::Actor(ActorKind::Embedder), Some("embedder")),
+        (FaultPoint::Actor(ActorKind::Clusterer), Some("clusterer")),
+        (
+            FaultPoint::Actor(ActorKind::HeroSelector),
+            Some("hero_selector"),
+        ),
+        (
+            FaultPoint::Actor(ActorKind::PostgresWriter),
+            Some("postgres_writer"),
+        ),
+        (FaultPoint::ReadLoop, Some("stream_reader")),
+        (FaultPoint::Job, None),
+    ];
+    for (point, kind) in cases {
+        let mut h = Harness::start(settings(2, 16, 5), FakeStore::default(), Duration::ZERO);
+        h.faults.arm(point, 1);
+        let (job, sid) = h.enqueue("milo", &[RED, RED, BLUE]);
+        h.wait_acked(&sid).await;
+        assert_eq!(h.status(job), "succeeded", "{point:?}");
+        assert!(h.faults.is_empty(), "{point:?}: the fault was not hit");
+        match kind {
+            Some(kind) => {
+                assert_eq!(h.restarts(kind), 1, "{point:?}: restarts of {kind}");
+                let c = h.settings.counts;
+                let want = match kind {
+                    "stream_reader" => c.stream_readers,
+                    "embedder" => c.embedders,
+                    "clusterer" => c.clusterers,
+                    "hero_selector" => c.hero_selectors,
+                    _ => c.postgres_writers,
+                } as i64;
+                h.until("instances restored", || h.instances(kind) == want)
+                    .await;
+            }
+            None => {
+                // A job that panicked is retried; its lock, slot and entry were released.
+                assert_eq!(
+                    h.metrics
+                        .messages
+                        .with_label_values(&["pet_scheduler", "panic"])
+                        .get(),
+                    1
+                );
+                assert_eq!(h.metrics.retries.get(), 1);
+            }
+        }
+        h.until("the pet unlocked", || h.locked_pets().is_empty())
+            .await;
+        assert_eq!(h.metrics.worker_inflight.get(), 0, "{point:?}");
+        h.stop().await;
+    }
+}
+
+#[actix_rt::test]
+async fn past_the_restart_intensity_the_pipeline_escalates() {
+    let mut s = settings(2, 16, 50);
+    s.restart.max_restarts = 2;
+    let mut h = Harness::start(s, FakeStore::default(), Duration::ZERO);
+    h.faults.arm(FaultPoint::Actor(ActorKind::Embedder), 3);
+    let (_, sid) = h.enqueue("luna", &[RED, BLUE, RED, BLUE]);
+    h.until("an escalation", || h.health.escalation().is_some())
+        .await;
+    let why = h.health.escalation().unwrap();
+    assert!(why.contains("embedder"), "{why}");
+    assert!(
+        h.health.problems().iter().any(|p| p.contains("embedder")),
+        "{:?}",
+        h.health.problems()
+    );
+    assert_eq!(h.restarts("embedder"), 3);
+    // The job still finishes (the faults are spent) and the process can drain.
+    h.wait_acked(&sid).await;
     h.stop().await;
 }
 
@@ -401,34 +147,191 @@ async fn mailbox_depth_rises_behind_a_slow_stage_and_drains_to_zero() {
         FakeStore::default(),
         Duration::from_millis(15),
     );
-    let colours: Vec<[u8; 3]> = (0..24u8).map(|i| [i * 10, 100, 50]).collect();
-    let (job, sid) = h.enqueue("burst", &colours);
+    let mut sids = Vec::new();
+    for pet in 0..6 {
+        sids.push(h.enqueue(&format!("burst-{pet}"), &colours(4, pet)).1);
+    }
     let mut max_depth = 0;
-    while !h.queue.acked.lock().unwrap().contains(&sid) {
-        let d = gauge("depth", "embedder");
+    while !sids.iter().all(|s| h.is_acked(s)) {
+        let d = h.gauge_depth("embedder");
         max_depth = max_depth.max(d);
         assert!(
             d <= capacity as i64,
             "depth {d} above the mailbox capacity {capacity}"
         );
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    assert_eq!(h.status(job), "succeeded");
     assert!(max_depth > 0, "the embedder's mailbox never filled");
-    for actor in [
-        "stream_reader",
-        "embedder",
-        "clusterer",
-        "hero_selector",
-        "postgres_writer",
-    ] {
-        assert_eq!(gauge("depth", actor), 0, "{actor} depth after draining");
+    for actor in ActorKind::ALL {
+        assert_eq!(
+            h.gauge_depth(actor.as_str()),
+            0,
+            "{actor} depth after draining"
+        );
     }
-    let handled = metrics()
+    let handled = h
+        .metrics
         .handling
         .with_label_values(&["embedder"])
         .get_sample_count();
     assert_eq!(handled, 24);
+    h.stop().await;
+}
+
+/// Runs one-photo jobs for `pets` pets against a store whose every operation takes 15 ms;
+/// returns the writer's highest mailbox depth seen.
+async fn writer_burst(h: &mut Harness, pets: usize) -> i64 {
+    let sids: Vec<String> = (0..pets)
+        .map(|p| h.enqueue(&format!("pet-{p}"), &[[p as u8, 40, 40]]).1)
+        .collect();
+    let mut max_depth = 0;
+    while !sids.iter().all(|s| h.is_acked(s)) {
+        max_depth = max_depth.max(h.gauge_depth("postgres_writer"));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    max_depth
+}
+
+#[actix_rt::test]
+async fn one_writer_handles_one_operation_at_a_time_and_the_rest_wait_in_its_mailbox() {
+    let mut s = settings(2, 16, 5);
+    s.counts.postgres_writers = 1;
+    s.max_inflight_jobs = 8;
+    let store = FakeStore {
+        delay: Duration::from_millis(15),
+        ..Default::default()
+    };
+    let mut h = Harness::start(s, store, Duration::ZERO);
+    let max_depth = writer_burst(&mut h, 12).await;
+    assert!(max_depth >= 1, "the writer's depth stayed at {max_depth}");
+    assert_eq!(h.store.max_active.load(Ordering::SeqCst), 1);
+    h.until("the writer's depth back to 0", || {
+        h.gauge_depth("postgres_writer") == 0
+    })
+    .await;
+    let wait = h
+        .metrics
+        .mailbox_wait
+        .with_label_values(&["postgres_writer"]);
+    assert!(wait.get_sample_sum() > 0.0, "no writer message waited");
+    h.stop().await;
+}
+
+#[actix_rt::test]
+async fn four_writers_run_four_operations_at_once_and_never_five() {
+    let mut s = settings(2, 16, 5);
+    s.counts.postgres_writers = 4;
+    s.max_inflight_jobs = 8;
+    let store = FakeStore {
+        delay: Duration::from_millis(15),
+        ..Default::default()
+    };
+    let mut h = Harness::start(s, store, Duration::ZERO);
+    writer_burst(&mut h, 12).await;
+    assert_eq!(h.store.max_active.load(Ordering::SeqCst), 4);
+    h.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_busy_pet_does_not_hold_up_another_and_its_burst_is_coalesced() {
+    let mut s = settings(2, 64, 5);
+    s.max_inflight_jobs = 4;
+    let store = FakeStore {
+        delay: Duration::from_millis(1),
+        ..Default::default()
+    };
+    let mut h = Harness::start(s, store, Duration::from_millis(25));
+    // Pet B's one-photo job on an idle pipeline.
+    let t = Instant::now();
+    let (_, sid) = h.enqueue("pet-b", &[BLUE]);
+    h.wait_acked(&sid).await;
+    let idle = t.elapsed();
+
+    // The same behind a burst of 24 one-photo jobs for pet A.
+    let mut burst = Vec::new();
+    for i in 0..24u8 {
+        burst.push(h.enqueue("pet-a", &[[i * 9, 200, 30]]).1);
+    }
+    let t = Instant::now();
+    let (_, sid) = h.enqueue("pet-b", &[[12, 12, 180]]);
+    h.wait_acked(&sid).await;
+    let behind = t.elapsed();
+    for s in &burst {
+        h.wait_acked(s).await;
+    }
+    assert!(
+        behind <= idle * 3,
+        "pet B took {behind:?} behind the burst, {idle:?} on an idle pipeline"
+    );
+    let versions = h.store.commits_for("pet-a");
+    assert!(
+        versions < 24,
+        "24 jobs of pet A wrote {versions} versions: nothing was coalesced"
+    );
+    // Every photo of pet A is in its last clustering.
+    let commits = h.store.commits.lock().unwrap().clone();
+    let last = commits.iter().rev().find(|c| c.pet_id == "pet-a").unwrap();
+    let members: usize = last.clusters.iter().map(|c| c.members.len()).sum();
+    assert_eq!(members, 24);
+    h.stop().await;
+}
+
+#[actix_rt::test]
+async fn another_process_holding_a_pets_lock_holds_no_slot() {
+    let mut s = settings(2, 16, 5);
+    s.max_inflight_jobs = 1;
+    let mut h = Harness::start(s, FakeStore::default(), Duration::ZERO);
+    h.queue
+        .locks
+        .lock()
+        .unwrap()
+        .insert("pet-x".into(), "another-worker".into());
+    let (x, sid_x) = h.enqueue("pet-x", &[RED]);
+    let (_, sid_y) = h.enqueue("pet-y", &[BLUE]);
+    // With one slot, pet Y can only run if pet X waits without it.
+    h.wait_acked(&sid_y).await;
+    assert!(!h.is_acked(&sid_x));
+    assert_ne!(h.status(x), "succeeded");
+    h.queue.locks.lock().unwrap().remove("pet-x");
+    h.wait_acked(&sid_x).await;
+    assert_eq!(h.status(x), "succeeded");
+    h.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_commit_that_fails_once_is_retried_without_embedding_again() {
+    let store = FakeStore {
+        failures: AtomicU32::new(1),
+        ..Default::default()
+    };
+    let mut h = Harness::start(settings(2, 16, 5), store, Duration::ZERO);
+    let (job, sid) = h.enqueue("kept", &[RED, BLUE, RED]);
+    h.wait_acked(&sid).await;
+    assert_eq!(h.status(job), "succeeded");
+    assert_eq!(h.metrics.retries.get(), 1);
+    assert_eq!(h.encoder.embedded.load(Ordering::SeqCst), 3);
+    h.stop().await;
+}
+
+#[actix_rt::test]
+async fn at_most_embedders_plus_capacity_photos_are_in_memory() {
+    let (embedders, capacity) = (2, 3);
+    let mut s = settings(embedders, capacity, 5);
+    s.max_inflight_jobs = 8;
+    let mut h = Harness::start(s, FakeStore::default(), Duration::from_millis(3));
+    let sids: Vec<String> = (0..8)
+        .map(|p| h.enqueue(&format!("big-{p}"), &colours(8, p)).1)
+        .collect();
+    for s in &sids {
+        h.wait_acked(s).await;
+    }
+    let max = h.blobs.count.max_live.load(Ordering::SeqCst);
+    assert!(
+        max <= embedders + capacity,
+        "{max} photos were held at once (bound {})",
+        embedders + capacity
+    );
+    assert!(max >= embedders, "the run was not concurrent ({max})");
     h.stop().await;
 }
 
@@ -442,8 +345,35 @@ async fn retryable_failures_are_retried_and_the_job_succeeds() {
     let (job, sid) = h.enqueue("milo", &[RED, BLUE]);
     h.wait_acked(&sid).await;
     assert_eq!(h.status(job), "succeeded");
-    assert_eq!(metrics().retries.get(), 2);
-    assert_eq!(metrics().jobs.with_label_values(&["succeeded"]).get(), 1);
+    assert_eq!(h.metrics.retries.get(), 2);
+    assert_eq!(h.metrics.jobs.with_label_values(&["succeeded"]).get(), 1);
+    h.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_photo_that_cannot_be_decoded_is_quarantined_and_its_pet_goes_on() {
+    let mut h = Harness::start(settings(2, 16, 5), FakeStore::default(), Duration::ZERO);
+    let good = h.add_photos("bella", &[RED, RED]);
+    let bad = h.add_photo_bytes("bella", vec![b"\x89PNG\r\n\x1a\nnot really".to_vec()]);
+    let (job, sid) = h.enqueue_job("bella", [good.clone(), bad.clone()].concat());
+    h.wait_acked(&sid).await;
+    assert_eq!(h.status(job), "succeeded");
+    let q = h.store.quarantined();
+    assert_eq!(q.len(), 1);
+    assert_eq!(q[0].0, bad[0]);
+    let commits = h.store.commits.lock().unwrap().clone();
+    let members: Vec<_> = commits[0]
+        .clusters
+        .iter()
+        .flat_map(|c| c.members.iter().map(|m| m.0))
+        .collect();
+    assert_eq!(members.len(), 2);
+    assert!(!members.contains(&bad[0]));
+    // The next job of the pet does not try the photo again.
+    let (job2, sid2) = h.enqueue("bella", &[BLUE]);
+    h.wait_acked(&sid2).await;
+    assert_eq!(h.status(job2), "succeeded");
+    assert_eq!(h.store.quarantined().len(), 1);
     h.stop().await;
 }
 
@@ -481,10 +411,35 @@ async fn poison_and_exhausted_entries_are_dead_lettered_while_others_proceed() {
         "{}",
         dead[1].1
     );
-    assert_eq!(metrics().deadletters.get(), 2);
+    assert_eq!(h.metrics.deadletters.get(), 2);
     assert_eq!(
-        metrics().jobs.with_label_values(&["dead_lettered"]).get(),
+        h.metrics.jobs.with_label_values(&["dead_lettered"]).get(),
         1
     );
+    h.stop().await;
+}
+
+#[actix_rt::test]
+async fn capacity_and_instances_are_published_per_kind() {
+    let h = Harness::start(settings(3, 7, 5), FakeStore::default(), Duration::ZERO);
+    let cap = |a: &str| h.metrics.mailbox_capacity.with_label_values(&[a]).get();
+    for a in [
+        "stream_reader",
+        "embedder",
+        "clusterer",
+        "hero_selector",
+        "postgres_writer",
+    ] {
+        assert_eq!(cap(a), 7, "{a}");
+    }
+    h.until("every instance running", || {
+        h.instances("embedder") == 3
+            && h.instances("stream_reader") == 2
+            && h.instances("postgres_writer") == 2
+            && h.instances("clusterer") == 1
+            && h.instances("supervisor") == 1
+            && h.instances("pet_scheduler") == 1
+    })
+    .await;
     h.stop().await;
 }

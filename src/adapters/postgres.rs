@@ -174,8 +174,8 @@ pub async fn images_without_embedding(
     .await
 }
 
-/// Stores one photo's embedding and quality measures (kept if already there), on a pool
-/// (`reembed`) or inside a job's commit transaction.
+/// Stores one photo's embedding and quality measures (kept if already there): by `reembed`,
+/// and by a job as soon as the photo is embedded.
 pub async fn insert_embedding<'e>(
     db: impl sqlx::PgExecutor<'e>,
     image_id: Uuid,
@@ -306,30 +306,38 @@ pub struct PgStore {
 
 #[async_trait]
 impl Store for PgStore {
-    async fn start_job(&self, job_id: Uuid, stream_id: &str) -> Result<JobStart, PipelineError> {
-        let attempts: Option<i32> = sqlx::query_scalar(
-            "UPDATE jobs SET status = 'running', attempts = attempts + 1,
-                 started_at = COALESCE(started_at, now()), stream_id = COALESCE(stream_id, $2)
-             WHERE id = $1 AND status IN ('queued', 'running') RETURNING attempts",
+    async fn start_jobs(&self, jobs: &[(Uuid, String)]) -> Result<Vec<JobStart>, PipelineError> {
+        let (ids, stream_ids): (Vec<Uuid>, Vec<String>) = jobs.iter().cloned().unzip();
+        let started: Vec<(Uuid, i32)> = sqlx::query_as(
+            "UPDATE jobs j SET status = 'running', attempts = j.attempts + 1,
+                 started_at = COALESCE(j.started_at, now()), stream_id = COALESCE(j.stream_id, x.sid)
+             FROM UNNEST($1::uuid[], $2::text[]) AS x(id, sid)
+             WHERE j.id = x.id AND j.status IN ('queued', 'running')
+             RETURNING j.id, j.attempts",
         )
-        .bind(job_id)
-        .bind(stream_id)
-        .fetch_optional(&self.pool)
+        .bind(&ids)
+        .bind(&stream_ids)
+        .fetch_all(&self.pool)
         .await
         .map_err(unavailable)?;
-        if let Some(attempts) = attempts {
-            return Ok(JobStart::Started { attempts });
-        }
-        let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM jobs WHERE id = $1)")
-            .bind(job_id)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(unavailable)?;
-        Ok(if exists {
-            JobStart::AlreadyFinished
+        let started: HashMap<Uuid, i32> = started.into_iter().collect();
+        let known: Vec<Uuid> = if started.len() == ids.len() {
+            Vec::new()
         } else {
-            JobStart::Unknown
-        })
+            sqlx::query_scalar("SELECT id FROM jobs WHERE id = ANY($1)")
+                .bind(&ids)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(unavailable)?
+        };
+        Ok(ids
+            .iter()
+            .map(|id| match started.get(id) {
+                Some(&attempts) => JobStart::Started { attempts },
+                None if known.contains(id) => JobStart::AlreadyFinished,
+                None => JobStart::Unknown,
+            })
+            .collect())
     }
 
     async fn pet_images(
@@ -341,7 +349,7 @@ impl Store for PgStore {
             "SELECT i.id, i.storage_key, e.vector, e.sharpness, e.noise, e.exposure, e.pixels
              FROM images i
              LEFT JOIN image_embeddings e ON e.image_id = i.id AND e.model_version = $2
-             WHERE i.pet_id = $1 ORDER BY i.created_at, i.id",
+             WHERE i.pet_id = $1 AND i.error IS NULL ORDER BY i.created_at, i.id",
         )
         .bind(pet_id)
         .bind(model_version)
@@ -373,20 +381,43 @@ impl Store for PgStore {
             .map_err(unavailable)
     }
 
+    async fn store_embedding(
+        &self,
+        image_id: Uuid,
+        model_version: &str,
+        vector: &[f32],
+        quality: &Quality,
+    ) -> Result<(), PipelineError> {
+        insert_embedding(&self.pool, image_id, model_version, vector, quality)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn quarantine(&self, image_id: Uuid, error: &str) -> Result<(), PipelineError> {
+        sqlx::query("UPDATE images SET error = $2 WHERE id = $1")
+            .bind(image_id)
+            .bind(error)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
     async fn commit(&self, result: &ClusteringResult) -> Result<i64, PipelineError> {
         commit(&self.pool, result).await.map_err(unavailable)
     }
 
     async fn finish_unsuccessful(
         &self,
-        job_id: Uuid,
+        job_ids: &[Uuid],
         status: FinalStatus,
         error: &str,
     ) -> Result<(), PipelineError> {
         sqlx::query(
-            "UPDATE jobs SET status = $2, error = $3, finished_at = now() WHERE id = $1 AND status <> 'succeeded'",
+            "UPDATE jobs SET status = $2, error = $3, finished_at = now()
+             WHERE id = ANY($1) AND status <> 'succeeded'",
         )
-        .bind(job_id)
+        .bind(job_ids)
         .bind(status.as_str())
         .bind(error)
         .execute(&self.pool)
@@ -395,11 +426,11 @@ impl Store for PgStore {
         Ok(())
     }
 
-    async fn requeue(&self, job_id: Uuid, error: &str) -> Result<(), PipelineError> {
+    async fn requeue(&self, job_ids: &[Uuid], error: &str) -> Result<(), PipelineError> {
         sqlx::query(
-            "UPDATE jobs SET status = 'queued', error = $2 WHERE id = $1 AND status = 'running'",
+            "UPDATE jobs SET status = 'queued', error = $2 WHERE id = ANY($1) AND status = 'running'",
         )
-        .bind(job_id)
+        .bind(job_ids)
         .bind(error)
         .execute(&self.pool)
         .await
@@ -409,30 +440,26 @@ impl Store for PgStore {
 }
 
 async fn commit(pool: &PgPool, r: &ClusteringResult) -> Result<i64, sqlx::Error> {
-    let job = &r.job;
     let mut tx = pool.begin().await?;
     // Serialises commits per pet across every worker process, so versions are strictly increasing.
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
-        .bind(&job.pet_id)
+        .bind(&r.pet_id)
         .execute(&mut *tx)
         .await?;
     let existing: Option<i64> =
         sqlx::query_scalar("SELECT version FROM cluster_versions WHERE job_id = $1")
-            .bind(job.job_id)
+            .bind(r.version_job)
             .fetch_optional(&mut *tx)
             .await?;
     if let Some(version) = existing {
-        mark_succeeded(&mut tx, job.job_id).await?;
+        mark_succeeded(&mut tx, &r.job_ids, version).await?;
         tx.commit().await?;
         return Ok(version);
     }
-    for (image_id, vector, q) in &r.new_embeddings {
-        insert_embedding(&mut *tx, *image_id, &r.model_version, vector, q).await?;
-    }
-    // A job started after this one has already written a version: it saw every photo
-    // this one saw, so this result is stale. Keep the embeddings, write no version, and
-    // finish the job as coalesced into the newer one. Versions thus follow job start
-    // order, and the latest covers every photo uploaded before its job started.
+    // A job started after this batch's newest has already written a version: it saw every
+    // photo this batch saw, so this result is stale. Write no version and finish the jobs as
+    // coalesced into the newer one. Versions thus follow job start order, and the latest
+    // covers every photo uploaded before its job started.
     let newer: Option<i64> = sqlx::query_scalar(
         "SELECT cv.version FROM cluster_versions cv
          JOIN jobs theirs ON theirs.id = cv.job_id
@@ -440,21 +467,21 @@ async fn commit(pool: &PgPool, r: &ClusteringResult) -> Result<i64, sqlx::Error>
          WHERE cv.pet_id = $1 AND theirs.started_at > mine.started_at
          ORDER BY cv.version DESC LIMIT 1",
     )
-    .bind(&job.pet_id)
-    .bind(job.job_id)
+    .bind(&r.pet_id)
+    .bind(r.version_job)
     .fetch_optional(&mut *tx)
     .await?;
     if let Some(version) = newer {
-        mark_succeeded(&mut tx, job.job_id).await?;
+        mark_succeeded(&mut tx, &r.job_ids, version).await?;
         tx.commit().await?;
-        tracing::info!(job_id = %job.job_id, version, "A newer job already clustered this pet; coalesced.");
+        tracing::info!(job_id = %r.version_job, version, "A newer job already clustered this pet; coalesced.");
         return Ok(version);
     }
-    let previous = previous_clusters(&mut tx, &job.pet_id).await?;
+    let previous = previous_clusters(&mut tx, &r.pet_id).await?;
     let version: i64 = sqlx::query_scalar(
         "SELECT COALESCE(MAX(version), 0) + 1 FROM cluster_versions WHERE pet_id = $1",
     )
-    .bind(&job.pet_id)
+    .bind(&r.pet_id)
     .fetch_one(&mut *tx)
     .await?;
     let params =
@@ -463,9 +490,9 @@ async fn commit(pool: &PgPool, r: &ClusteringResult) -> Result<i64, sqlx::Error>
         "INSERT INTO cluster_versions (pet_id, version, job_id, model_version, algorithm, params)
          VALUES ($1, $2, $3, $4, 'dbscan', $5) RETURNING id",
     )
-    .bind(&job.pet_id)
+    .bind(&r.pet_id)
     .bind(version)
-    .bind(job.job_id)
+    .bind(r.version_job)
     .bind(&r.model_version)
     .bind(params)
     .fetch_one(&mut *tx)
@@ -500,19 +527,22 @@ async fn commit(pool: &PgPool, r: &ClusteringResult) -> Result<i64, sqlx::Error>
         .execute(&mut *tx)
         .await?;
     }
-    mark_succeeded(&mut tx, job.job_id).await?;
+    mark_succeeded(&mut tx, &r.job_ids, version).await?;
     tx.commit().await?;
     Ok(version)
 }
 
 async fn mark_succeeded(
     tx: &mut Transaction<'_, Postgres>,
-    job_id: Uuid,
+    job_ids: &[Uuid],
+    version: i64,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "UPDATE jobs SET status = 'succeeded', error = NULL, finished_at = now() WHERE id = $1",
+        "UPDATE jobs SET status = 'succeeded', error = NULL, finished_at = now(), cluster_version = $2
+         WHERE id = ANY($1)",
     )
-    .bind(job_id)
+    .bind(job_ids)
+    .bind(version)
     .execute(&mut **tx)
     .await?;
     Ok(())

@@ -309,11 +309,11 @@ impl JobQueue for RedisQueue {
             .collect())
     }
 
-    async fn ack(&self, stream_id: &str) -> Result<(), PipelineError> {
+    async fn ack(&self, stream_ids: &[String]) -> Result<(), PipelineError> {
         redis::cmd("XACK")
             .arg(&self.stream)
             .arg(&self.group)
-            .arg(stream_id)
+            .arg(stream_ids)
             .query_async::<i64>(&mut self.conn.clone())
             .await
             .map_err(unavailable)?;

@@ -68,9 +68,10 @@ impl BlobStore for Storage {
     async fn get(&self, key: &str) -> Result<Vec<u8>, PipelineError> {
         match Storage::get(self, key).await {
             Ok(b) => Ok(b.to_vec()),
-            Err(e @ object_store::Error::NotFound { .. }) => Err(PipelineError::permanent(
-                format!("photo missing from storage: {e}"),
-            )),
+            // The row exists only once its object does, so a missing object never comes back.
+            Err(e @ object_store::Error::NotFound { .. }) => Err(PipelineError::poison(format!(
+                "photo missing from storage: {e}"
+            ))),
             Err(e) => Err(PipelineError::unavailable("storage", e)),
         }
     }

@@ -1,4 +1,5 @@
-//! `/healthz` (the process answers) and `/readyz` (Postgres and Redis answer).
+//! `/healthz` (the process answers) and `/readyz` (the pipeline is healthy, Postgres and Redis
+//! answer).
 
 use std::time::Duration;
 
@@ -29,7 +30,7 @@ pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(Health { status: "ok" })
 }
 
-/// Readiness: Postgres and Redis answer
+/// Readiness: the pipeline has not given up, Postgres and Redis answer
 #[utoipa::path(
     get,
     path = "/readyz",
@@ -42,10 +43,11 @@ pub async fn healthz() -> HttpResponse {
     security(()),
 )]
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    // The pipeline's own state first: an escalated process is not ready whatever else.
+    let mut problems = state.health.problems();
     let limit = Duration::from_secs(2);
     let pg = tokio::time::timeout(limit, sqlx::query("SELECT 1").execute(&state.db)).await;
     let redis = tokio::time::timeout(limit, state.queue.ping()).await;
-    let mut problems = Vec::new();
     match pg {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => problems.push(format!("postgres: {e}")),

@@ -12,4 +12,5 @@ mod openapi;
 mod pipeline;
 mod process;
 mod queue;
+mod supervision;
 mod traces;

@@ -32,8 +32,12 @@ async fn trimming_never_drops_pending_or_undelivered_entries() {
     // Deliver three; acknowledge the second and third; the first stays pending.
     let got = q.read("trim-consumer", 3, 100).await.unwrap();
     assert_eq!(got.len(), 3);
-    q.ack(&got[1].stream_id).await.unwrap();
-    q.ack(&got[2].stream_id).await.unwrap();
+    q.ack(std::slice::from_ref(&got[1].stream_id))
+        .await
+        .unwrap();
+    q.ack(std::slice::from_ref(&got[2].stream_id))
+        .await
+        .unwrap();
     assert_eq!(
         q.trim().await.unwrap(),
         0,
@@ -42,13 +46,15 @@ async fn trimming_never_drops_pending_or_undelivered_entries() {
     assert_eq!(app_xlen(&settings).await, 5);
 
     // Once the first is acknowledged, the three delivered ones go; the two undelivered stay.
-    q.ack(&got[0].stream_id).await.unwrap();
+    q.ack(std::slice::from_ref(&got[0].stream_id))
+        .await
+        .unwrap();
     assert_eq!(q.trim().await.unwrap(), 3);
     assert_eq!(app_xlen(&settings).await, 2);
     let rest = q.read("trim-consumer", 10, 100).await.unwrap();
     assert_eq!(rest.len(), 2, "undelivered entries survived trimming");
     for d in &rest {
-        q.ack(&d.stream_id).await.unwrap();
+        q.ack(std::slice::from_ref(&d.stream_id)).await.unwrap();
     }
     assert_eq!(q.trim().await.unwrap(), 2);
     let mut r = redis::Client::open(redis_url())

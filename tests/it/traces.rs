@@ -7,6 +7,27 @@ use serde_json::Value;
 use crate::helpers::*;
 use crate::process::*;
 
+/// The span of the commit transaction (named by its `db.query.summary`).
+const COMMIT_SPAN: &str = "INSERT cluster_versions clusters cluster_members";
+
+/// A child process stopped when the test ends, whether it passes or not.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `process <stream>` and `ack <stream>`: messaging span names carry the destination.
+fn on_stream(env: &ProcEnv, operation: &str) -> String {
+    format!(
+        "{operation} {}",
+        env.vars["MEDIA_CLUSTERING__REDIS__STREAM"]
+    )
+}
+
 fn attr<'a>(span: &'a Value, key: &str) -> Option<&'a Value> {
     span["attributes"]
         .as_array()?
@@ -61,6 +82,7 @@ async fn one_unbroken_trace_per_upload_and_logs_joined_to_it() {
     let job_id = up["job_id"].as_str().unwrap().to_owned();
     assert_eq!(client.wait_job(&job_id).await, "succeeded");
 
+    let (process, ack) = (on_stream(&env, "process"), on_stream(&env, "ack"));
     // The batch exporter sends within seconds; wait for the last stage's span.
     let spans = eventually(60, "the job's spans", async || {
         let s: Vec<Value> = tap
@@ -69,18 +91,18 @@ async fn one_unbroken_trace_per_upload_and_logs_joined_to_it() {
             .filter(|s| s["traceId"] == trace_id)
             .collect();
         let done = s.iter().any(|x| {
-            x["name"] == "postgres.write"
+            x["name"] == COMMIT_SPAN
                 && attr(x, "db.operation.name")
                     .is_some_and(|v| v["stringValue"] == "commit_clusters")
-        });
-        let consumer = s.iter().any(|x| x["name"] == "process media:cluster:jobs");
+        }) && s.iter().any(|x| x["name"] == ack.as_str());
+        let consumer = s.iter().any(|x| x["name"] == process.as_str());
         (done && consumer).then_some(s)
     })
     .await;
     let names: HashSet<&str> = spans.iter().map(|s| s["name"].as_str().unwrap()).collect();
     for want in [
         "POST /v1/pets/{pet_id}/images",
-        "process media:cluster:jobs",
+        process.as_str(),
         "embedder handle",
         "embed",
         "clusterer handle",
@@ -88,7 +110,16 @@ async fn one_unbroken_trace_per_upload_and_logs_joined_to_it() {
         "hero_selector handle",
         "hero.select",
         "postgres_writer handle",
-        "postgres.write",
+        COMMIT_SPAN,
+        // Every I/O of the job is a span of its own: the pet's lock, the job rows, the pet's
+        // photos, each blob read, each stored embedding and the acknowledgement.
+        "stream_reader handle",
+        "SET pet-lock",
+        "UPDATE jobs",
+        "SELECT images image_embeddings",
+        "GET object",
+        "INSERT image_embeddings",
+        ack.as_str(),
     ] {
         assert!(names.contains(want), "no `{want}` span in {names:?}");
     }
@@ -125,13 +156,19 @@ async fn one_unbroken_trace_per_upload_and_logs_joined_to_it() {
     }
     assert!(attr(consumer, "messaging.destination.name").is_some());
     assert!(attr(consumer, "messaging.message.id").is_some());
-    let write = spans
-        .iter()
-        .find(|s| s["name"] == "postgres.write")
-        .unwrap();
+    let write = spans.iter().find(|s| s["name"] == COMMIT_SPAN).unwrap();
     assert_eq!(
         attr(write, "db.system.name").map(|v| &v["stringValue"]),
         Some(&Value::from("postgresql"))
+    );
+    assert_eq!(
+        attr(write, "db.namespace").map(|v| &v["stringValue"]),
+        Some(&Value::from(env.db_name.as_str()))
+    );
+    assert_eq!(
+        spans.iter().filter(|s| s["name"] == "GET object").count(),
+        3,
+        "one blob read per photo"
     );
 
     // Log lines written while processing carry the trace id and the job id.
@@ -239,6 +276,7 @@ async fn sample_rate_zero_exports_only_what_a_sampled_parent_asks_for() {
     let serve = env.spawn("serve", "serve", &as_refs(&vars));
     let client = Client::new(&env, &serve.base);
 
+    let process = on_stream(&env, "process");
     let unsampled = client.upload("quiet", &photos(2), None).await;
     assert_eq!(
         client.wait_job(unsampled["job_id"].as_str().unwrap()).await,
@@ -260,7 +298,7 @@ async fn sample_rate_zero_exports_only_what_a_sampled_parent_asks_for() {
     eventually(60, "the sampled job's spans", async || {
         tap.spans()
             .iter()
-            .any(|s| s["traceId"] == trace_id && s["name"] == "process media:cluster:jobs")
+            .any(|s| s["traceId"] == trace_id && s["name"] == process.as_str())
             .then_some(())
     })
     .await;
@@ -285,15 +323,17 @@ async fn spans_reach_a_grpc_collector_by_default_protocol() {
         });
     let port = free_port();
     let out = env.dir.path().join("grpc.out");
-    let mut receiver = std::process::Command::new(&python)
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/it/grpc_receiver.py"
-        ))
-        .arg(port.to_string())
-        .stdout(std::fs::File::create(&out).unwrap())
-        .spawn()
-        .expect("python with grpcio (make test installs it)");
+    let _receiver = KillOnDrop(
+        std::process::Command::new(&python)
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/it/grpc_receiver.py"
+            ))
+            .arg(port.to_string())
+            .stdout(std::fs::File::create(&out).unwrap())
+            .spawn()
+            .expect("python with grpcio (make test installs it)"),
+    );
     eventually(30, "the gRPC receiver", async || {
         std::fs::read_to_string(&out)
             .unwrap_or_default()
@@ -321,19 +361,16 @@ async fn spans_reach_a_grpc_collector_by_default_protocol() {
         client.wait_job(up["job_id"].as_str().unwrap()).await,
         "succeeded"
     );
+    let process = on_stream(&env, "process");
     eventually(60, "the job's spans over gRPC", async || {
         let text = std::fs::read_to_string(&out).unwrap_or_default();
-        let ok = text
-            .lines()
-            .any(|l| l == format!("{trace_id} process media:cluster:jobs"))
+        let ok = text.lines().any(|l| l == format!("{trace_id} {process}"))
             && text
                 .lines()
-                .any(|l| l == format!("{trace_id} postgres.write"));
+                .any(|l| l == format!("{trace_id} {COMMIT_SPAN}"));
         ok.then_some(())
     })
     .await;
-    let _ = receiver.kill();
-    let _ = receiver.wait();
     drop(serve);
     env.cleanup().await;
 }

@@ -1,102 +1,139 @@
 //! The envelope every inter-actor message travels in.
 
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use prometheus::IntGauge;
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{OwnedSemaphorePermit, oneshot};
 
-use super::ActorKind;
 use crate::error::PipelineError;
-use crate::metrics::metrics;
+use crate::metrics::ActorMetrics;
 
-/// A message type a stage accepts, with the reply it gives.
+/// A message type an actor kind accepts, with the reply it gives.
 pub trait Request: Send + 'static {
     type Reply: Send + 'static;
 }
 
-/// A message plus what the runtime needs to observe its hop: the sender's span
-/// (which holds its OpenTelemetry context, so the hop becomes a child span),
-/// the instant it was sent, and its mailbox slot.
-pub struct Envelope<M> {
+pub(crate) type ReplyResult<M> = Result<<M as Request>::Reply, PipelineError>;
+
+/// A message plus what the runtime needs to observe its hop: the sender's span (which holds
+/// its OpenTelemetry context, so the hop becomes a child span), the instant it was sent, its
+/// mailbox slot, and where the reply goes.
+pub struct Envelope<M: Request> {
     msg: M,
     parent: tracing::Span,
     sent_at: Instant,
     slot: MailboxSlot,
+    reply: oneshot::Sender<ReplyResult<M>>,
 }
 
 impl<M: Request> actix::Message for Envelope<M> {
-    type Result = Result<M::Reply, PipelineError>;
+    type Result = ();
 }
 
-impl<M> Envelope<M> {
-    pub(crate) fn new(msg: M, kind: ActorKind, permit: OwnedSemaphorePermit) -> Self {
-        Envelope {
+/// The receiving end of an envelope's reply.
+pub(crate) type ReplyReceiver<M> = oneshot::Receiver<ReplyResult<M>>;
+
+impl<M: Request> Envelope<M> {
+    /// A message counted in `metrics`' depth until it is opened, holding `permit` (a unit of
+    /// its mailbox's capacity) until then.
+    pub(crate) fn new(
+        msg: M,
+        metrics: &Arc<ActorMetrics>,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> (Self, ReplyReceiver<M>) {
+        let (reply, rx) = oneshot::channel();
+        let env = Envelope {
             msg,
             parent: tracing::Span::current(),
             sent_at: Instant::now(),
-            slot: MailboxSlot::new(kind, permit),
-        }
+            slot: MailboxSlot::new(metrics, permit),
+            reply,
+        };
+        (env, rx)
     }
 
-    /// Called when handling starts: frees the mailbox slot, records the wait, and
-    /// returns the message with the hop's span.
-    pub(crate) fn open(mut self, kind: ActorKind) -> (M, tracing::Span) {
+    /// Called when an instance starts the message: frees the mailbox slot, records the wait,
+    /// and returns the message, the hop's span and the reply handle.
+    pub(crate) fn open(mut self, metrics: &ActorMetrics) -> Opened<M> {
         self.slot.release();
         let wait = self.sent_at.elapsed();
-        metrics()
-            .mailbox_wait
-            .with_label_values(&[kind.as_str()])
-            .observe(wait.as_secs_f64());
-        let span = tracing::info_span!(
-            parent: &self.parent,
-            "actor.handle",
-            otel.name = %format_args!("{kind} handle"),
-            actor = kind.as_str(),
-            mailbox_wait_ms = wait.as_secs_f64() * 1e3,
-        );
-        (self.msg, span)
+        metrics.wait.observe(wait.as_secs_f64());
+        Opened {
+            span: hop_span(&self.parent, metrics, wait),
+            msg: self.msg,
+            reply: Reply(self.reply),
+        }
     }
 }
 
-/// One place in a mailbox: counted in the depth gauge from send until handling
-/// starts, and holding one unit of the mailbox's capacity. If the envelope is
-/// dropped unhandled (a closed mailbox, a stopped actor), `Drop` corrects the
-/// gauge, so it never drifts.
+/// An envelope an instance has started.
+pub(crate) struct Opened<M: Request> {
+    pub msg: M,
+    pub span: tracing::Span,
+    pub reply: Reply<M>,
+}
+
+/// Where the reply of an opened message goes (the sender may have stopped waiting).
+pub(crate) struct Reply<M: Request>(oneshot::Sender<ReplyResult<M>>);
+
+impl<M: Request> Reply<M> {
+    pub fn send(self, r: ReplyResult<M>) {
+        let _ = self.0.send(r);
+    }
+}
+
+/// The hop's span: a child of the sender's span. Hops of work that has no span of its own
+/// (the read, keep-alive and depth loops) are debug spans, so they never reach the exporter
+/// as stray root traces.
+fn hop_span(parent: &tracing::Span, m: &ActorMetrics, wait: Duration) -> tracing::Span {
+    let kind = m.kind.as_str();
+    let wait_ms = wait.as_secs_f64() * 1e3;
+    if parent.is_none() {
+        tracing::debug_span!(parent: None, "actor.handle", actor = kind, mailbox_wait_ms = wait_ms)
+    } else {
+        tracing::info_span!(
+            parent: parent,
+            "actor.handle",
+            otel.name = %format_args!("{kind} handle"),
+            actor = kind,
+            mailbox_wait_ms = wait_ms,
+        )
+    }
+}
+
+/// One place in a mailbox: counted in the depth gauge from send until handling starts, and
+/// holding one unit of the mailbox's capacity (when it has one). If the envelope is dropped
+/// unhandled (a closed mailbox, a stopped actor), `Drop` corrects the gauge, so it never
+/// drifts.
 struct MailboxSlot {
-    kind: ActorKind,
-    depth: IntGauge,
+    metrics: Option<Arc<ActorMetrics>>,
     permit: Option<OwnedSemaphorePermit>,
 }
 
 impl MailboxSlot {
-    fn new(kind: ActorKind, permit: OwnedSemaphorePermit) -> Self {
-        let depth = metrics().mailbox_depth.with_label_values(&[kind.as_str()]);
-        depth.inc();
+    fn new(metrics: &Arc<ActorMetrics>, permit: Option<OwnedSemaphorePermit>) -> Self {
+        metrics.depth.inc();
         MailboxSlot {
-            kind,
-            depth,
-            permit: Some(permit),
+            metrics: Some(metrics.clone()),
+            permit,
         }
     }
 
     fn release(&mut self) {
         // The gauge goes down before the slot is freed, so it never reads above capacity.
-        if let Some(permit) = self.permit.take() {
-            self.depth.dec();
-            drop(permit);
+        if let Some(m) = self.metrics.take() {
+            m.depth.dec();
+            self.permit.take();
         }
     }
 }
 
 impl Drop for MailboxSlot {
     fn drop(&mut self) {
-        if let Some(permit) = self.permit.take() {
-            self.depth.dec();
-            drop(permit);
-            metrics()
-                .messages
-                .with_label_values(&[self.kind.as_str(), "dropped"])
-                .inc();
+        if let Some(m) = self.metrics.take() {
+            m.depth.dec();
+            self.permit.take();
+            m.dropped.inc();
         }
     }
 }

@@ -1,24 +1,35 @@
-//! The actor runtime: every message travels in an [`Envelope`] through an
-//! instrumented [`Pool`] address to a generic stage actor, which measures
-//! mailbox depth, mailbox wait, handling time and outcome once for all six
-//! actor kinds, runs each hop in a child span of the sender's, and survives
-//! panics by rebuilding its stage (a restart, counted and reported to the
-//! [`supervisor`]).
+//! The actor runtime.
+//!
+//! Every message travels in an [`Envelope`] (the sender's span, the instant it was sent, its
+//! mailbox slot and the reply channel) through the [`Pool`] of its actor kind: one bounded
+//! mailbox per kind that every instance of the kind takes its next message from, so that
+//! `N` instances handle at most `N` messages at once and a message waiting for a busy
+//! instance is in the kind's mailbox depth. CPU-bound kinds run their instances on threads
+//! of a `SyncArbiter` ([`SyncWorker`]); I/O-bound kinds run them as actors on the I/O
+//! arbiter, each awaiting one message at a time inside its own context ([`AsyncWorker`]).
+//! The [`supervisor`] decides what happens when an instance or a loop fails: restart after
+//! a backoff, and past the restart intensity, escalation (not ready, drain, exit).
 
 mod envelope;
+pub mod faults;
+pub mod health;
 mod pool;
-mod stage;
 pub mod supervisor;
+pub mod worker;
 
+pub(crate) use envelope::Opened;
 pub use envelope::{Envelope, Request};
-pub use pool::Pool;
-pub use stage::{AsyncStage, AsyncStageActor, SyncStage, SyncStageActor};
+pub use faults::Faults;
+pub use health::Health;
+pub use pool::{Pool, SendPermit};
+pub use worker::{AsyncStage, AsyncWorker, SyncStage, SyncWorker};
 
-/// The six actor kinds; their names are the `actor` label values.
+/// The actor kinds; their names are the `actor` label values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ActorKind {
     Supervisor,
     StreamReader,
+    PetScheduler,
     Embedder,
     Clusterer,
     HeroSelector,
@@ -26,9 +37,10 @@ pub enum ActorKind {
 }
 
 impl ActorKind {
-    pub const ALL: [ActorKind; 6] = [
+    pub const ALL: [ActorKind; 7] = [
         ActorKind::Supervisor,
         ActorKind::StreamReader,
+        ActorKind::PetScheduler,
         ActorKind::Embedder,
         ActorKind::Clusterer,
         ActorKind::HeroSelector,
@@ -39,6 +51,7 @@ impl ActorKind {
         match self {
             ActorKind::Supervisor => "supervisor",
             ActorKind::StreamReader => "stream_reader",
+            ActorKind::PetScheduler => "pet_scheduler",
             ActorKind::Embedder => "embedder",
             ActorKind::Clusterer => "clusterer",
             ActorKind::HeroSelector => "hero_selector",

@@ -6,6 +6,7 @@ use uuid::Uuid;
 use crate::algo::{embed::ImageEncoder, photo, quality};
 use crate::error::PipelineError;
 use crate::events::PhotoEmbedded;
+use crate::metrics::Metrics;
 use crate::runtime::{ActorKind, Request, SyncStage};
 
 /// Decode, measure and embed one photo.
@@ -28,6 +29,7 @@ impl Request for EmbedPhoto {
 pub struct Embedder {
     pub model: Arc<dyn ImageEncoder>,
     pub max_pixels: u64,
+    pub metrics: Arc<Metrics>,
 }
 
 impl SyncStage for Embedder {
@@ -37,14 +39,15 @@ impl SyncStage for Embedder {
     fn handle(&mut self, msg: EmbedPhoto) -> Result<Embedded, PipelineError> {
         let _span = tracing::info_span!("embed", image_id = %msg.image_id, model_version = self.model.model_version()).entered();
         let started = Instant::now();
+        // What this photo holds is its own problem: it is quarantined, its pet goes on.
         let (vector, quality) = photo::analyse(&msg.bytes, self.max_pixels, self.model.as_ref())
-            .map_err(|e| PipelineError::permanent(format!("image {}: {e}", msg.image_id)))?;
+            .map_err(|e| PipelineError::poison(format!("image {}: {e}", msg.image_id)))?;
         PhotoEmbedded {
             image_id: msg.image_id,
             model_version: self.model.model_version(),
             elapsed: started.elapsed(),
         }
-        .emit();
+        .emit(&self.metrics);
         Ok(Embedded { vector, quality })
     }
 }

@@ -1,5 +1,5 @@
-//! The five working actor kinds (the sixth, the supervisor, is in the runtime):
-//! each is a small stage that the generic runtime actors wrap.
+//! The working actor kinds (the supervisor is in the runtime, the pet scheduler in
+//! [`crate::scheduler`]): each is a small stage that the runtime's instances wrap.
 
 mod clusterer;
 mod embedder;
@@ -10,5 +10,5 @@ mod stream_reader;
 pub use clusterer::{ClusterVectors, Clusterer};
 pub use embedder::{EmbedPhoto, Embedded, Embedder};
 pub use hero_selector::{HeroSelector, PickHeroes};
-pub use postgres_writer::{PostgresWriter, WriteOp, WriteReply};
-pub use stream_reader::{ReadBatch, ReadMode, StreamReader};
+pub use postgres_writer::{DbOp, DbReply, DbTarget, PostgresWriter};
+pub use stream_reader::{ReadMode, RedisOp, RedisReply, StreamReader};

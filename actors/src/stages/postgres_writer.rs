@@ -1,103 +1,191 @@
+//! The postgres-writer: every Postgres read and write of a job is one of its messages, so
+//! `actors.postgres_writers` bounds them (the queueing shows in its mailbox, not hidden in a
+//! connection pool), and each is timed and traced with the database conventions.
+
 use std::sync::Arc;
 use std::time::Instant;
 
+use futures::TryFutureExt;
 use futures::future::BoxFuture;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::algo::quality::Quality;
 use crate::error::PipelineError;
 use crate::events::PostgresWritten;
-use crate::ports::{ClusteringResult, FinalStatus, JobStart, Store};
+use crate::metrics::Metrics;
+use crate::ports::{ClusteringResult, FinalStatus, JobStart, PetImage, Store};
 use crate::runtime::{ActorKind, AsyncStage, Request};
 
-/// Every write the pipeline makes goes through the postgres-writer.
-pub enum WriteOp {
-    StartJob {
-        job_id: Uuid,
-        stream_id: String,
+/// One Postgres operation.
+#[derive(Debug)]
+pub enum DbOp {
+    /// `(job id, stream id)` of each job to start.
+    StartJobs {
+        jobs: Vec<(Uuid, String)>,
+    },
+    LoadPet {
+        pet_id: String,
+        model_version: String,
+    },
+    StoreEmbedding {
+        image_id: Uuid,
+        model_version: String,
+        vector: Vec<f32>,
+        quality: Quality,
+    },
+    Quarantine {
+        image_id: Uuid,
+        error: String,
     },
     Commit(Box<ClusteringResult>),
     Finish {
-        job_id: Uuid,
+        job_ids: Vec<Uuid>,
         status: FinalStatus,
         error: String,
     },
     Requeue {
-        job_id: Uuid,
+        job_ids: Vec<Uuid>,
         error: String,
     },
 }
 
 #[derive(Debug)]
-pub enum WriteReply {
-    Started(JobStart),
+pub enum DbReply {
+    Started(Vec<JobStart>),
+    Images(Vec<PetImage>),
     Committed { version: i64 },
     Done,
 }
 
-impl Request for WriteOp {
-    type Reply = WriteReply;
+impl Request for DbOp {
+    type Reply = DbReply;
 }
 
-impl WriteOp {
+impl DbOp {
+    /// The `operation` label of `media_cluster_postgres_write_seconds`.
     fn operation(&self) -> &'static str {
         match self {
-            WriteOp::StartJob { .. } => "start_job",
-            WriteOp::Commit(_) => "commit_clusters",
-            WriteOp::Finish { .. } => "finish_job",
-            WriteOp::Requeue { .. } => "requeue_job",
+            DbOp::StartJobs { .. } => "start_jobs",
+            DbOp::LoadPet { .. } => "load_pet",
+            DbOp::StoreEmbedding { .. } | DbOp::Quarantine { .. } => "store_embedding",
+            DbOp::Commit(_) => "commit_clusters",
+            DbOp::Finish { .. } => "finish_jobs",
+            DbOp::Requeue { .. } => "requeue_jobs",
+        }
+    }
+
+    /// `db.query.summary`: the operation and the tables it touches.
+    fn summary(&self) -> &'static str {
+        match self {
+            DbOp::StartJobs { .. } | DbOp::Finish { .. } | DbOp::Requeue { .. } => "UPDATE jobs",
+            DbOp::LoadPet { .. } => "SELECT images image_embeddings",
+            DbOp::StoreEmbedding { .. } => "INSERT image_embeddings",
+            DbOp::Quarantine { .. } => "UPDATE images",
+            DbOp::Commit(_) => "INSERT cluster_versions clusters cluster_members",
         }
     }
 }
 
+/// Where the writer's database is, for the span attributes.
+#[derive(Debug, Clone, Default)]
+pub struct DbTarget {
+    pub namespace: String,
+    pub address: String,
+    pub port: u16,
+}
+
 pub struct PostgresWriter {
     pub store: Arc<dyn Store>,
+    pub target: DbTarget,
+    pub metrics: Arc<Metrics>,
 }
 
 impl AsyncStage for PostgresWriter {
     const KIND: ActorKind = ActorKind::PostgresWriter;
-    type In = WriteOp;
+    type In = DbOp;
 
-    fn handle(&mut self, op: WriteOp) -> BoxFuture<'static, Result<WriteReply, PipelineError>> {
+    fn handle(&mut self, op: DbOp) -> BoxFuture<'static, Result<DbReply, PipelineError>> {
         let store = self.store.clone();
+        let metrics = self.metrics.clone();
         let operation = op.operation();
+        let t = &self.target;
         let span = tracing::info_span!(
-            "postgres.write",
+            "postgres",
+            otel.name = op.summary(),
             otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
             db.system.name = "postgresql",
+            db.namespace = %t.namespace,
             db.operation.name = operation,
+            db.query.summary = op.summary(),
+            server.address = %t.address,
+            server.port = t.port,
+            error.type = tracing::field::Empty,
         );
         Box::pin(
             async move {
                 let started = Instant::now();
                 let reply = match op {
-                    WriteOp::StartJob { job_id, stream_id } => {
-                        WriteReply::Started(store.start_job(job_id, &stream_id).await?)
+                    DbOp::StartJobs { jobs } => DbReply::Started(store.start_jobs(&jobs).await?),
+                    DbOp::LoadPet {
+                        pet_id,
+                        model_version,
+                    } => DbReply::Images(store.pet_images(&pet_id, &model_version).await?),
+                    DbOp::StoreEmbedding {
+                        image_id,
+                        model_version,
+                        vector,
+                        quality,
+                    } => {
+                        store
+                            .store_embedding(image_id, &model_version, &vector, &quality)
+                            .await?;
+                        DbReply::Done
                     }
-                    WriteOp::Commit(result) => WriteReply::Committed {
+                    DbOp::Quarantine { image_id, error } => {
+                        store.quarantine(image_id, &error).await?;
+                        DbReply::Done
+                    }
+                    DbOp::Commit(result) => DbReply::Committed {
                         version: store.commit(&result).await?,
                     },
-                    WriteOp::Finish {
-                        job_id,
+                    DbOp::Finish {
+                        job_ids,
                         status,
                         error,
                     } => {
-                        store.finish_unsuccessful(job_id, status, &error).await?;
-                        WriteReply::Done
+                        store.finish_unsuccessful(&job_ids, status, &error).await?;
+                        DbReply::Done
                     }
-                    WriteOp::Requeue { job_id, error } => {
-                        store.requeue(job_id, &error).await?;
-                        WriteReply::Done
+                    DbOp::Requeue { job_ids, error } => {
+                        store.requeue(&job_ids, &error).await?;
+                        DbReply::Done
                     }
                 };
                 PostgresWritten {
                     operation,
                     elapsed: started.elapsed(),
                 }
-                .emit();
+                .emit(&metrics);
                 Ok(reply)
             }
-            .instrument(span),
+            .instrument(span.clone())
+            .inspect_err(move |e: &PipelineError| {
+                span.record("otel.status_code", "ERROR");
+                span.record("error.type", error_type(e));
+            }),
         )
+    }
+}
+
+/// `error.type`: the failure class, low-cardinality.
+fn error_type(e: &PipelineError) -> &'static str {
+    match e {
+        PipelineError::Unavailable { .. } => "unavailable",
+        PipelineError::Permanent(_) => "permanent",
+        PipelineError::Poison(_) => "poison",
+        PipelineError::ActorFailed { .. } => "actor_failed",
+        PipelineError::ShuttingDown => "shutting_down",
     }
 }

@@ -1,16 +1,15 @@
+//! The stream-reader: every Redis operation of the pipeline (read, reclaim, acknowledge,
+//! dead-letter, the pets' locks, keep-alive, depth and trimming) is one of its messages, so
+//! `actors.stream_readers` bounds them and each is timed and traced as a hop.
+
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
+use tracing::Instrument;
 
 use crate::error::PipelineError;
-use crate::ports::{Delivery, JobQueue};
+use crate::ports::{Delivery, JobQueue, QueueDepth};
 use crate::runtime::{ActorKind, AsyncStage, Request};
-
-/// Reads up to `count` entries from the jobs stream.
-pub struct ReadBatch {
-    pub count: usize,
-    pub mode: ReadMode,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReadMode {
@@ -20,41 +19,188 @@ pub enum ReadMode {
     Reclaim { min_idle_ms: u64 },
 }
 
-impl Request for ReadBatch {
-    type Reply = Vec<Delivery>;
+/// One Redis operation.
+#[derive(Debug)]
+pub enum RedisOp {
+    /// Up to `count` entries for this consumer (a blocking read for new ones).
+    Read {
+        count: usize,
+        mode: ReadMode,
+    },
+    /// Acknowledges entries whose results are committed.
+    Ack {
+        stream_ids: Vec<String>,
+    },
+    /// Moves an entry to the dead-letter stream with `error`.
+    DeadLetter {
+        delivery: Delivery,
+        error: String,
+    },
+    /// Takes the pet's lock for this consumer if nobody holds it.
+    LockPet {
+        pet_id: String,
+    },
+    UnlockPet {
+        pet_id: String,
+    },
+    /// Keeps entries and pet locks held here from being reclaimed or expiring.
+    KeepAlive {
+        stream_ids: Vec<String>,
+        pets: Vec<String>,
+    },
+    Depth,
+    Trim,
+    PruneConsumers {
+        idle_ms: u64,
+    },
 }
 
-/// Reads the jobs stream for this process's consumer in the group.
+#[derive(Debug)]
+pub enum RedisReply {
+    Read(Vec<Delivery>),
+    Locked(bool),
+    Depth(QueueDepth),
+    Count(u64),
+    Done,
+}
+
+impl Request for RedisOp {
+    type Reply = RedisReply;
+}
+
+/// The stream-reader's state: the queue port and this process's consumer name.
 pub struct StreamReader {
     pub queue: Arc<dyn JobQueue>,
+    pub stream: String,
+    pub deadletter_stream: String,
+    pub group: String,
     pub consumer: String,
     pub block_ms: u64,
+    /// How long a pet's lock lives without a refresh (a crashed worker's expires).
+    pub lock_ttl_ms: u64,
+}
+
+/// Whether the current hop is exported (it has a parent with a trace): operations the loops
+/// issue on their own are not traced, those of a job are.
+fn traced() -> bool {
+    tracing::Span::current()
+        .metadata()
+        .is_some_and(|m| *m.level() <= tracing::Level::INFO)
+}
+
+impl StreamReader {
+    fn span(&self, op: &RedisOp) -> tracing::Span {
+        if !traced() {
+            return tracing::Span::none();
+        }
+        match op {
+            RedisOp::Ack { stream_ids } => tracing::info_span!(
+                "redis.ack",
+                otel.name = %format_args!("ack {}", self.stream),
+                otel.kind = "client",
+                messaging.system = "redis",
+                messaging.operation.type = "settle",
+                messaging.operation.name = "ack",
+                messaging.destination.name = %self.stream,
+                messaging.consumer.group.name = %self.group,
+                messaging.client.id = %self.consumer,
+                messaging.batch.message_count = stream_ids.len(),
+            ),
+            RedisOp::DeadLetter { delivery, .. } => tracing::info_span!(
+                "redis.dead_letter",
+                otel.name = %format_args!("send {}", self.deadletter_stream),
+                otel.kind = "producer",
+                messaging.system = "redis",
+                messaging.operation.type = "send",
+                messaging.operation.name = "send",
+                messaging.destination.name = %self.deadletter_stream,
+                messaging.client.id = %self.consumer,
+                messaging.message.id = %delivery.stream_id,
+            ),
+            RedisOp::LockPet { .. } | RedisOp::UnlockPet { .. } => tracing::info_span!(
+                "redis.pet_lock",
+                otel.name = if matches!(op, RedisOp::LockPet { .. }) {
+                    "SET pet-lock"
+                } else {
+                    "EVAL pet-unlock"
+                },
+                otel.kind = "client",
+                db.system.name = "redis",
+                db.operation.name = if matches!(op, RedisOp::LockPet { .. }) {
+                    "SET"
+                } else {
+                    "EVAL"
+                },
+            ),
+            _ => tracing::Span::none(),
+        }
+    }
 }
 
 impl AsyncStage for StreamReader {
     const KIND: ActorKind = ActorKind::StreamReader;
-    type In = ReadBatch;
+    type In = RedisOp;
 
-    fn handle(
-        &mut self,
-        msg: ReadBatch,
-    ) -> BoxFuture<'static, Result<Vec<Delivery>, PipelineError>> {
-        let (queue, consumer, block_ms) =
-            (self.queue.clone(), self.consumer.clone(), self.block_ms);
-        Box::pin(async move {
-            match msg.mode {
-                ReadMode::New => queue.read(&consumer, msg.count, block_ms).await,
-                ReadMode::Reclaim { min_idle_ms } => {
-                    let claimed = queue.reclaim(&consumer, min_idle_ms, msg.count).await?;
-                    if !claimed.is_empty() {
-                        tracing::warn!(
-                            entries = claimed.len(),
-                            "Reclaimed entries left idle by another consumer."
-                        );
+    fn handle(&mut self, op: RedisOp) -> BoxFuture<'static, Result<RedisReply, PipelineError>> {
+        let span = self.span(&op);
+        let (q, consumer, block_ms, ttl) = (
+            self.queue.clone(),
+            self.consumer.clone(),
+            self.block_ms,
+            self.lock_ttl_ms,
+        );
+        Box::pin(
+            async move {
+                Ok(match op {
+                    RedisOp::Read {
+                        count,
+                        mode: ReadMode::New,
+                    } => RedisReply::Read(q.read(&consumer, count, block_ms).await?),
+                    RedisOp::Read {
+                        count,
+                        mode: ReadMode::Reclaim { min_idle_ms },
+                    } => {
+                        let claimed = q.reclaim(&consumer, min_idle_ms, count).await?;
+                        if !claimed.is_empty() {
+                            tracing::warn!(
+                                entries = claimed.len(),
+                                "Reclaimed entries left idle by another consumer."
+                            );
+                        }
+                        RedisReply::Read(claimed)
                     }
-                    Ok(claimed)
-                }
+                    RedisOp::Ack { stream_ids } => {
+                        q.ack(&stream_ids).await?;
+                        RedisReply::Done
+                    }
+                    RedisOp::DeadLetter { delivery, error } => {
+                        q.dead_letter(&delivery, &error).await?;
+                        RedisReply::Done
+                    }
+                    RedisOp::LockPet { pet_id } => {
+                        RedisReply::Locked(q.lock_pet(&pet_id, &consumer, ttl).await?)
+                    }
+                    RedisOp::UnlockPet { pet_id } => {
+                        q.unlock_pet(&pet_id, &consumer).await?;
+                        RedisReply::Done
+                    }
+                    RedisOp::KeepAlive { stream_ids, pets } => {
+                        if !stream_ids.is_empty() {
+                            q.keep_alive(&consumer, &stream_ids).await?;
+                        }
+                        for pet in pets {
+                            q.refresh_pet(&pet, &consumer, ttl).await?;
+                        }
+                        RedisReply::Done
+                    }
+                    RedisOp::Depth => RedisReply::Depth(q.depth().await?),
+                    RedisOp::Trim => RedisReply::Count(q.trim().await?),
+                    RedisOp::PruneConsumers { idle_ms } => {
+                        RedisReply::Count(q.prune_consumers(&consumer, idle_ms).await? as u64)
+                    }
+                })
             }
-        })
+            .instrument(span),
+        )
     }
 }

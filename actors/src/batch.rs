@@ -1,0 +1,512 @@
+//! One batch: the held entries of one pet, run as one clustering.
+//!
+//! Each step is a message to an actor, in a span that is a child of the batch's CONSUMER span
+//! (which continues the newest entry's trace and links the others): take the pet's lock
+//! (stream-reader), start the jobs and load the pet (postgres-writer), for each photo without
+//! an embedding reserve an embedder slot, read its bytes and embed it, and store the embedding
+//! at once (so a retry embeds nothing twice), cluster, pick heroes, commit one version for
+//! every job of the batch, acknowledge. A photo that cannot be processed is quarantined and
+//! left out; the pet's other photos cluster.
+//!
+//! [`BatchGuard`] holds the batch's entries, its pet lock, its slot and its in-flight gauge;
+//! whatever happens (success, failure, panic, cancellation) its `Drop` hands them back to
+//! the scheduler with the outcome.
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use futures::{FutureExt, StreamExt, TryStreamExt};
+use tracing::{Instrument, field};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use uuid::Uuid;
+
+use crate::error::{FailureClass, PipelineError};
+use crate::events::{EntryDeadLettered, JobFailed, JobSucceeded, PhotoQuarantined};
+use crate::pipeline::{Core, Held, PetLease};
+use crate::ports::{ClusteringResult, Delivery, FinalStatus, JobStart, PetImage};
+use crate::runtime::faults::FaultPoint;
+use crate::runtime::worker::panic_message;
+use crate::scheduler::{SchedulerLink, SchedulerMsg};
+use crate::stages::*;
+
+/// How a batch ended, for the scheduler.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Every entry is settled (acknowledged or dead-lettered).
+    Done,
+    /// Another process holds the pet's lock: try again shortly.
+    LockBusy,
+    /// A retryable failure (or a panic, or a cancelled batch): try again after a backoff.
+    Retry(String),
+}
+
+/// What a batch hands back to the scheduler when it ends.
+pub struct BatchEnd {
+    pub pet_id: String,
+    pub outcome: Outcome,
+    /// Entries not settled (for a retry); empty when done.
+    pub entries: Vec<Held>,
+    pub lease: Option<PetLease>,
+}
+
+/// The resources of a running batch, returned to the scheduler by `Drop` on every path.
+pub struct BatchGuard {
+    scheduler: SchedulerLink,
+    pub pet_id: String,
+    pub entries: Vec<Held>,
+    pub lease: Option<PetLease>,
+    pub outcome: Option<Outcome>,
+    inflight: prometheus::IntGauge,
+    counted: i64,
+}
+
+impl BatchGuard {
+    pub(crate) fn new(
+        core: &Core,
+        scheduler: SchedulerLink,
+        pet_id: String,
+        entries: Vec<Held>,
+        lease: Option<PetLease>,
+    ) -> Self {
+        let counted = entries.len() as i64;
+        core.metrics.worker_inflight.add(counted);
+        BatchGuard {
+            scheduler,
+            pet_id,
+            entries,
+            lease,
+            outcome: None,
+            inflight: core.metrics.worker_inflight.clone(),
+            counted,
+        }
+    }
+}
+
+impl Drop for BatchGuard {
+    fn drop(&mut self) {
+        self.inflight.sub(self.counted);
+        let outcome = self
+            .outcome
+            .take()
+            .unwrap_or_else(|| Outcome::Retry("the batch was cancelled".into()));
+        self.scheduler.tell(SchedulerMsg::Ended(BatchEnd {
+            pet_id: std::mem::take(&mut self.pet_id),
+            outcome,
+            entries: std::mem::take(&mut self.entries),
+            lease: self.lease.take(),
+        }));
+    }
+}
+
+/// Runs the batch; its guard reports the outcome when this returns (or is dropped).
+pub(crate) async fn run(core: Arc<Core>, mut guard: BatchGuard) {
+    let (span, _others) = batch_spans(&core, &guard.entries);
+    let result = AssertUnwindSafe(process(&core, &mut guard).instrument(span.clone()))
+        .catch_unwind()
+        .await;
+    guard.outcome = Some(match result {
+        Ok(outcome) => outcome,
+        Err(p) => {
+            let message = panic_message(p.as_ref());
+            span.in_scope(|| tracing::error!(reason = %message, "A job panicked; it is retried."));
+            core.metrics
+                .messages
+                .with_label_values(&["pet_scheduler", "panic"])
+                .inc();
+            Outcome::Retry(format!("the job panicked: {message}"))
+        }
+    });
+}
+
+/// The batch's CONSUMER span continues the trace of its newest entry and links the others;
+/// each other entry gets a CONSUMER span of its own in its own trace, linked to the batch's,
+/// so every upload's trace shows the processing that completed it.
+fn batch_spans(core: &Core, entries: &[Held]) -> (tracing::Span, Vec<tracing::Span>) {
+    let s = &core.settings;
+    let newest = entries.iter().max_by_key(|h| h.entry.enqueued_at_ms);
+    let make = |h: &Held| {
+        let span = tracing::info_span!(
+            "process",
+            otel.name = %format_args!("process {}", s.stream),
+            otel.kind = "consumer",
+            messaging.system = "redis",
+            messaging.operation.type = "process",
+            messaging.operation.name = "process",
+            messaging.destination.name = %s.stream,
+            messaging.consumer.group.name = %s.group,
+            messaging.client.id = %s.consumer,
+            messaging.message.id = %h.delivery.stream_id,
+            messaging.redis.delivery_count = h.delivery.deliveries,
+            messaging.batch.message_count = entries.len(),
+            job_id = %h.entry.job_id,
+            pet_id = %h.entry.pet_id,
+        );
+        let cx = extract(&h.delivery);
+        let remote = opentelemetry::trace::TraceContextExt::span(&cx)
+            .span_context()
+            .clone();
+        if remote.is_valid() {
+            let _ = span.set_parent(cx);
+            span.add_link(remote);
+        }
+        span
+    };
+    let Some(newest) = newest else {
+        return (tracing::Span::none(), Vec::new());
+    };
+    let main = make(newest);
+    let main_cx = opentelemetry::trace::TraceContextExt::span(&main.context())
+        .span_context()
+        .clone();
+    let mut others = Vec::new();
+    for h in entries {
+        if std::ptr::eq(h, newest) {
+            continue;
+        }
+        let remote = opentelemetry::trace::TraceContextExt::span(&extract(&h.delivery))
+            .span_context()
+            .clone();
+        if remote.is_valid() {
+            main.add_link(remote);
+        }
+        let other = make(h);
+        if main_cx.is_valid() {
+            other.add_link(main_cx.clone());
+        }
+        others.push(other);
+    }
+    (main, others)
+}
+
+fn extract(d: &Delivery) -> opentelemetry::Context {
+    if d.fields.contains_key("traceparent") {
+        opentelemetry::global::get_text_map_propagator(|p| p.extract(&d.fields))
+    } else {
+        opentelemetry::Context::new()
+    }
+}
+
+async fn process(core: &Arc<Core>, g: &mut BatchGuard) -> Outcome {
+    if g.lease.is_none() {
+        match core
+            .readers
+            .send(RedisOp::LockPet {
+                pet_id: g.pet_id.clone(),
+            })
+            .await
+        {
+            Ok(RedisReply::Locked(true)) => g.lease = Some(PetLease::new(g.pet_id.clone(), core)),
+            Ok(RedisReply::Locked(false)) => return Outcome::LockBusy,
+            Ok(other) => {
+                return Outcome::Retry(format!("unexpected stream-reader reply {other:?}"));
+            }
+            Err(e) => return Outcome::Retry(e.to_string()),
+        }
+    }
+    core.faults.hit(FaultPoint::Job);
+    let error = match run_jobs(core, g).await {
+        Ok(()) => return Outcome::Done,
+        Err(e) => e,
+    };
+    let ids: Vec<Uuid> = g.entries.iter().map(|h| h.entry.job_id).collect();
+    match error.class() {
+        FailureClass::Retryable if *core.reading_stopped.borrow() => {
+            // Shutting down: hand the jobs back; their entries stay pending in the stream.
+            let requeue = DbOp::Requeue {
+                job_ids: ids,
+                error: error.to_string(),
+            };
+            if let Err(e) = core.writers.send(requeue).await {
+                tracing::warn!(error = %e, "Putting jobs back to queued failed.");
+            }
+            tracing::warn!(error = %error, "Jobs handed back on shutdown.");
+            g.entries.clear();
+            Outcome::Done
+        }
+        FailureClass::Retryable => Outcome::Retry(error.to_string()),
+        FailureClass::Permanent | FailureClass::Poison => {
+            let message = error.to_string();
+            let finish = DbOp::Finish {
+                job_ids: ids.clone(),
+                status: FinalStatus::Failed,
+                error: message.clone(),
+            };
+            if let Err(e) = core.writers.send(finish).await {
+                return Outcome::Retry(e.to_string());
+            }
+            for id in ids {
+                JobFailed {
+                    job_id: id,
+                    error: &message,
+                }
+                .emit(&core.metrics);
+            }
+            ack(core, &std::mem::take(&mut g.entries)).await;
+            Outcome::Done
+        }
+    }
+}
+
+fn unexpected<T>(actor: &str, reply: impl std::fmt::Debug) -> Result<T, PipelineError> {
+    Err(PipelineError::permanent(format!(
+        "unexpected {actor} reply {reply:?}"
+    )))
+}
+
+async fn db(core: &Core, op: DbOp) -> Result<DbReply, PipelineError> {
+    core.writers.send(op).await
+}
+
+/// The batch's steps; `g.entries` keeps every entry not yet settled, so that a failure hands
+/// them all back.
+async fn run_jobs(core: &Arc<Core>, g: &mut BatchGuard) -> Result<(), PipelineError> {
+    let asked: Vec<(Uuid, String)> = g
+        .entries
+        .iter()
+        .map(|h| (h.entry.job_id, h.delivery.stream_id.clone()))
+        .collect();
+    let starts = match db(core, DbOp::StartJobs { jobs: asked }).await? {
+        DbReply::Started(s) if s.len() == g.entries.len() => s,
+        other => return unexpected("postgres-writer", other),
+    };
+    let mut finished = Vec::new();
+    let mut unknown = Vec::new();
+    let mut running = Vec::new();
+    for (h, start) in std::mem::take(&mut g.entries).into_iter().zip(starts) {
+        match start {
+            JobStart::Started { .. } => running.push(h),
+            JobStart::AlreadyFinished => finished.push(h),
+            JobStart::Unknown => unknown.push(h),
+        }
+    }
+    g.entries = running;
+    if !finished.is_empty() {
+        tracing::info!(
+            jobs = finished.len(),
+            "Jobs already finished; acknowledging the redelivery."
+        );
+        ack(core, &finished).await;
+    }
+    for h in unknown {
+        dead_letter_one(core, &h.delivery, None, "no job row with this job_id").await;
+    }
+    if g.entries.is_empty() {
+        return Ok(());
+    }
+
+    let model_version = core.model_version.clone();
+    let images = match db(
+        core,
+        DbOp::LoadPet {
+            pet_id: g.pet_id.clone(),
+            model_version: model_version.clone(),
+        },
+    )
+    .await?
+    {
+        DbReply::Images(i) => i,
+        other => return unexpected("postgres-writer", other),
+    };
+    let fresh = embed_missing(core, &images).await?;
+
+    let mut ids = Vec::with_capacity(images.len());
+    let mut vectors = Vec::with_capacity(images.len());
+    let mut qualities = Vec::with_capacity(images.len());
+    for (i, img) in images.into_iter().enumerate() {
+        let (v, q) = match (img.cached, fresh.get(&i)) {
+            (Some(c), _) => c,
+            (None, Some(Some(e))) => (e.vector.clone(), e.quality),
+            (None, _) => continue, // quarantined
+        };
+        ids.push(img.image_id);
+        vectors.push(v);
+        qualities.push(q);
+    }
+    let clusters = if vectors.is_empty() {
+        Vec::new()
+    } else {
+        let vectors = Arc::new(vectors);
+        let groups = core
+            .clusterers
+            .send(ClusterVectors {
+                vectors: vectors.clone(),
+                params: core.settings.params,
+            })
+            .await?;
+        core.heroes
+            .send(PickHeroes {
+                ids: Arc::new(ids.clone()),
+                vectors,
+                qualities: Arc::new(qualities),
+                clusters: groups,
+            })
+            .await?
+    };
+    let n_clusters = clusters.len();
+    let newest = g
+        .entries
+        .iter()
+        .max_by_key(|h| h.entry.enqueued_at_ms)
+        .map(|h| h.entry.job_id)
+        .expect("a batch with running jobs");
+    let result = ClusteringResult {
+        pet_id: g.pet_id.clone(),
+        job_ids: g.entries.iter().map(|h| h.entry.job_id).collect(),
+        version_job: newest,
+        model_version: model_version.clone(),
+        params: core.settings.params,
+        clusters,
+    };
+    let version = match db(core, DbOp::Commit(Box::new(result))).await? {
+        DbReply::Committed { version } => version,
+        other => return unexpected("postgres-writer", other),
+    };
+    let settled = std::mem::take(&mut g.entries);
+    ack(core, &settled).await;
+    for h in &settled {
+        JobSucceeded {
+            job_id: h.entry.job_id,
+            model_version: &model_version,
+            version,
+            batch: settled.len(),
+            clusters: n_clusters,
+            images: ids.len(),
+            elapsed: h.received.elapsed(),
+        }
+        .emit(&core.metrics);
+    }
+    Ok(())
+}
+
+/// Embeds every photo without a cached embedding; `None` for a photo that was quarantined.
+/// At most `embedders + 1` of a batch's photos are in the embedders' mailbox or in their
+/// hands at once (every embedder busy and one photo ready behind them, so batches of other
+/// pets interleave instead of queueing behind a big one), and a photo's bytes are read only
+/// once it has a mailbox slot (so all batches together hold at most `embedders +
+/// mailbox_capacity` photos).
+async fn embed_missing(
+    core: &Arc<Core>,
+    images: &[PetImage],
+) -> Result<HashMap<usize, Option<Embedded>>, PipelineError> {
+    let window = core.settings.counts.embedders.max(1) + 1;
+    futures::stream::iter(
+        images
+            .iter()
+            .enumerate()
+            .filter(|(_, i)| i.cached.is_none()),
+    )
+    .map(|(i, img)| async move {
+        let slot = core.embedders.reserve().await?;
+        let bytes = match core
+            .blobs
+            .get(&img.storage_key)
+            .instrument(tracing::info_span!(
+                "blob.get",
+                otel.name = "GET object",
+                otel.kind = "client",
+                image_id = %img.image_id,
+                bytes = field::Empty,
+            ))
+            .await
+        {
+            Ok(b) => b,
+            Err(e) if e.class() == FailureClass::Poison => {
+                drop(slot);
+                quarantine(core, img.image_id, &e.to_string()).await?;
+                return Ok((i, None));
+            }
+            Err(e) => return Err(e),
+        };
+        let embedded = slot
+            .send(EmbedPhoto {
+                image_id: img.image_id,
+                bytes,
+            })
+            .await;
+        match embedded {
+            Ok(e) => {
+                let store = DbOp::StoreEmbedding {
+                    image_id: img.image_id,
+                    model_version: core.model_version.clone(),
+                    vector: e.vector.clone(),
+                    quality: e.quality,
+                };
+                db(core, store).await?;
+                Ok((i, Some(e)))
+            }
+            Err(e) if e.class() == FailureClass::Poison => {
+                quarantine(core, img.image_id, &e.to_string()).await?;
+                Ok((i, None))
+            }
+            Err(e) => Err(e),
+        }
+    })
+    .buffer_unordered(window)
+    .try_collect()
+    .await
+}
+
+async fn quarantine(core: &Core, image_id: Uuid, error: &str) -> Result<(), PipelineError> {
+    db(
+        core,
+        DbOp::Quarantine {
+            image_id,
+            error: error.to_owned(),
+        },
+    )
+    .await?;
+    PhotoQuarantined { image_id, error }.emit();
+    Ok(())
+}
+
+/// Acknowledges settled entries. A failure is only logged: the results are committed, and a
+/// redelivery finds the jobs finished and acknowledges them then.
+async fn ack(core: &Core, entries: &[Held]) {
+    if entries.is_empty() {
+        return;
+    }
+    let stream_ids = entries
+        .iter()
+        .map(|h| h.delivery.stream_id.clone())
+        .collect();
+    if let Err(e) = core.readers.send(RedisOp::Ack { stream_ids }).await {
+        tracing::warn!(error = %e, "Acknowledging entries failed; a redelivery acknowledges them.");
+    }
+}
+
+/// Marks the entries' jobs dead-lettered and moves the entries to the dead-letter stream.
+pub(crate) async fn dead_letter(core: &Core, entries: Vec<Held>, error: &str) {
+    let ids: Vec<Uuid> = entries.iter().map(|h| h.entry.job_id).collect();
+    let finish = DbOp::Finish {
+        job_ids: ids,
+        status: FinalStatus::DeadLettered,
+        error: error.to_owned(),
+    };
+    if let Err(e) = core.writers.send(finish).await {
+        tracing::warn!(error = %e, "Marking jobs dead-lettered failed.");
+    }
+    for h in entries {
+        dead_letter_one(core, &h.delivery, Some(h.entry.job_id), error).await;
+    }
+}
+
+/// Moves one entry to the dead-letter stream (its job row, if any, is the caller's).
+pub(crate) async fn dead_letter_one(core: &Core, d: &Delivery, job_id: Option<Uuid>, error: &str) {
+    let op = RedisOp::DeadLetter {
+        delivery: d.clone(),
+        error: error.to_owned(),
+    };
+    match core.readers.send(op).await {
+        Ok(_) => EntryDeadLettered {
+            stream_id: &d.stream_id,
+            job_id,
+            deliveries: d.deliveries,
+            error,
+        }
+        .emit(&core.metrics),
+        Err(e) => {
+            tracing::error!(stream_id = %d.stream_id, error = %e, "Dead-lettering the entry failed; it stays pending.")
+        }
+    }
+}
