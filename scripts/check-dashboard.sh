@@ -365,7 +365,7 @@ for title, ref, expr in exprs:
     print(f"{status:<5} {title} [{ref}] {detail}: {e}")
 
 # The actor variable: label_values(media_cluster_actor_instances, actor).
-want = {"supervisor", "stream_reader", "embedder", "clusterer", "hero_selector", "postgres_writer"}
+want = {"supervisor", "stream_reader", "pet_scheduler", "embedder", "clusterer", "hero_selector", "postgres_writer"}
 url = f"{prom}/api/v1/label/actor/values?" + urllib.parse.urlencode({"match[]": "media_cluster_actor_instances"})
 with urllib.request.urlopen(url, timeout=30) as r:
     got = set(json.load(r)["data"])
