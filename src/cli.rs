@@ -220,6 +220,9 @@ pub fn run() -> anyhow::Result<()> {
 /// Development only: `MEDIA_CLUSTERING_FAULTS=embedder=2,read_loop=1` makes those points of
 /// the pipeline panic that many times (for restart and escalation drills).
 const FAULTS_VAR: &str = "MEDIA_CLUSTERING_FAULTS";
+/// Development only: `MEDIA_CLUSTERING_UPLOAD_PAUSE=after_commit:1500` pauses every upload
+/// there (to reset the connection or kill the process at that point in drills and tests).
+const UPLOAD_PAUSE_VAR: &str = "MEDIA_CLUSTERING_UPLOAD_PAUSE";
 
 fn serve(settings: Settings, mode: Mode) -> anyhow::Result<()> {
     let faults = match std::env::var(FAULTS_VAR) {
@@ -235,6 +238,20 @@ fn serve(settings: Settings, mode: Mode) -> anyhow::Result<()> {
         }
         _ => None,
     };
+    let upload_pause = match std::env::var(UPLOAD_PAUSE_VAR) {
+        Ok(spec) if !spec.is_empty() => {
+            anyhow::ensure!(
+                settings.env == crate::config::AppEnv::Development,
+                "{UPLOAD_PAUSE_VAR} is refused outside development"
+            );
+            Some(crate::api::UploadPoint::parse(&spec).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{UPLOAD_PAUSE_VAR}: expected `after_check|after_store|after_commit|after_enqueue:MS`"
+                )
+            })?)
+        }
+        _ => None,
+    };
     actix_rt::System::new().block_on(async move {
         let metrics = actors::metrics::Metrics::new();
         let mut telemetry = telemetry::init(&settings, &metrics).context("setting up telemetry")?;
@@ -242,6 +259,7 @@ fn serve(settings: Settings, mode: Mode) -> anyhow::Result<()> {
             metrics: Some(metrics),
             model: None,
             faults,
+            upload_pause,
         };
         let result = async {
             Application::build_with(settings, mode, options)

@@ -184,12 +184,23 @@ pub struct RedisSettings {
     pub claim_min_idle_ms: u64,
     pub max_deliveries: u32,
     pub maxlen: usize,
+    /// Most entries the dead-letter stream keeps (the oldest go first); a warning is logged
+    /// from 90 % of it.
+    pub deadletter_maxlen: usize,
+    /// How often a worker's relay enqueues committed jobs that have no stream entry, and how
+    /// old such a job must be first (an upload may still be enqueueing it).
+    pub relay_interval_ms: u64,
+    pub relay_grace_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StorageSettings {
     pub url: String,
+    /// How often a worker removes objects that no photo row names (a crashed upload's), and
+    /// how old such an object must be first.
+    pub sweep_interval_ms: u64,
+    pub orphan_grace_ms: u64,
 }
 
 /// The model and how photos become its input. `preset` fills every
@@ -430,6 +441,8 @@ pub struct ActorSettings {
     /// Stream entries read and held by this process: running, or waiting for their pet.
     pub max_queued_jobs: usize,
     pub shutdown_timeout_ms: u64,
+    /// A job running longer than this gives up its slot and its pet's lock and is retried.
+    pub job_timeout_ms: u64,
     /// Failures of one actor kind tolerated within `restart_window_ms`; one more makes the
     /// process not ready, drain and exit non-zero.
     pub max_restarts: u32,
@@ -643,6 +656,16 @@ impl Settings {
             ("actors.max_inflight_jobs", a.max_inflight_jobs),
             ("actors.max_queued_jobs", a.max_queued_jobs),
             ("actors.restart_window_ms", a.restart_window_ms as usize),
+            ("actors.job_timeout_ms", a.job_timeout_ms as usize),
+            (
+                "redis.relay_interval_ms",
+                self.redis.relay_interval_ms as usize,
+            ),
+            (
+                "storage.sweep_interval_ms",
+                self.storage.sweep_interval_ms as usize,
+            ),
+            ("redis.deadletter_maxlen", self.redis.deadletter_maxlen),
         ] {
             if n == 0 {
                 return Err(invalid(key, "must be at least 1"));

@@ -50,6 +50,8 @@ pub struct AppState {
     pub health: Arc<Health>,
     /// Per-caller limit on `/v1/*`; `None` when `rate_limit.requests_per_second` is 0.
     pub limiter: Option<RateLimiter>,
+    /// Development drills: pause uploads at a point of their work.
+    pub upload_pause: Option<(api::UploadPoint, Duration)>,
 }
 
 pub struct Application {
@@ -70,6 +72,8 @@ pub struct BuildOptions {
     pub model: Option<Arc<dyn ImageEncoder>>,
     /// Injected faults (tests and drills); none if unset.
     pub faults: Option<Arc<Faults>>,
+    /// Pause every upload at a point of its work (tests and drills).
+    pub upload_pause: Option<(api::UploadPoint, Duration)>,
 }
 
 /// `host-pid-random`: unique per process, so a restarted worker never inherits
@@ -210,6 +214,7 @@ impl Application {
                 settings.rate_limit.requests_per_second,
                 settings.rate_limit.burst,
             ),
+            upload_pause: options.upload_pause,
         });
         let with_api = mode != Mode::Worker;
         let max_body = settings.server.max_upload_bytes;
@@ -350,6 +355,11 @@ pub fn start_pipeline(
         max_inflight_jobs: a.max_inflight_jobs,
         max_queued_jobs: a.max_queued_jobs,
         restart: a.restart_policy(),
+        job_timeout: Duration::from_millis(a.job_timeout_ms),
+        relay_interval: Duration::from_millis(r.relay_interval_ms),
+        relay_grace: Duration::from_millis(r.relay_grace_ms),
+        sweep_interval: Duration::from_millis(settings.storage.sweep_interval_ms),
+        orphan_grace: Duration::from_millis(settings.storage.orphan_grace_ms),
         params: settings.clustering.params(),
         max_pixels: settings.server.max_image_pixels,
     };

@@ -35,7 +35,8 @@ use crate::stages::*;
 pub enum Outcome {
     /// Every entry is settled (acknowledged or dead-lettered).
     Done,
-    /// Another process holds the pet's lock: try again shortly.
+    /// Another process holds the pet's lock, or this one lost it: try again shortly (no
+    /// attempt is spent).
     LockBusy,
     /// A retryable failure (or a panic, or a cancelled batch): try again after a backoff.
     Retry(String),
@@ -196,7 +197,24 @@ async fn process(core: &Arc<Core>, g: &mut BatchGuard) -> Outcome {
             })
             .await
         {
-            Ok(RedisReply::Locked(true)) => g.lease = Some(PetLease::new(g.pet_id.clone(), core)),
+            Ok(RedisReply::Locked(true)) => {
+                // The lock is ours; its fencing token makes a commit of a batch that loses
+                // it (and whose pet another worker takes) fail instead of overwriting.
+                let take = DbOp::TakeFence {
+                    pet_id: g.pet_id.clone(),
+                };
+                let fence = match core.writers.send(take).await {
+                    Ok(DbReply::Fence(f)) => f,
+                    other => {
+                        // Release the lock we just took.
+                        drop(PetLease::new(g.pet_id.clone(), 0, core));
+                        return Outcome::Retry(format!(
+                            "taking the pet's fencing token: {other:?}"
+                        ));
+                    }
+                };
+                g.lease = Some(PetLease::new(g.pet_id.clone(), fence, core));
+            }
             Ok(RedisReply::Locked(false)) => return Outcome::LockBusy,
             Ok(other) => {
                 return Outcome::Retry(format!("unexpected stream-reader reply {other:?}"));
@@ -205,10 +223,17 @@ async fn process(core: &Arc<Core>, g: &mut BatchGuard) -> Outcome {
         }
     }
     core.faults.hit(FaultPoint::Job);
-    let error = match run_jobs(core, g).await {
-        Ok(()) => return Outcome::Done,
-        Err(e) => e,
+    let deadline = core.settings.job_timeout;
+    let error = match tokio::time::timeout(deadline, run_jobs(core, g)).await {
+        Ok(Ok(())) => return Outcome::Done,
+        Ok(Err(e)) => e,
+        Err(_) => PipelineError::DeadlineExceeded(deadline.as_millis() as u64),
     };
+    if let PipelineError::LeaseLost(why) = &error {
+        tracing::warn!(reason = %why, "The job lost its pet's lock; it gives up and is tried again later.");
+        // The lock is not ours any more: releasing it must not touch the holder's.
+        return Outcome::LockBusy;
+    }
     let ids: Vec<Uuid> = g.entries.iter().map(|h| h.entry.job_id).collect();
     match error.class() {
         FailureClass::Retryable if *core.reading_stopped.borrow() => {
@@ -350,8 +375,18 @@ async fn run_jobs(core: &Arc<Core>, g: &mut BatchGuard) -> Result<(), PipelineEr
         .max_by_key(|h| h.entry.enqueued_at_ms)
         .map(|h| h.entry.job_id)
         .expect("a batch with running jobs");
+    let lease = g
+        .lease
+        .as_ref()
+        .expect("a running batch holds its pet's lease");
+    if lease.is_lost() {
+        return Err(PipelineError::LeaseLost(
+            "a keep-alive found the lock held by another worker or gone".into(),
+        ));
+    }
     let result = ClusteringResult {
         pet_id: g.pet_id.clone(),
+        fence: lease.fence,
         job_ids: g.entries.iter().map(|h| h.entry.job_id).collect(),
         version_job: newest,
         model_version: model_version.clone(),

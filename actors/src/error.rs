@@ -37,6 +37,13 @@ pub enum PipelineError {
     /// The worker is shutting down; the job is handed back to the stream.
     #[error("worker is shutting down")]
     ShuttingDown,
+    /// The pet's lock was lost (it expired, or another worker holds a later lease): the job
+    /// gives up without committing and lets the holder go on.
+    #[error("lost the pet's lock: {0}")]
+    LeaseLost(String),
+    /// The job ran longer than `actors.job_timeout_ms`; it is retried.
+    #[error("the job ran longer than its deadline of {0} ms")]
+    DeadlineExceeded(u64),
 }
 
 impl PipelineError {
@@ -61,7 +68,9 @@ impl PipelineError {
             PipelineError::Poison(_) => FailureClass::Poison,
             PipelineError::Unavailable { .. }
             | PipelineError::ActorFailed { .. }
-            | PipelineError::ShuttingDown => FailureClass::Retryable,
+            | PipelineError::ShuttingDown
+            | PipelineError::LeaseLost(_)
+            | PipelineError::DeadlineExceeded(_) => FailureClass::Retryable,
         }
     }
 

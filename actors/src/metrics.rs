@@ -52,13 +52,16 @@ const WAIT_BUCKETS: &[f64] = &[
 pub const MESSAGE_OUTCOMES: [&str; 4] = ["ok", "error", "panic", "dropped"];
 
 /// `operation` label values of [`POSTGRES_WRITE`]: one per kind of postgres-writer message.
-pub const POSTGRES_OPERATIONS: [&str; 6] = [
+pub const POSTGRES_OPERATIONS: [&str; 9] = [
     "start_jobs",
     "load_pet",
     "store_embedding",
     "commit_clusters",
     "finish_jobs",
     "requeue_jobs",
+    "take_fence",
+    "outbox",
+    "known_images",
 ];
 
 /// Closed set of `status` label values of [`JOBS_TOTAL`].

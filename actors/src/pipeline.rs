@@ -13,7 +13,9 @@
 //! │            ClusterVectors ─▶ Clusterer ×N · PickHeroes ─▶ HeroSelector ×N
 //! │            Commit ─▶ PostgresWriter · Ack ─▶ StreamReader · UnlockPet ─▶ StreamReader
 //! ├── keep-alive loop ─▶ StreamReader (held entries' idle time, pet locks' TTL)
-//! └── depth loop ─▶ StreamReader (lag and pending gauges, trimming)
+//! ├── depth loop ─▶ StreamReader (lag and pending gauges, the group, trimming)
+//! ├── relay loop ─▶ PostgresWriter (committed jobs without an entry) ─▶ StreamReader (enqueue)
+//! └── sweep loop ─▶ storage (old objects) ─▶ PostgresWriter (which have rows)
 //! ```
 
 use std::collections::HashSet;
@@ -67,6 +69,15 @@ pub struct PipelineSettings {
     /// Entries read from the stream and held here (waiting for their pet or running).
     pub max_queued_jobs: usize,
     pub restart: RestartPolicy,
+    /// A job running longer than this gives up its slot and lock and is retried.
+    pub job_timeout: Duration,
+    /// How often the outbox relay looks for committed jobs without a stream entry, and how
+    /// old such a job must be (an upload still enqueueing it is not one).
+    pub relay_interval: Duration,
+    pub relay_grace: Duration,
+    /// How often the sweeper looks for objects no row names, and how old they must be.
+    pub sweep_interval: Duration,
+    pub orphan_grace: Duration,
     pub params: ClusterParams,
     pub max_pixels: u64,
 }
@@ -94,6 +105,7 @@ pub(crate) struct Core {
     pub blobs: Arc<dyn BlobStore>,
     pub tracked: Arc<Tracked>,
     pub faults: Arc<Faults>,
+    pub health: Arc<Health>,
     /// Permits for held entries (`max_queued_jobs`).
     pub held: Arc<Semaphore>,
     /// True once the pipeline stops reading (shutdown or escalation).
@@ -107,6 +119,8 @@ pub(crate) struct Core {
 pub(crate) struct Tracked {
     entries: Mutex<HashSet<String>>,
     pets: Mutex<HashSet<String>>,
+    /// Pets whose lock a keep-alive found held by someone else (or gone).
+    lost: Mutex<HashSet<String>>,
 }
 
 impl Tracked {
@@ -130,6 +144,15 @@ impl Tracked {
             .iter()
             .cloned()
             .collect()
+    }
+
+    pub fn mark_lost(&self, pets: Vec<String>) {
+        let held = self.pets.lock().expect("tracked pets");
+        let mut lost = self.lost.lock().expect("lost pets");
+        for p in pets.into_iter().filter(|p| held.contains(p)) {
+            tracing::warn!(pet_id = %p, "This worker no longer holds the pet's lock; its job gives up before committing.");
+            lost.insert(p);
+        }
     }
 }
 
@@ -180,16 +203,17 @@ impl Drop for Held {
     }
 }
 
-/// This process holds a pet's cross-process lock. Dropping it releases the lock (through the
-/// stream-reader, in the background); a crashed process's lock expires after
-/// `claim_min_idle_ms` without refresh.
+/// This process holds a pet's cross-process lock, with the fencing token taken when it got
+/// it. Dropping it releases the lock (through the stream-reader, in the background); a
+/// crashed process's lock expires after `claim_min_idle_ms` without refresh.
 pub(crate) struct PetLease {
     pub pet_id: String,
+    pub fence: i64,
     core: Arc<Core>,
 }
 
 impl PetLease {
-    pub fn new(pet_id: String, core: &Arc<Core>) -> Self {
+    pub fn new(pet_id: String, fence: i64, core: &Arc<Core>) -> Self {
         core.tracked
             .pets
             .lock()
@@ -197,8 +221,19 @@ impl PetLease {
             .insert(pet_id.clone());
         PetLease {
             pet_id,
+            fence,
             core: core.clone(),
         }
+    }
+
+    /// Whether a keep-alive found the lock no longer ours.
+    pub fn is_lost(&self) -> bool {
+        self.core
+            .tracked
+            .lost
+            .lock()
+            .expect("lost pets")
+            .contains(&self.pet_id)
     }
 }
 
@@ -209,6 +244,12 @@ impl Drop for PetLease {
             .pets
             .lock()
             .expect("tracked pets")
+            .remove(&self.pet_id);
+        self.core
+            .tracked
+            .lost
+            .lock()
+            .expect("lost pets")
             .remove(&self.pet_id);
         let (core, pet_id) = (self.core.clone(), std::mem::take(&mut self.pet_id));
         if tokio::runtime::Handle::try_current().is_ok() {
@@ -343,6 +384,7 @@ pub fn start(
         blobs: ports.blobs.clone(),
         tracked: Arc::default(),
         faults,
+        health: health.clone(),
         reading_stopped,
         stopped,
     });
@@ -373,6 +415,18 @@ pub fn start(
         ActorKind::StreamReader,
         "depth_loop",
         Arc::new(move || loops::depth_loop(cd.clone()).boxed_local()),
+    );
+    let cr = core.clone();
+    supervise(
+        ActorKind::StreamReader,
+        "relay_loop",
+        Arc::new(move || loops::relay_loop(cr.clone()).boxed_local()),
+    );
+    let cs = core.clone();
+    supervise(
+        ActorKind::PostgresWriter,
+        "sweep_loop",
+        Arc::new(move || loops::sweep_loop(cs.clone()).boxed_local()),
     );
     PipelineHandle {
         stop_reading,

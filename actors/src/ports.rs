@@ -10,6 +10,7 @@ use uuid::Uuid;
 use crate::algo::cluster::ClusterParams;
 use crate::algo::quality::Quality;
 use crate::error::PipelineError;
+use crate::job::JobEntry;
 
 /// One entry delivered from the jobs stream.
 #[derive(Debug, Clone)]
@@ -20,13 +21,19 @@ pub struct Delivery {
     pub deliveries: u64,
 }
 
-/// Depth of the jobs stream for the consumer group.
+/// Depth of the jobs stream for the consumer group, and the state around it.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct QueueDepth {
     /// Entries not yet delivered to the group.
     pub lag: i64,
     /// Entries delivered and not yet acknowledged.
     pub pending: i64,
+    /// Whether the consumer group existed and was not lost since the last reading (the queue
+    /// recreates a lost one).
+    pub group_exists: bool,
+    /// Entries in the dead-letter stream, and the most it keeps.
+    pub deadletters: i64,
+    pub deadletter_cap: i64,
 }
 
 #[async_trait]
@@ -68,14 +75,14 @@ pub trait JobQueue: Send + Sync + 'static {
     ) -> Result<bool, PipelineError> {
         Ok(true)
     }
-    /// Extends the pet's lock while `owner` still holds it.
+    /// Extends the pet's lock while `owner` still holds it; false if it no longer does.
     async fn refresh_pet(
         &self,
         _pet_id: &str,
         _owner: &str,
         _ttl_ms: u64,
-    ) -> Result<(), PipelineError> {
-        Ok(())
+    ) -> Result<bool, PipelineError> {
+        Ok(true)
     }
     /// Releases the pet's lock if `owner` holds it.
     async fn unlock_pet(&self, _pet_id: &str, _owner: &str) -> Result<(), PipelineError> {
@@ -83,11 +90,36 @@ pub trait JobQueue: Send + Sync + 'static {
     }
     /// Removes consumers (other than `consumer`) idle for `idle_ms` with nothing pending.
     async fn prune_consumers(&self, consumer: &str, idle_ms: u64) -> Result<usize, PipelineError>;
+    /// Adds a job's entry unless it already has one in the stream (never twice); returns
+    /// the entry's id.
+    async fn enqueue(&self, entry: &JobEntry) -> Result<String, PipelineError>;
+    /// For each stream id, whether its entry is still in the stream.
+    async fn entries_exist(&self, stream_ids: &[String]) -> Result<Vec<bool>, PipelineError>;
 }
 
 #[async_trait]
 pub trait BlobStore: Send + Sync + 'static {
     async fn get(&self, key: &str) -> Result<Vec<u8>, PipelineError>;
+    /// Keys of photo objects last written after `from` (when given) and no later than
+    /// `until`. Objects are never rewritten, so a caller that advances `from` to its last
+    /// `until` sees each object once.
+    async fn list_written(
+        &self,
+        from: Option<std::time::SystemTime>,
+        until: std::time::SystemTime,
+    ) -> Result<Vec<String>, PipelineError>;
+    async fn delete(&self, key: &str) -> Result<(), PipelineError>;
+}
+
+/// A job the outbox relay looks at: committed and `queued` (or `running` for long) with no
+/// entry in the stream, or with one that may be lost.
+#[derive(Debug, Clone)]
+pub struct OutboxJob {
+    pub entry: JobEntry,
+    /// The stream entry the job row records, if any.
+    pub stream_id: Option<String>,
+    /// The trace its upload started.
+    pub trace_id: Option<String>,
 }
 
 /// What the job row said when the worker took the job.
@@ -122,6 +154,9 @@ pub struct ClusterOut {
 #[derive(Debug, Clone)]
 pub struct ClusteringResult {
     pub pet_id: String,
+    /// The fencing token of the pet's lease this batch holds: the commit is refused if a
+    /// later lease of the pet has been taken since (the lock was lost).
+    pub fence: i64,
     pub job_ids: Vec<Uuid>,
     pub version_job: Uuid,
     pub model_version: String,
@@ -164,6 +199,23 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(), PipelineError>;
     /// Puts jobs back to `queued` (handed back on shutdown), recording the error.
     async fn requeue(&self, job_ids: &[Uuid], error: &str) -> Result<(), PipelineError>;
+    /// Takes the next fencing token of a pet (once its lock is held): a commit with an older
+    /// token is refused.
+    async fn take_fence(&self, pet_id: &str) -> Result<i64, PipelineError>;
+    /// Jobs the relay must look at, oldest first: `queued` for more than `grace_ms` with no
+    /// stream id; with `check_entries`, also `queued` ones with a stream id and `running`
+    /// ones started more than `stale_ms` ago (whose entries may be lost).
+    async fn outbox(
+        &self,
+        grace_ms: u64,
+        stale_ms: u64,
+        check_entries: bool,
+        limit: usize,
+    ) -> Result<Vec<OutboxJob>, PipelineError>;
+    /// Records the stream entry of a job the relay enqueued.
+    async fn set_stream_id(&self, job_id: Uuid, stream_id: &str) -> Result<(), PipelineError>;
+    /// Which of these image ids have a row.
+    async fn known_images(&self, ids: &[Uuid]) -> Result<Vec<Uuid>, PipelineError>;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

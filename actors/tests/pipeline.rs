@@ -443,3 +443,154 @@ async fn capacity_and_instances_are_published_per_kind() {
     .await;
     h.stop().await;
 }
+
+#[actix_rt::test]
+async fn the_relay_enqueues_committed_jobs_without_an_entry_once_and_lost_ones_again() {
+    let h = Harness::start(settings(2, 16, 5), FakeStore::default(), Duration::ZERO);
+    let entry = |pet: &str| actors::job::JobEntry {
+        job_id: uuid::Uuid::now_v7(),
+        pet_id: pet.into(),
+        kind: actors::job::JobKind::Recluster,
+        image_ids: vec![],
+        enqueued_at_ms: 0,
+        attempt: 1,
+        traceparent: None,
+        tracestate: None,
+    };
+    let (never, present, lost) = (entry("never"), entry("present"), entry("lost"));
+    h.queue.acked.lock().unwrap().push("9-0".into()); // the lost entry's id is gone
+    *h.store.outbox.lock().unwrap() = vec![
+        (never.clone(), None),
+        (present.clone(), Some("8-0".into())),
+        (lost.clone(), Some("9-0".into())),
+    ];
+    h.until("both relayed", || {
+        h.queue.enqueued.lock().unwrap().len() >= 2
+    })
+    .await;
+    // More rounds pass; nothing is enqueued twice.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let enqueued: Vec<uuid::Uuid> = h
+        .queue
+        .enqueued
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|e| e.job_id)
+        .collect();
+    assert_eq!(enqueued.len(), 2, "{enqueued:?}");
+    assert!(enqueued.contains(&never.job_id) && enqueued.contains(&lost.job_id));
+    assert!(!enqueued.contains(&present.job_id));
+    // The relay's entries carry a trace context of their own.
+    let ids: HashMap<uuid::Uuid, Option<String>> = h
+        .store
+        .outbox
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(e, s)| (e.job_id, s.clone()))
+        .collect();
+    assert!(
+        ids[&never.job_id]
+            .as_deref()
+            .unwrap()
+            .starts_with("relayed-")
+    );
+    h.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_job_that_lost_its_pets_lock_gives_up_and_the_holder_goes_on() {
+    let mut s = settings(2, 16, 5);
+    // Keep-alive every 100 ms.
+    s.claim_min_idle_ms = 300;
+    let store = FakeStore::default();
+    let mut h = Harness::start(s, store, Duration::ZERO);
+    // Just before the first commit another worker takes the pet: the lock is removed and a
+    // later lease taken (its fencing token bumped).
+    let (queue, taken) = (h.queue.clone(), std::sync::Arc::new(AtomicU32::new(0)));
+    let (fences_store, t) = (h.store.clone(), taken.clone());
+    *h.store.before_commit.lock().unwrap() = Some(Box::new(move |r| {
+        if t.fetch_add(1, Ordering::SeqCst) == 0 {
+            queue
+                .locks
+                .lock()
+                .unwrap()
+                .insert(r.pet_id.clone(), "another-worker".into());
+            *fences_store
+                .fences
+                .lock()
+                .unwrap()
+                .get_mut(&r.pet_id)
+                .unwrap() += 1;
+        }
+    }));
+    let (job, sid) = h.enqueue("contested", &[RED, BLUE]);
+    h.until("the first commit refused", || {
+        taken.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        h.store.commits.lock().unwrap().is_empty(),
+        "a fenced-out commit was written"
+    );
+    assert!(!h.is_acked(&sid));
+    // The other worker finishes and releases the pet; the job goes on and commits once.
+    h.queue.locks.lock().unwrap().remove("contested");
+    h.wait_acked(&sid).await;
+    assert_eq!(h.status(job), "succeeded");
+    assert_eq!(h.store.commits.lock().unwrap().len(), 1);
+    assert_eq!(
+        h.metrics.retries.get(),
+        0,
+        "losing the lock spends no attempt"
+    );
+    h.stop().await;
+}
+
+#[actix_rt::test]
+async fn the_sweeper_removes_old_objects_no_row_names() {
+    let h = Harness::start(settings(2, 16, 5), FakeStore::default(), Duration::ZERO);
+    let kept = h.add_photos("swept", &[RED]);
+    let orphan = uuid::Uuid::now_v7().to_string();
+    h.blobs
+        .bytes
+        .lock()
+        .unwrap()
+        .insert(orphan.clone(), png(BLUE));
+    h.blobs
+        .written
+        .lock()
+        .unwrap()
+        .insert(orphan.clone(), std::time::SystemTime::now());
+    h.until("the orphan removed", || {
+        !h.blobs.bytes.lock().unwrap().contains_key(&orphan)
+    })
+    .await;
+    assert!(
+        h.blobs
+            .bytes
+            .lock()
+            .unwrap()
+            .contains_key(&kept[0].to_string())
+    );
+    h.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_job_past_its_deadline_gives_up_its_slot_and_is_retried() {
+    let mut s = settings(1, 16, 2);
+    s.job_timeout = Duration::from_millis(80);
+    s.max_inflight_jobs = 1;
+    let mut h = Harness::start(s, FakeStore::default(), Duration::from_millis(400));
+    let (slow, slow_sid) = h.enqueue("slow", &[RED]);
+    h.wait_acked(&slow_sid).await;
+    assert_eq!(h.status(slow), "dead_lettered");
+    let dead = h.queue.dead.lock().unwrap().clone();
+    assert!(dead[0].1.contains("deadline"), "{}", dead[0].1);
+    assert!(h.metrics.retries.get() >= 1);
+    h.until("the pet unlocked", || h.locked_pets().is_empty())
+        .await;
+    h.stop().await;
+}

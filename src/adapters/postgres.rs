@@ -6,7 +6,8 @@ use std::time::Duration;
 use actors::algo::identity::match_clusters;
 use actors::algo::quality::Quality;
 use actors::error::PipelineError;
-use actors::ports::{ClusteringResult, FinalStatus, JobStart, PetImage, Store};
+use actors::job::{JobEntry, JobKind};
+use actors::ports::{ClusteringResult, FinalStatus, JobStart, OutboxJob, PetImage, Store};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -70,38 +71,77 @@ pub struct NewImage {
     pub storage_key: String,
 }
 
-/// Inserts the photo unless the pet already has these bytes; returns the id and whether it is new.
-pub async fn insert_image(
+/// The photos a pet already has among these contents: sha256 → image id.
+pub async fn images_by_sha(
+    pool: &PgPool,
+    pet_id: &str,
+    shas: &[String],
+) -> Result<HashMap<String, Uuid>, sqlx::Error> {
+    let rows: Vec<(String, Uuid)> =
+        sqlx::query_as("SELECT sha256, id FROM images WHERE pet_id = $1 AND sha256 = ANY($2)")
+            .bind(pet_id)
+            .bind(shas)
+            .fetch_all(pool)
+            .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// Inserts the photos the pet does not have yet, in sha256 order (two uploads of the same
+/// photos in different orders take the rows' locks in one order, so they cannot deadlock);
+/// returns sha256 → (image id, inserted now). A photo another upload inserted meanwhile
+/// comes back with that upload's id and `false`.
+pub async fn insert_images(
     tx: &mut Transaction<'_, Postgres>,
     pet_id: &str,
-    img: &NewImage,
-) -> Result<(Uuid, bool), sqlx::Error> {
-    let inserted: Option<Uuid> = sqlx::query_scalar(
+    images: &[NewImage],
+) -> Result<HashMap<String, (Uuid, bool)>, sqlx::Error> {
+    let mut sorted: Vec<&NewImage> = images.iter().collect();
+    sorted.sort_by(|a, b| a.sha256.cmp(&b.sha256));
+    let col = |f: fn(&NewImage) -> String| sorted.iter().map(|i| f(i)).collect::<Vec<_>>();
+    let ids: Vec<Uuid> = sorted.iter().map(|i| i.id).collect();
+    let shas = col(|i| i.sha256.clone());
+    let types = col(|i| i.content_type.to_owned());
+    let keys = col(|i| i.storage_key.clone());
+    let sizes: Vec<i64> = sorted.iter().map(|i| i.byte_size).collect();
+    let widths: Vec<i32> = sorted.iter().map(|i| i.width).collect();
+    let heights: Vec<i32> = sorted.iter().map(|i| i.height).collect();
+    let inserted: Vec<(String, Uuid)> = sqlx::query_as(
         "INSERT INTO images (id, pet_id, sha256, content_type, byte_size, width, height, storage_key)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-         ON CONFLICT (pet_id, sha256) DO NOTHING RETURNING id",
+         SELECT u.id, $1, u.sha, u.ct, u.size, u.w, u.h, u.key
+         FROM UNNEST($2::uuid[], $3::text[], $4::text[], $5::bigint[], $6::int[], $7::int[], $8::text[])
+              WITH ORDINALITY AS u(id, sha, ct, size, w, h, key, n)
+         ORDER BY u.n
+         ON CONFLICT (pet_id, sha256) DO NOTHING RETURNING sha256, id",
     )
-    .bind(img.id)
     .bind(pet_id)
-    .bind(&img.sha256)
-    .bind(img.content_type)
-    .bind(img.byte_size)
-    .bind(img.width)
-    .bind(img.height)
-    .bind(&img.storage_key)
-    .fetch_optional(&mut **tx)
+    .bind(&ids)
+    .bind(&shas)
+    .bind(&types)
+    .bind(&sizes)
+    .bind(&widths)
+    .bind(&heights)
+    .bind(&keys)
+    .fetch_all(&mut **tx)
     .await?;
-    match inserted {
-        Some(id) => Ok((id, true)),
-        None => {
-            let id = sqlx::query_scalar("SELECT id FROM images WHERE pet_id = $1 AND sha256 = $2")
+    let mut out: HashMap<String, (Uuid, bool)> = inserted
+        .into_iter()
+        .map(|(sha, id)| (sha, (id, true)))
+        .collect();
+    let raced: Vec<String> = shas
+        .iter()
+        .filter(|s| !out.contains_key(*s))
+        .cloned()
+        .collect();
+    if !raced.is_empty() {
+        let rows: Vec<(String, Uuid)> =
+            sqlx::query_as("SELECT sha256, id FROM images WHERE pet_id = $1 AND sha256 = ANY($2)")
                 .bind(pet_id)
-                .bind(&img.sha256)
-                .fetch_one(&mut **tx)
+                .bind(&raced)
+                .fetch_all(&mut **tx)
                 .await?;
-            Ok((id, false))
-        }
+        out.extend(rows.into_iter().map(|(sha, id)| (sha, (id, false))));
     }
+    Ok(out)
 }
 
 pub async fn insert_job(
@@ -404,7 +444,14 @@ impl Store for PgStore {
     }
 
     async fn commit(&self, result: &ClusteringResult) -> Result<i64, PipelineError> {
-        commit(&self.pool, result).await.map_err(unavailable)
+        match commit(&self.pool, result).await {
+            Ok(Committed::Version(v)) => Ok(v),
+            Ok(Committed::Fenced { latest }) => Err(PipelineError::LeaseLost(format!(
+                "the commit carried fencing token {} but the pet's latest is {latest}",
+                result.fence
+            ))),
+            Err(e) => Err(unavailable(e)),
+        }
     }
 
     async fn finish_unsuccessful(
@@ -426,6 +473,79 @@ impl Store for PgStore {
         Ok(())
     }
 
+    async fn take_fence(&self, pet_id: &str) -> Result<i64, PipelineError> {
+        sqlx::query_scalar(
+            "INSERT INTO pet_fences (pet_id, token) VALUES ($1, 1)
+             ON CONFLICT (pet_id) DO UPDATE SET token = pet_fences.token + 1 RETURNING token",
+        )
+        .bind(pet_id)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(unavailable)
+    }
+
+    async fn outbox(
+        &self,
+        grace_ms: u64,
+        stale_ms: u64,
+        check_entries: bool,
+        limit: usize,
+    ) -> Result<Vec<OutboxJob>, PipelineError> {
+        let rows = sqlx::query(
+            "SELECT id, pet_id, kind, image_ids, stream_id, trace_id FROM jobs
+             WHERE (status = 'queued' AND created_at < now() - make_interval(secs => $1 / 1000.0)
+                    AND (stream_id IS NULL OR $3))
+                OR ($3 AND status = 'running' AND started_at < now() - make_interval(secs => $2 / 1000.0))
+             ORDER BY created_at LIMIT $4",
+        )
+        .bind(grace_ms as f64)
+        .bind(stale_ms as f64)
+        .bind(check_entries)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        let now = chrono::Utc::now().timestamp_millis();
+        rows.into_iter()
+            .map(|r| {
+                let kind: String = r.try_get("kind")?;
+                Ok(OutboxJob {
+                    entry: JobEntry {
+                        job_id: r.try_get("id")?,
+                        pet_id: r.try_get("pet_id")?,
+                        kind: JobKind::parse(&kind).unwrap_or(JobKind::Recluster),
+                        image_ids: r.try_get("image_ids")?,
+                        enqueued_at_ms: now,
+                        attempt: 1,
+                        traceparent: None,
+                        tracestate: None,
+                    },
+                    stream_id: r.try_get("stream_id")?,
+                    trace_id: r.try_get("trace_id")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(unavailable)
+    }
+
+    async fn set_stream_id(&self, job_id: Uuid, stream_id: &str) -> Result<(), PipelineError> {
+        sqlx::query("UPDATE jobs SET stream_id = $2 WHERE id = $1")
+            .bind(job_id)
+            .bind(stream_id)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn known_images(&self, ids: &[Uuid]) -> Result<Vec<Uuid>, PipelineError> {
+        sqlx::query_scalar("SELECT id FROM images WHERE id = ANY($1)")
+            .bind(ids)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)
+    }
+
     async fn requeue(&self, job_ids: &[Uuid], error: &str) -> Result<(), PipelineError> {
         sqlx::query(
             "UPDATE jobs SET status = 'queued', error = $2 WHERE id = ANY($1) AND status = 'running'",
@@ -439,13 +559,34 @@ impl Store for PgStore {
     }
 }
 
-async fn commit(pool: &PgPool, r: &ClusteringResult) -> Result<i64, sqlx::Error> {
+/// What a commit did.
+enum Committed {
+    Version(i64),
+    /// Refused: a later lease of the pet was taken since this batch's.
+    Fenced {
+        latest: i64,
+    },
+}
+
+async fn commit(pool: &PgPool, r: &ClusteringResult) -> Result<Committed, sqlx::Error> {
     let mut tx = pool.begin().await?;
     // Serialises commits per pet across every worker process, so versions are strictly increasing.
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
         .bind(&r.pet_id)
         .execute(&mut *tx)
         .await?;
+    // Fencing: only the holder of the pet's latest lease may commit. Taking a lease bumps the
+    // token, so a worker that lost its lock (expired during a pause, a failover) and whose
+    // pet another worker took finds a later token here and gives up.
+    let latest: Option<i64> = sqlx::query_scalar("SELECT token FROM pet_fences WHERE pet_id = $1")
+        .bind(&r.pet_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+    if let Some(latest) = latest
+        && latest != r.fence
+    {
+        return Ok(Committed::Fenced { latest });
+    }
     let existing: Option<i64> =
         sqlx::query_scalar("SELECT version FROM cluster_versions WHERE job_id = $1")
             .bind(r.version_job)
@@ -454,7 +595,7 @@ async fn commit(pool: &PgPool, r: &ClusteringResult) -> Result<i64, sqlx::Error>
     if let Some(version) = existing {
         mark_succeeded(&mut tx, &r.job_ids, version).await?;
         tx.commit().await?;
-        return Ok(version);
+        return Ok(Committed::Version(version));
     }
     // A job started after this batch's newest has already written a version: it saw every
     // photo this batch saw, so this result is stale. Write no version and finish the jobs as
@@ -475,7 +616,7 @@ async fn commit(pool: &PgPool, r: &ClusteringResult) -> Result<i64, sqlx::Error>
         mark_succeeded(&mut tx, &r.job_ids, version).await?;
         tx.commit().await?;
         tracing::info!(job_id = %r.version_job, version, "A newer job already clustered this pet; coalesced.");
-        return Ok(version);
+        return Ok(Committed::Version(version));
     }
     let previous = previous_clusters(&mut tx, &r.pet_id).await?;
     let version: i64 = sqlx::query_scalar(
@@ -529,7 +670,7 @@ async fn commit(pool: &PgPool, r: &ClusteringResult) -> Result<i64, sqlx::Error>
     }
     mark_succeeded(&mut tx, &r.job_ids, version).await?;
     tx.commit().await?;
-    Ok(version)
+    Ok(Committed::Version(version))
 }
 
 async fn mark_succeeded(

@@ -29,6 +29,35 @@ pub struct RedisQueue {
     pub group: String,
     pub deadletter: String,
     maxlen: usize,
+    deadletter_maxlen: usize,
+    /// Set when this queue recreated a lost consumer group; the next depth reading reports it.
+    recreated: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Adds a job's entry unless the job already has one that is still in the stream; returns
+/// the entry's id. KEYS: stream, the job's enqueue marker. ARGV: marker lifetime (ms), then
+/// the entry's fields. Atomic, so the API and the relay can both try and a job is never on the
+/// stream twice; the marker only has to outlive the moment before the job row records the id.
+const ENQUEUE_ONCE: &str = r"
+local rec = redis.call('GET', KEYS[2])
+if rec then
+  if #redis.call('XRANGE', KEYS[1], rec, rec) > 0 then return rec end
+end
+local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
+redis.call('SET', KEYS[2], id, 'PX', ARGV[1])
+return id
+";
+
+/// How long an enqueue marker lives.
+const ENQUEUE_MARKER_MS: u64 = 24 * 3600 * 1000;
+
+fn no_group(e: &RedisError) -> bool {
+    e.code() == Some("NOGROUP")
+}
+
+/// `XINFO GROUPS` of a stream that does not exist answers `ERR no such key`.
+fn no_stream(e: &RedisError) -> bool {
+    e.code() == Some("ERR")
 }
 
 impl RedisQueue {
@@ -56,8 +85,11 @@ impl RedisQueue {
             group: s.group.clone(),
             deadletter: s.deadletter_stream.clone(),
             maxlen: s.maxlen,
+            deadletter_maxlen: s.deadletter_maxlen,
+            recreated: Default::default(),
         };
         q.ensure_group().await?;
+        q.recreated.store(false, Ordering::Relaxed);
         Ok(q)
     }
 
@@ -72,19 +104,44 @@ impl RedisQueue {
             .await;
         match r {
             Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+            Ok(()) => {
+                self.recreated.store(true, Ordering::Relaxed);
+                Ok(())
+            }
             other => other,
         }
     }
 
-    /// Adds a job entry; returns its id. The stream is not capped here: a length cap
-    /// (`MAXLEN`) would drop entries nobody has processed yet. Workers trim what the
-    /// group has acknowledged instead ([`JobQueue::trim`]).
+    /// Adds a job's entry once: a job whose entry is still in the stream keeps it (see
+    /// [`ENQUEUE_ONCE`]); returns the entry's id. The stream is not capped here: a length cap
+    /// (`MAXLEN`) would drop entries nobody has processed yet. Workers trim what the group
+    /// has acknowledged instead ([`JobQueue::trim`]).
     pub async fn enqueue(&self, entry: &JobEntry) -> Result<String, RedisError> {
-        self.add(
-            &self.stream,
-            entry.to_fields().iter().map(|(k, v)| (*k, v.as_str())),
-        )
-        .await
+        let mut eval = redis::cmd("EVAL");
+        eval.arg(ENQUEUE_ONCE)
+            .arg(2)
+            .arg(&self.stream)
+            .arg(format!("{}:enqueued:{}", self.stream, entry.job_id))
+            .arg(ENQUEUE_MARKER_MS);
+        for (k, v) in entry.to_fields() {
+            eval.arg(k).arg(v);
+        }
+        eval.query_async(&mut self.conn.clone()).await
+    }
+
+    /// Whether the consumer group exists on the jobs stream.
+    pub async fn group_exists(&self) -> Result<bool, RedisError> {
+        let info: Result<StreamInfoGroupsReply, RedisError> = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(&self.stream)
+            .query_async(&mut self.conn.clone())
+            .await;
+        match info {
+            Ok(info) => Ok(info.groups.iter().any(|g| g.name == self.group)),
+            // No stream, no group.
+            Err(e) if no_stream(&e) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     async fn add<'a>(
@@ -199,13 +256,6 @@ impl RedisQueue {
             .await?;
         Ok(n)
     }
-
-    pub async fn ping(&self) -> Result<(), RedisError> {
-        redis::cmd("PING")
-            .query_async::<String>(&mut self.conn.clone())
-            .await
-            .map(|_| ())
-    }
 }
 
 impl RedisQueue {
@@ -278,7 +328,7 @@ impl JobQueue for RedisQueue {
             .get(i)
             .cloned()
             .unwrap_or_else(|| self.conn.clone());
-        let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
+        let read = redis::cmd("XREADGROUP")
             .arg("GROUP")
             .arg(&self.group)
             .arg(consumer)
@@ -289,9 +339,20 @@ impl JobQueue for RedisQueue {
             .arg("STREAMS")
             .arg(&self.stream)
             .arg(">")
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
+            .query_async::<Option<StreamReadReply>>(&mut conn)
+            .await;
+        let reply = match read {
+            Err(e) if no_group(&e) => {
+                // The stream or the group was lost (a restart without persistence, a failover,
+                // an eviction): recreate it from the stream's start, keeping what was added
+                // since. Entries delivered again are idempotent; lost ones come back through
+                // the relay.
+                tracing::warn!(stream = %self.stream, group = %self.group, "The consumer group is gone; recreating it.");
+                self.ensure_group().await.map_err(unavailable)?;
+                return Ok(Vec::new());
+            }
+            other => other.map_err(unavailable)?,
+        };
         Ok(reply
             .map(|r| r.keys)
             .unwrap_or_default()
@@ -333,7 +394,11 @@ impl JobQueue for RedisQueue {
         extra.insert("failed_at", now_ms().to_string());
         extra.insert("source_id", d.stream_id.clone());
         let mut add = redis::cmd("XADD");
-        add.arg(&self.deadletter).arg("*");
+        // Capped; the depth loop warns well before the cap is reached.
+        add.arg(&self.deadletter)
+            .arg("MAXLEN")
+            .arg(self.deadletter_maxlen)
+            .arg("*");
         for (k, v) in &extra {
             add.arg(*k).arg(v);
         }
@@ -355,18 +420,50 @@ impl JobQueue for RedisQueue {
     }
 
     async fn depth(&self) -> Result<QueueDepth, PipelineError> {
-        let info: StreamInfoGroupsReply = redis::cmd("XINFO")
+        let mut conn = self.conn.clone();
+        let info: Result<StreamInfoGroupsReply, RedisError> = redis::cmd("XINFO")
             .arg("GROUPS")
             .arg(&self.stream)
+            .query_async(&mut conn)
+            .await;
+        let group = match info {
+            Ok(info) => info.groups.into_iter().find(|g| g.name == self.group),
+            Err(e) if no_stream(&e) => None,
+            Err(e) => return Err(unavailable(e)),
+        };
+        let deadletters: i64 = redis::cmd("XLEN")
+            .arg(&self.deadletter)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        if group.is_none() {
+            tracing::warn!(stream = %self.stream, group = %self.group, "The consumer group is gone; recreating it.");
+            self.ensure_group().await.map_err(unavailable)?;
+        }
+        let recreated = self.recreated.swap(false, Ordering::Relaxed);
+        Ok(QueueDepth {
+            lag: group.as_ref().and_then(|g| g.lag).unwrap_or(0) as i64,
+            pending: group.as_ref().map_or(0, |g| g.pending as i64),
+            group_exists: group.is_some() && !recreated,
+            deadletters,
+            deadletter_cap: self.deadletter_maxlen as i64,
+        })
+    }
+
+    async fn enqueue(&self, entry: &JobEntry) -> Result<String, PipelineError> {
+        RedisQueue::enqueue(self, entry).await.map_err(unavailable)
+    }
+
+    async fn entries_exist(&self, stream_ids: &[String]) -> Result<Vec<bool>, PipelineError> {
+        let mut pipe = redis::pipe();
+        for id in stream_ids {
+            pipe.cmd("XRANGE").arg(&self.stream).arg(id).arg(id);
+        }
+        let found: Vec<Vec<Value>> = pipe
             .query_async(&mut self.conn.clone())
             .await
             .map_err(unavailable)?;
-        let g = info.groups.into_iter().find(|g| g.name == self.group);
-        Ok(g.map(|g| QueueDepth {
-            lag: g.lag.unwrap_or(0) as i64,
-            pending: g.pending as i64,
-        })
-        .unwrap_or_default())
+        Ok(found.iter().map(|f| !f.is_empty()).collect())
     }
 
     async fn trim(&self) -> Result<u64, PipelineError> {
@@ -444,8 +541,8 @@ impl JobQueue for RedisQueue {
         pet_id: &str,
         owner: &str,
         ttl_ms: u64,
-    ) -> Result<(), PipelineError> {
-        redis::cmd("EVAL")
+    ) -> Result<bool, PipelineError> {
+        let kept = redis::cmd("EVAL")
             .arg("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end")
             .arg(1)
             .arg(self.pet_lock_key(pet_id))
@@ -454,7 +551,7 @@ impl JobQueue for RedisQueue {
             .query_async::<i64>(&mut self.conn.clone())
             .await
             .map_err(unavailable)?;
-        Ok(())
+        Ok(kept == 1)
     }
 
     async fn unlock_pet(&self, pet_id: &str, owner: &str) -> Result<(), PipelineError> {

@@ -13,6 +13,11 @@ use object_store::prefix::PrefixStore;
 use object_store::{ObjectStore, PutPayload};
 use uuid::Uuid;
 
+use std::time::SystemTime;
+
+use chrono::{DateTime, Utc};
+use futures::TryStreamExt;
+
 #[derive(Clone)]
 pub struct Storage {
     store: Arc<dyn ObjectStore>,
@@ -20,8 +25,10 @@ pub struct Storage {
 
 /// The object key of a photo: derived from its id only, never from a client's file name.
 pub fn image_key(image_id: Uuid) -> String {
-    format!("images/{image_id}")
+    format!("{IMAGES_PREFIX}/{image_id}")
 }
+
+const IMAGES_PREFIX: &str = "images";
 
 impl Storage {
     pub fn from_url(url: &str) -> anyhow::Result<Self> {
@@ -74,5 +81,30 @@ impl BlobStore for Storage {
             ))),
             Err(e) => Err(PipelineError::unavailable("storage", e)),
         }
+    }
+
+    async fn list_written(
+        &self,
+        from: Option<SystemTime>,
+        until: SystemTime,
+    ) -> Result<Vec<String>, PipelineError> {
+        let (from, until): (Option<DateTime<Utc>>, DateTime<Utc>) =
+            (from.map(Into::into), until.into());
+        let prefix = Path::from(IMAGES_PREFIX);
+        self.store
+            .list(Some(&prefix))
+            .try_filter_map(|m| async move {
+                let fresh = from.is_none_or(|f| m.last_modified > f) && m.last_modified <= until;
+                Ok(fresh.then(|| m.location.to_string()))
+            })
+            .try_collect()
+            .await
+            .map_err(|e| PipelineError::unavailable("storage", e))
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), PipelineError> {
+        Storage::delete(self, key)
+            .await
+            .map_err(|e| PipelineError::unavailable("storage", e))
     }
 }

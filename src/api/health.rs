@@ -47,14 +47,19 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let mut problems = state.health.problems();
     let limit = Duration::from_secs(2);
     let pg = tokio::time::timeout(limit, sqlx::query("SELECT 1").execute(&state.db)).await;
-    let redis = tokio::time::timeout(limit, state.queue.ping()).await;
+    // Redis answers, and the consumer group exists (a lost one makes jobs wait for ever).
+    let redis = tokio::time::timeout(limit, state.queue.group_exists()).await;
     match pg {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => problems.push(format!("postgres: {e}")),
         Err(_) => problems.push("postgres: timed out".into()),
     }
     match redis {
-        Ok(Ok(())) => {}
+        Ok(Ok(true)) => {}
+        Ok(Ok(false)) => problems.push(format!(
+            "redis: the consumer group `{}` does not exist on `{}`",
+            state.queue.group, state.queue.stream
+        )),
         Ok(Err(e)) => problems.push(format!("redis: {e}")),
         Err(_) => problems.push("redis: timed out".into()),
     }

@@ -1,6 +1,7 @@
 //! `POST /v1/pets/{pet_id}/images`, `POST /v1/pets/{pet_id}/recluster` and `GET /v1/images/{image_id}`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::http::header::{CONTENT_TYPE, LOCATION};
@@ -198,6 +199,7 @@ async fn read_files(
 
 struct CheckedImage {
     bytes: Bytes,
+    sha256: String,
     format: Format,
     width: u32,
     height: u32,
@@ -221,6 +223,7 @@ fn check_images(files: Vec<Bytes>, max_pixels: u64) -> Result<Vec<CheckedImage>,
                 .map(|d| (d.format, d.width, d.height));
             match checked {
                 Ok((format, width, height)) => Ok(CheckedImage {
+                    sha256: hex::encode(Sha256::digest(&bytes)),
                     bytes,
                     format,
                     width,
@@ -357,43 +360,150 @@ pub async fn upload(
     )
     .await?;
     tracing::Span::current().record("files", files.len());
-    let max_pixels = s.max_image_pixels;
+    // From here on the work runs to completion whatever happens to the connection: a client
+    // that resets now cancels only its wait for the answer, never a half-done upload.
+    let task =
+        accept_upload(state.into_inner(), pet_id, files).instrument(tracing::Span::current());
+    actix_web::rt::spawn(task)
+        .await
+        .map_err(|e| ApiError::Internal(format!("the upload task failed: {e}")))?
+}
+
+/// Where a development build may pause an upload (`MEDIA_CLUSTERING_UPLOAD_PAUSE`), so that
+/// tests can reset the connection or kill the process at each point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UploadPoint {
+    AfterCheck,
+    AfterStore,
+    AfterCommit,
+    AfterEnqueue,
+}
+
+impl UploadPoint {
+    /// `point:milliseconds`, e.g. `after_commit:1500`.
+    pub fn parse(spec: &str) -> Option<(UploadPoint, Duration)> {
+        let (point, ms) = spec.split_once(':')?;
+        let point = match point {
+            "after_check" => UploadPoint::AfterCheck,
+            "after_store" => UploadPoint::AfterStore,
+            "after_commit" => UploadPoint::AfterCommit,
+            "after_enqueue" => UploadPoint::AfterEnqueue,
+            _ => return None,
+        };
+        Some((point, Duration::from_millis(ms.parse().ok()?)))
+    }
+}
+
+async fn pause_at(state: &AppState, point: UploadPoint) {
+    if let Some((p, d)) = state.upload_pause
+        && p == point
+    {
+        tokio::time::sleep(d).await;
+    }
+}
+
+/// Objects an upload wrote. Unless the upload commits and keeps them, `Drop` removes them:
+/// on an error, and on a panic too.
+struct WrittenObjects {
+    storage: crate::adapters::storage::Storage,
+    ids: Vec<Uuid>,
+}
+
+impl WrittenObjects {
+    fn keep(mut self, kept: &HashSet<Uuid>) {
+        self.ids.retain(|id| !kept.contains(id));
+    }
+}
+
+impl Drop for WrittenObjects {
+    fn drop(&mut self) {
+        let ids = std::mem::take(&mut self.ids);
+        if ids.is_empty() {
+            return;
+        }
+        let storage = self.storage.clone();
+        actix_web::rt::spawn(async move {
+            for id in ids {
+                if let Err(e) = storage.delete(&image_key(id)).await {
+                    tracing::error!(image_id = %id, error = %e, "Removing an object the upload did not keep failed; the sweeper will.");
+                }
+            }
+        });
+    }
+}
+
+/// Checks, stores, commits and enqueues an upload (see [`upload`]).
+async fn accept_upload(
+    state: Arc<AppState>,
+    pet_id: String,
+    files: Vec<Bytes>,
+) -> Result<HttpResponse, ApiError> {
+    let max_pixels = state.settings.server.max_image_pixels;
     let images = web::block(move || check_images(files, max_pixels))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))??;
+    pause_at(&state, UploadPoint::AfterCheck).await;
 
-    let job_id = Uuid::now_v7();
-    tracing::Span::current().record("job_id", field::display(job_id));
-    let mut out = Vec::with_capacity(images.len());
-    let mut new_ids = Vec::new();
-    let mut tx = state.db.begin().await?;
+    // Objects first, for the photos the pet does not have; rows only once they are stored.
+    let shas: Vec<String> = images.iter().map(|i| i.sha256.clone()).collect();
+    let known = postgres::images_by_sha(&state.db, &pet_id, &shas).await?;
+    let mut rows: Vec<NewImage> = Vec::new();
+    let mut seen = HashSet::new();
     for img in &images {
-        let sha = hex::encode(Sha256::digest(&img.bytes));
+        if known.contains_key(&img.sha256) || !seen.insert(img.sha256.clone()) {
+            continue;
+        }
         let id = Uuid::now_v7();
-        let row = NewImage {
+        rows.push(NewImage {
             id,
-            sha256: sha.clone(),
+            sha256: img.sha256.clone(),
             content_type: img.format.mime(),
             byte_size: img.bytes.len() as i64,
             width: img.width as i32,
             height: img.height as i32,
             storage_key: image_key(id),
-        };
-        let (image_id, is_new) = postgres::insert_image(&mut tx, &pet_id, &row).await?;
-        if is_new {
-            if let Err(e) = state.storage.put(&row.storage_key, img.bytes.clone()).await {
-                drop(tx);
-                remove_objects(&state, &new_ids).await;
-                return Err(ApiError::Unavailable(format!(
-                    "cannot store the photo: {e}"
-                )));
-            }
-            new_ids.push(image_id);
-        }
+        });
+    }
+    let mut written = WrittenObjects {
+        storage: state.storage.clone(),
+        ids: Vec::with_capacity(rows.len()),
+    };
+    let bytes_of: HashMap<&str, &Bytes> = images
+        .iter()
+        .map(|i| (i.sha256.as_str(), &i.bytes))
+        .collect();
+    for row in &rows {
+        // Counted as written before the put: a put that fails half-way is removed too.
+        written.ids.push(row.id);
+        let bytes = bytes_of[row.sha256.as_str()].clone();
+        state
+            .storage
+            .put(&row.storage_key, bytes)
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("cannot store the photo: {e}")))?;
+    }
+    pause_at(&state, UploadPoint::AfterStore).await;
+
+    let job_id = Uuid::now_v7();
+    tracing::Span::current().record("job_id", field::display(job_id));
+    let mut tx = state.db.begin().await?;
+    let inserted = postgres::insert_images(&mut tx, &pet_id, &rows).await?;
+    let id_of = |sha: &str| {
+        known
+            .get(sha)
+            .map(|id| (*id, false))
+            .or_else(|| inserted.get(sha).copied())
+    };
+    let mut out = Vec::with_capacity(images.len());
+    let mut first = HashSet::new();
+    for img in &images {
+        let (image_id, is_new) = id_of(&img.sha256)
+            .ok_or_else(|| ApiError::Internal(format!("no row for photo {}", img.sha256)))?;
         out.push(UploadedImage {
             image_id,
-            sha256: sha,
-            duplicate: !is_new,
+            sha256: img.sha256.clone(),
+            // A repeat within one request is a duplicate of its first occurrence.
+            duplicate: !(is_new && first.insert(image_id)),
         });
     }
     let image_ids: Vec<Uuid> = out.iter().map(|i| i.image_id).collect();
@@ -407,10 +517,16 @@ pub async fn upload(
         trace_id.as_deref(),
     )
     .await?;
-    if let Err(e) = tx.commit().await {
-        remove_objects(&state, &new_ids).await;
-        return Err(e.into());
-    }
+    tx.commit().await?;
+    // Objects of photos another upload inserted meanwhile are not kept.
+    let new_ids: Vec<Uuid> = inserted
+        .values()
+        .filter(|(_, n)| *n)
+        .map(|(id, _)| *id)
+        .collect();
+    written.keep(&new_ids.iter().copied().collect());
+    pause_at(&state, UploadPoint::AfterCommit).await;
+
     let entry = JobEntry {
         job_id,
         pet_id: pet_id.clone(),
@@ -422,13 +538,16 @@ pub async fn upload(
         tracestate: None,
     };
     if let Err(e) = enqueue(&state, entry).await {
-        // Nothing may stay behind an upload that answered an error.
+        // Nothing may stay behind an upload that answered an error. (Were this process to die
+        // here instead, the committed job would reach the stream through the relay.)
         if let Err(db) = postgres::undo_upload(&state.db, job_id, &new_ids).await {
-            tracing::error!(job_id = %job_id, error = %db, "Cleaning up after a failed enqueue failed.");
+            tracing::error!(job_id = %job_id, error = %db, "Cleaning up after a failed enqueue failed; the relay enqueues the job.");
+        } else {
+            remove_objects(&state, &new_ids).await;
         }
-        remove_objects(&state, &new_ids).await;
         return Err(e);
     }
+    pause_at(&state, UploadPoint::AfterEnqueue).await;
     tracing::info!(images = out.len(), new = new_ids.len(), "Upload accepted.");
     Ok(accepted(
         job_id,

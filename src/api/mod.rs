@@ -14,6 +14,7 @@ use actix_web::middleware::from_fn;
 use actix_web::{HttpResponse, Route, web};
 
 use error::ApiError;
+pub use images::UploadPoint;
 
 /// A resource answering `route` on `method`, and 405 with `Allow` and the JSON error otherwise.
 fn resource(path: &str, method: &'static str, route: Route) -> actix_web::Resource {

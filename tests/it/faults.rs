@@ -322,61 +322,6 @@ async fn jobs_survive_postgres_refusing_connections_for_a_while() {
     env.cleanup().await;
 }
 
-/// A Redis of the test's own, persisting to an append-only file so a restart keeps the stream.
-struct OwnRedis {
-    child: std::process::Child,
-    port: u16,
-    dir: std::path::PathBuf,
-}
-
-impl OwnRedis {
-    fn start(dir: &std::path::Path, port: u16) -> Self {
-        let child = std::process::Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-            ])
-            .args(["--appendfsync", "always", "--dir", dir.to_str().unwrap()])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server (make test installs it)");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "own redis-server did not start"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        OwnRedis {
-            child,
-            port,
-            dir: dir.to_owned(),
-        }
-    }
-
-    fn restart(&mut self) {
-        let _ = std::process::Command::new("redis-cli")
-            .args(["-p", &self.port.to_string(), "shutdown"])
-            .status();
-        let _ = self.child.wait();
-        *self = OwnRedis::start(&self.dir.clone(), self.port);
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[actix_rt::test]
 async fn jobs_survive_a_redis_restart() {
     let redis_dir = tempfile::tempdir().unwrap();

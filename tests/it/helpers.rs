@@ -300,12 +300,28 @@ impl TestApp {
         )))
         .execute(&mut conn)
         .await;
-        let _: Result<i64, _> = redis::cmd("DEL")
-            .arg(&self.settings.redis.stream)
-            .arg(&self.settings.redis.deadletter_stream)
-            .query_async(&mut self.redis)
-            .await;
+        delete_stream_keys(
+            &mut self.redis,
+            &self.settings.redis.stream,
+            &self.settings.redis.deadletter_stream,
+        )
+        .await;
     }
+}
+
+/// Deletes a test's streams and every key beside them (enqueue markers, pet locks).
+pub async fn delete_stream_keys(
+    r: &mut redis::aio::MultiplexedConnection,
+    stream: &str,
+    deadletter: &str,
+) {
+    let mut keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{stream}:*"))
+        .query_async(r)
+        .await
+        .unwrap_or_default();
+    keys.extend([stream.to_owned(), deadletter.to_owned()]);
+    let _: Result<i64, _> = redis::cmd("DEL").arg(&keys).query_async(r).await;
 }
 
 /// Value of one sample in Prometheus text (`name{labels}`), 0 when absent.

@@ -3,12 +3,14 @@
 
 mod api;
 mod auth;
+mod chaos;
 mod deadletter;
 mod faults;
 mod helpers;
 mod metrics;
 mod models;
 mod openapi;
+mod outbox;
 mod pipeline;
 mod process;
 mod queue;

@@ -14,7 +14,7 @@ use crate::algo::quality::Quality;
 use crate::error::PipelineError;
 use crate::events::PostgresWritten;
 use crate::metrics::Metrics;
-use crate::ports::{ClusteringResult, FinalStatus, JobStart, PetImage, Store};
+use crate::ports::{ClusteringResult, FinalStatus, JobStart, OutboxJob, PetImage, Store};
 use crate::runtime::{ActorKind, AsyncStage, Request};
 
 /// One Postgres operation.
@@ -48,11 +48,33 @@ pub enum DbOp {
         job_ids: Vec<Uuid>,
         error: String,
     },
+    /// Takes the pet's next fencing token (its lock is held).
+    TakeFence {
+        pet_id: String,
+    },
+    /// Jobs the outbox relay looks at.
+    Outbox {
+        grace_ms: u64,
+        stale_ms: u64,
+        check_entries: bool,
+        limit: usize,
+    },
+    SetStreamId {
+        job_id: Uuid,
+        stream_id: String,
+    },
+    /// Which of these image ids have a row (the orphan sweeper).
+    KnownImages {
+        ids: Vec<Uuid>,
+    },
 }
 
 #[derive(Debug)]
 pub enum DbReply {
     Started(Vec<JobStart>),
+    Fence(i64),
+    Outbox(Vec<OutboxJob>),
+    Known(Vec<Uuid>),
     Images(Vec<PetImage>),
     Committed { version: i64 },
     Done,
@@ -72,13 +94,22 @@ impl DbOp {
             DbOp::Commit(_) => "commit_clusters",
             DbOp::Finish { .. } => "finish_jobs",
             DbOp::Requeue { .. } => "requeue_jobs",
+            DbOp::TakeFence { .. } => "take_fence",
+            DbOp::Outbox { .. } | DbOp::SetStreamId { .. } => "outbox",
+            DbOp::KnownImages { .. } => "known_images",
         }
     }
 
     /// `db.query.summary`: the operation and the tables it touches.
     fn summary(&self) -> &'static str {
         match self {
-            DbOp::StartJobs { .. } | DbOp::Finish { .. } | DbOp::Requeue { .. } => "UPDATE jobs",
+            DbOp::StartJobs { .. }
+            | DbOp::Finish { .. }
+            | DbOp::Requeue { .. }
+            | DbOp::SetStreamId { .. } => "UPDATE jobs",
+            DbOp::TakeFence { .. } => "INSERT pet_fences",
+            DbOp::Outbox { .. } => "SELECT jobs",
+            DbOp::KnownImages { .. } => "SELECT images",
             DbOp::LoadPet { .. } => "SELECT images image_embeddings",
             DbOp::StoreEmbedding { .. } => "INSERT image_embeddings",
             DbOp::Quarantine { .. } => "UPDATE images",
@@ -162,6 +193,22 @@ impl AsyncStage for PostgresWriter {
                         store.requeue(&job_ids, &error).await?;
                         DbReply::Done
                     }
+                    DbOp::TakeFence { pet_id } => DbReply::Fence(store.take_fence(&pet_id).await?),
+                    DbOp::Outbox {
+                        grace_ms,
+                        stale_ms,
+                        check_entries,
+                        limit,
+                    } => DbReply::Outbox(
+                        store
+                            .outbox(grace_ms, stale_ms, check_entries, limit)
+                            .await?,
+                    ),
+                    DbOp::SetStreamId { job_id, stream_id } => {
+                        store.set_stream_id(job_id, &stream_id).await?;
+                        DbReply::Done
+                    }
+                    DbOp::KnownImages { ids } => DbReply::Known(store.known_images(&ids).await?),
                 };
                 PostgresWritten {
                     operation,
@@ -187,5 +234,7 @@ fn error_type(e: &PipelineError) -> &'static str {
         PipelineError::Poison(_) => "poison",
         PipelineError::ActorFailed { .. } => "actor_failed",
         PipelineError::ShuttingDown => "shutting_down",
+        PipelineError::LeaseLost(_) => "lease_lost",
+        PipelineError::DeadlineExceeded(_) => "deadline_exceeded",
     }
 }

@@ -8,6 +8,7 @@ use futures::future::BoxFuture;
 use tracing::Instrument;
 
 use crate::error::PipelineError;
+use crate::job::JobEntry;
 use crate::ports::{Delivery, JobQueue, QueueDepth};
 use crate::runtime::{ActorKind, AsyncStage, Request};
 
@@ -53,12 +54,24 @@ pub enum RedisOp {
     PruneConsumers {
         idle_ms: u64,
     },
+    /// Adds a job's entry unless it has one (the outbox relay).
+    Enqueue {
+        entry: JobEntry,
+    },
+    /// Which of these entries are still in the stream.
+    EntriesExist {
+        stream_ids: Vec<String>,
+    },
 }
 
 #[derive(Debug)]
 pub enum RedisReply {
     Read(Vec<Delivery>),
     Locked(bool),
+    /// Pets whose locks this process no longer holds (a keep-alive found them gone).
+    LostPets(Vec<String>),
+    Enqueued(String),
+    Exist(Vec<bool>),
     Depth(QueueDepth),
     Count(u64),
     Done,
@@ -116,6 +129,18 @@ impl StreamReader {
                 messaging.destination.name = %self.deadletter_stream,
                 messaging.client.id = %self.consumer,
                 messaging.message.id = %delivery.stream_id,
+            ),
+            RedisOp::Enqueue { entry } => tracing::info_span!(
+                "redis.enqueue",
+                otel.name = %format_args!("send {}", self.stream),
+                otel.kind = "producer",
+                messaging.system = "redis",
+                messaging.operation.type = "send",
+                messaging.operation.name = "send",
+                messaging.destination.name = %self.stream,
+                messaging.client.id = %self.consumer,
+                job_id = %entry.job_id,
+                pet_id = %entry.pet_id,
             ),
             RedisOp::LockPet { .. } | RedisOp::UnlockPet { .. } => tracing::info_span!(
                 "redis.pet_lock",
@@ -188,10 +213,27 @@ impl AsyncStage for StreamReader {
                         if !stream_ids.is_empty() {
                             q.keep_alive(&consumer, &stream_ids).await?;
                         }
+                        let mut lost = Vec::new();
                         for pet in pets {
-                            q.refresh_pet(&pet, &consumer, ttl).await?;
+                            if !q.refresh_pet(&pet, &consumer, ttl).await? {
+                                lost.push(pet);
+                            }
                         }
-                        RedisReply::Done
+                        RedisReply::LostPets(lost)
+                    }
+                    RedisOp::Enqueue { mut entry } => {
+                        // The relay's own PRODUCER span is the context the entry carries.
+                        let mut carrier = std::collections::HashMap::new();
+                        opentelemetry::global::get_text_map_propagator(|p| {
+                            use tracing_opentelemetry::OpenTelemetrySpanExt;
+                            p.inject_context(&tracing::Span::current().context(), &mut carrier)
+                        });
+                        entry.traceparent = carrier.remove("traceparent");
+                        entry.tracestate = carrier.remove("tracestate").filter(|s| !s.is_empty());
+                        RedisReply::Enqueued(q.enqueue(&entry).await?)
+                    }
+                    RedisOp::EntriesExist { stream_ids } => {
+                        RedisReply::Exist(q.entries_exist(&stream_ids).await?)
                     }
                     RedisOp::Depth => RedisReply::Depth(q.depth().await?),
                     RedisOp::Trim => RedisReply::Count(q.trim().await?),

@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::Cursor;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use actors::algo::cluster::ClusterParams;
 use actors::algo::embed::{EmbedError, ImageEncoder};
@@ -38,6 +38,8 @@ pub struct FakeQueue {
     pub dead: Mutex<Vec<(Delivery, String)>>,
     /// Pet locks: pet -> owner.
     pub locks: Mutex<HashMap<String, String>>,
+    /// Entries the relay added.
+    pub enqueued: Mutex<Vec<JobEntry>>,
 }
 
 #[async_trait]
@@ -67,7 +69,8 @@ impl JobQueue for FakeQueue {
     async fn depth(&self) -> Result<QueueDepth, PipelineError> {
         Ok(QueueDepth {
             lag: self.entries.lock().unwrap().len() as i64,
-            pending: 0,
+            group_exists: true,
+            ..QueueDepth::default()
         })
     }
     async fn reclaim(&self, _: &str, _: u64, _: usize) -> Result<Vec<Delivery>, PipelineError> {
@@ -99,6 +102,23 @@ impl JobQueue for FakeQueue {
     async fn prune_consumers(&self, _: &str, _: u64) -> Result<usize, PipelineError> {
         Ok(0)
     }
+    async fn refresh_pet(&self, pet: &str, owner: &str, _: u64) -> Result<bool, PipelineError> {
+        Ok(self
+            .locks
+            .lock()
+            .unwrap()
+            .get(pet)
+            .is_some_and(|o| o == owner))
+    }
+    async fn enqueue(&self, entry: &JobEntry) -> Result<String, PipelineError> {
+        let mut enq = self.enqueued.lock().unwrap();
+        enq.push(entry.clone());
+        Ok(format!("relayed-{}", enq.len()))
+    }
+    async fn entries_exist(&self, ids: &[String]) -> Result<Vec<bool>, PipelineError> {
+        let acked = self.acked.lock().unwrap();
+        Ok(ids.iter().map(|id| !acked.contains(id)).collect())
+    }
 }
 
 /// One photo of the fake store.
@@ -108,6 +128,9 @@ pub struct Photo {
     pub embedding: Option<(Vec<f32>, Quality)>,
     pub error: Option<String>,
 }
+
+/// Called with each result a commit is about to write.
+pub type CommitHook = Box<dyn FnMut(&ClusteringResult) + Send>;
 
 #[derive(Default)]
 pub struct FakeStore {
@@ -122,6 +145,11 @@ pub struct FakeStore {
     pub delay: Duration,
     pub active: AtomicUsize,
     pub max_active: AtomicUsize,
+    pub fences: Mutex<HashMap<String, i64>>,
+    /// Jobs committed but never enqueued, for the relay: `(entry, stream id)`.
+    pub outbox: Mutex<Vec<(JobEntry, Option<String>)>>,
+    /// Runs before each commit completes (to act while a job is about to commit).
+    pub before_commit: Mutex<Option<CommitHook>>,
 }
 
 impl FakeStore {
@@ -215,11 +243,21 @@ impl Store for FakeStore {
     }
     async fn commit(&self, result: &ClusteringResult) -> Result<i64, PipelineError> {
         self.op().await;
+        if let Some(f) = self.before_commit.lock().unwrap().as_mut() {
+            f(result);
+        }
         if take_one(&self.panics) {
             panic!("injected panic in commit");
         }
         if take_one(&self.failures) {
             return Err(PipelineError::unavailable("postgres", "injected outage"));
+        }
+        let latest = self.fences.lock().unwrap().get(&result.pet_id).copied();
+        if latest.is_some_and(|l| l != result.fence) {
+            return Err(PipelineError::LeaseLost(format!(
+                "fence {} is not {latest:?}",
+                result.fence
+            )));
         }
         let mut jobs = self.jobs.lock().unwrap();
         for id in &result.job_ids {
@@ -249,6 +287,45 @@ impl Store for FakeStore {
         }
         Ok(())
     }
+    async fn take_fence(&self, pet_id: &str) -> Result<i64, PipelineError> {
+        let mut f = self.fences.lock().unwrap();
+        let t = f.entry(pet_id.to_owned()).or_insert(0);
+        *t += 1;
+        Ok(*t)
+    }
+    async fn outbox(
+        &self,
+        _: u64,
+        _: u64,
+        check: bool,
+        _: usize,
+    ) -> Result<Vec<OutboxJob>, PipelineError> {
+        Ok(self
+            .outbox
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, sid)| sid.is_none() || check)
+            .map(|(entry, stream_id)| OutboxJob {
+                entry: entry.clone(),
+                stream_id: stream_id.clone(),
+                trace_id: None,
+            })
+            .collect())
+    }
+    async fn set_stream_id(&self, job_id: Uuid, stream_id: &str) -> Result<(), PipelineError> {
+        for (e, sid) in self.outbox.lock().unwrap().iter_mut() {
+            if e.job_id == job_id {
+                *sid = Some(stream_id.to_owned());
+            }
+        }
+        Ok(())
+    }
+    async fn known_images(&self, ids: &[Uuid]) -> Result<Vec<Uuid>, PipelineError> {
+        let photos = self.photos.lock().unwrap();
+        let all: HashSet<Uuid> = photos.values().flatten().map(|p| p.id).collect();
+        Ok(ids.iter().filter(|i| all.contains(i)).copied().collect())
+    }
 }
 
 /// Photos fetched and not yet embedded, at most, over the run.
@@ -262,6 +339,8 @@ pub struct PhotoCount {
 #[derive(Default)]
 pub struct FakeBlobs {
     pub bytes: Mutex<HashMap<String, Vec<u8>>>,
+    /// When each key was written.
+    pub written: Mutex<HashMap<String, SystemTime>>,
     pub count: Arc<PhotoCount>,
 }
 
@@ -282,6 +361,25 @@ impl BlobStore for FakeBlobs {
             Ordering::SeqCst,
         );
         Ok(b)
+    }
+    async fn list_written(
+        &self,
+        from: Option<SystemTime>,
+        until: SystemTime,
+    ) -> Result<Vec<String>, PipelineError> {
+        Ok(self
+            .written
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, t)| from.is_none_or(|f| **t > f) && **t <= until)
+            .map(|(k, _)| k.clone())
+            .collect())
+    }
+    async fn delete(&self, key: &str) -> Result<(), PipelineError> {
+        self.bytes.lock().unwrap().remove(key);
+        self.written.lock().unwrap().remove(key);
+        Ok(())
     }
 }
 
@@ -349,6 +447,11 @@ pub fn settings(embedders: usize, capacity: usize, max_deliveries: u32) -> Pipel
             backoff: Duration::from_millis(5),
             max_backoff: Duration::from_millis(50),
         },
+        job_timeout: Duration::from_secs(30),
+        relay_interval: Duration::from_millis(20),
+        relay_grace: Duration::ZERO,
+        sweep_interval: Duration::from_millis(20),
+        orphan_grace: Duration::from_millis(50),
         params: ClusterParams {
             eps: 0.01,
             min_points: 2,
@@ -418,6 +521,11 @@ impl Harness {
         let ids: Vec<Uuid> = bytes.iter().map(|_| Uuid::now_v7()).collect();
         for (id, b) in ids.iter().zip(bytes) {
             self.blobs.bytes.lock().unwrap().insert(id.to_string(), b);
+            self.blobs
+                .written
+                .lock()
+                .unwrap()
+                .insert(id.to_string(), SystemTime::now());
         }
         self.store
             .photos
