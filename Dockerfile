@@ -28,11 +28,11 @@ COPY --from=builder /out/media-clustering /usr/local/bin/media-clustering
 COPY config/ /app/config/
 COPY migrations/ /app/migrations/
 COPY --from=model /src/models/ /app/models/
-# config/default.toml's relative models/open-nsfw.onnx also resolves from /app; be explicit anyway.
-# Listen on all interfaces inside the container (config/default.toml binds 127.0.0.1).
-ENV MEDIA_CLUSTERING__EMBEDDER__MODEL_PATH=/app/models/open-nsfw.onnx \
-    MEDIA_CLUSTERING__SERVER__BIND=0.0.0.0:8080 \
-    MEDIA_CLUSTERING__SERVER__INTERNAL_BIND=0.0.0.0:9091
+# The image runs production settings: listening on all interfaces (config/production.toml),
+# secrets from the environment (start-up fails without them, or with short or development
+# ones). config/default.toml's relative models/open-nsfw.onnx also resolves from /app.
+ENV APP_ENV=production \
+    MEDIA_CLUSTERING__EMBEDDER__MODEL_PATH=/app/models/open-nsfw.onnx
 USER app
 EXPOSE 8080 9091
 ENTRYPOINT ["media-clustering"]

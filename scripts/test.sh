@@ -56,6 +56,13 @@ if ! command -v promtool >/dev/null 2>&1; then
     { apt-get install -y -qq prometheus || { apt-get update -qq && apt-get install -y -qq prometheus; }; } >/dev/null
 fi
 
+# cjpeg makes JPEGs of every chroma sampling layout for the hostile-upload tests
+# (Debian's libjpeg-turbo-progs).
+if ! command -v cjpeg >/dev/null 2>&1; then
+    step "Installing cjpeg (Debian package libjpeg-turbo-progs)"
+    { apt-get install -y -qq libjpeg-turbo-progs || { apt-get update -qq && apt-get install -y -qq libjpeg-turbo-progs; }; } >/dev/null
+fi
+
 # A real OTLP/HTTP receiver for the trace tests, in a virtualenv under target/.
 step "Installing the OTLP test receiver (oteltap)"
 PYTOOLS="$ROOT/target/pytools"

@@ -75,7 +75,7 @@ pub fn cpu_bound(
     let model = rt.block_on(load_model(settings))?;
     let embedders = settings.actors.embedders.max(1);
     let threads = settings.embedder.intra_op_threads(embedders)?;
-    let max_pixels = settings.server.max_image_pixels;
+    let max_pixels = settings.server.decode_limits();
     let min_short = photo::source_short_side(model.input_short_side());
     // One untimed pass per thread loads caches and thread pools.
     for bytes in photos.iter().take(embedders) {

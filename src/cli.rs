@@ -144,9 +144,15 @@ pub fn run() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Token { sub, scope, ttl } => {
+            anyhow::ensure!(
+                ttl <= settings.auth.max_token_lifetime_s,
+                "--ttl {ttl} is longer than auth.max_token_lifetime_s ({}); the service would refuse the token",
+                settings.auth.max_token_lifetime_s
+            );
+            anyhow::ensure!(!sub.trim().is_empty(), "--sub must not be empty");
             println!(
                 "{}",
-                Jwt::new(settings.auth.jwt_secret.expose()).mint(&sub, &scope, ttl)
+                Jwt::from_settings(&settings.auth).mint(&sub, &scope, ttl)
             );
             Ok(())
         }
@@ -161,7 +167,7 @@ pub fn run() -> anyhow::Result<()> {
         } => {
             let server = server.unwrap_or_else(|| format!("http://{}", settings.server.bind));
             let token = token.unwrap_or_else(|| {
-                Jwt::new(settings.auth.jwt_secret.expose()).mint(
+                Jwt::from_settings(&settings.auth).mint(
                     "cli",
                     &format!("{SCOPE_READ} {SCOPE_WRITE}"),
                     3600,

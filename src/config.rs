@@ -24,6 +24,9 @@ const DEV_SECRETS: &[&str] = &[
     "dev-internal-token",
 ];
 
+/// The shortest secret accepted.
+const MIN_SECRET_CHARS: usize = 32;
+
 /// Well-known variables and the keys they set (a variable wins over its key).
 const WELL_KNOWN: &[(&str, &str)] = &[
     ("DATABASE_URL", "postgres.url"),
@@ -138,12 +141,20 @@ pub struct ServerSettings {
     pub internal_bind: String,
     pub max_upload_bytes: u64,
     pub max_image_pixels: u64,
+    /// Longer side over shorter side, at most (422 past it).
+    pub max_aspect_ratio: u32,
+    /// Memory all image decodes of the process (API checks and embedders) may use at once;
+    /// a decode waits for its share, and a photo needing more than all of it is refused.
+    pub decode_memory_budget_mib: u64,
     pub max_files_per_request: usize,
     /// How long a client may take to send the request head, and the longest pause
     /// while it sends an upload body (408 past either).
     pub request_timeout_ms: u64,
     /// How long a closing connection may take to shut down; 0 waits indefinitely.
     pub disconnect_timeout_ms: u64,
+    /// The longest an upload's whole body may take to arrive, however steadily it trickles
+    /// (408 past it).
+    pub upload_timeout_ms: u64,
     /// After the pipeline gives up (restart intensity exceeded), how long at least `/readyz`
     /// keeps answering 503 before the process exits, so probes and load balancers see it.
     pub unready_grace_ms: u64,
@@ -156,6 +167,9 @@ pub struct ServerSettings {
 pub struct RateLimitSettings {
     pub requests_per_second: f64,
     pub burst: u32,
+    /// The same per peer address on `/healthz` and `/readyz` (unauthenticated); 0 turns it off.
+    pub probe_requests_per_second: f64,
+    pub probe_burst: u32,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -163,6 +177,14 @@ pub struct RateLimitSettings {
 pub struct AuthSettings {
     pub jwt_secret: Secret,
     pub internal_token: Secret,
+    /// Tokens must carry this `iss`, when set.
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// Tokens must carry this `aud`, when set.
+    #[serde(default)]
+    pub audience: Option<String>,
+    /// Tokens may not live longer than this (`exp` from now, and from `iat`).
+    pub max_token_lifetime_s: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -452,6 +474,15 @@ pub struct ActorSettings {
     pub restart_backoff_max_ms: u64,
 }
 
+impl ServerSettings {
+    pub fn decode_limits(&self) -> actors::algo::decode::DecodeLimits {
+        actors::algo::decode::DecodeLimits {
+            max_pixels: self.max_image_pixels,
+            max_aspect_ratio: self.max_aspect_ratio,
+        }
+    }
+}
+
 impl ActorSettings {
     pub fn restart_policy(&self) -> actors::runtime::supervisor::RestartPolicy {
         actors::runtime::supervisor::RestartPolicy {
@@ -546,8 +577,19 @@ impl Settings {
             ("server.bind", &self.server.bind),
             ("server.internal_bind", &self.server.internal_bind),
         ] {
-            v.parse::<SocketAddr>()
+            let addr = v
+                .parse::<SocketAddr>()
                 .map_err(|_| invalid(key, format!("`{v}` is not a host:port address")))?;
+            // Development secrets are public: a development process stays on this machine.
+            if self.env == AppEnv::Development && !addr.ip().is_loopback() {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "development settings refuse to listen on `{v}` (not a loopback address); \
+                         run with APP_ENV=production and real secrets to serve a network"
+                    ),
+                ));
+            }
         }
         if self.server.max_upload_bytes == 0 {
             return Err(invalid("server.max_upload_bytes", "must be positive"));
@@ -555,17 +597,44 @@ impl Settings {
         if self.server.max_image_pixels == 0 {
             return Err(invalid("server.max_image_pixels", "must be positive"));
         }
+        if self.server.max_aspect_ratio == 0 {
+            return Err(invalid("server.max_aspect_ratio", "must be at least 1"));
+        }
+        if self.server.decode_memory_budget_mib < 16 {
+            return Err(invalid(
+                "server.decode_memory_budget_mib",
+                "must be at least 16 (MiB)",
+            ));
+        }
         if self.server.max_files_per_request == 0 {
             return Err(invalid("server.max_files_per_request", "must be positive"));
         }
         if self.server.request_timeout_ms == 0 {
             return Err(invalid("server.request_timeout_ms", "must be positive"));
         }
+        if self.server.upload_timeout_ms < self.server.request_timeout_ms {
+            return Err(invalid(
+                "server.upload_timeout_ms",
+                "must be at least server.request_timeout_ms",
+            ));
+        }
         let rl = &self.rate_limit;
         if !(rl.requests_per_second.is_finite() && rl.requests_per_second >= 0.0) {
             return Err(invalid(
                 "rate_limit.requests_per_second",
                 "must be 0 (off) or a positive number",
+            ));
+        }
+        if !(rl.probe_requests_per_second.is_finite() && rl.probe_requests_per_second >= 0.0) {
+            return Err(invalid(
+                "rate_limit.probe_requests_per_second",
+                "must be 0 (off) or a positive number",
+            ));
+        }
+        if rl.probe_requests_per_second > 0.0 && rl.probe_burst == 0 {
+            return Err(invalid(
+                "rate_limit.probe_burst",
+                "must be at least 1 while the limit is on",
             ));
         }
         if rl.requests_per_second > 0.0 && rl.burst == 0 {
@@ -588,11 +657,24 @@ impl Settings {
                 return Err(invalid(key, "production refuses the development secret"));
             }
         }
-        if self.env == AppEnv::Production && self.auth.jwt_secret.expose().len() < 32 {
+        // HS256 keys shorter than its output are guessable; the signing secret is long
+        // everywhere, and in production the internal token too.
+        if self.auth.jwt_secret.expose().chars().count() < MIN_SECRET_CHARS {
             return Err(invalid(
                 "auth.jwt_secret",
-                "must be at least 32 characters in production",
+                format!("must be at least {MIN_SECRET_CHARS} characters"),
             ));
+        }
+        if self.env == AppEnv::Production
+            && self.auth.internal_token.expose().chars().count() < MIN_SECRET_CHARS
+        {
+            return Err(invalid(
+                "auth.internal_token",
+                format!("must be at least {MIN_SECRET_CHARS} characters in production"),
+            ));
+        }
+        if self.auth.max_token_lifetime_s < 60 {
+            return Err(invalid("auth.max_token_lifetime_s", "must be at least 60"));
         }
         for (key, url, schemes) in [
             (
@@ -863,9 +945,56 @@ mod tests {
                 "AUTH_JWT_SECRET",
                 "a-real-secret-that-is-long-enough-0123456789",
             ),
-            ("INTERNAL_METRICS_TOKEN", "another-real-secret"),
+            (
+                "INTERNAL_METRICS_TOKEN",
+                "another-real-secret-long-enough-0123456789",
+            ),
         ]));
-        assert!(ok.is_ok());
+        assert!(ok.is_ok(), "{:?}", ok.err());
+    }
+
+    #[test]
+    fn secrets_are_long_and_development_stays_on_loopback() {
+        let strong = "a-real-secret-that-is-long-enough-0123456789";
+        // A short signing secret is refused in every environment.
+        for env in ["development", "production"] {
+            let e = Settings::load_from(&vars(&[
+                ("APP_ENV", env),
+                ("AUTH_JWT_SECRET", "x"),
+                ("INTERNAL_METRICS_TOKEN", strong),
+            ]))
+            .unwrap_err();
+            assert!(
+                e.to_string().contains("auth.jwt_secret") && e.to_string().contains("32"),
+                "{e}"
+            );
+        }
+        let e = Settings::load_from(&vars(&[
+            ("APP_ENV", "production"),
+            ("AUTH_JWT_SECRET", strong),
+            ("INTERNAL_METRICS_TOKEN", "short-token"),
+        ]))
+        .unwrap_err();
+        assert!(e.to_string().contains("auth.internal_token"), "{e}");
+        // Development secrets are public: no listening beyond this machine with them.
+        for (var, addr) in [
+            ("MEDIA_CLUSTERING__SERVER__BIND", "0.0.0.0:8080"),
+            ("MEDIA_CLUSTERING__SERVER__INTERNAL_BIND", "10.1.2.3:9091"),
+        ] {
+            let e = Settings::load_from(&vars(&[(var, addr)])).unwrap_err();
+            assert!(e.to_string().contains("loopback"), "{e}");
+        }
+        assert!(
+            Settings::load_from(&vars(&[("MEDIA_CLUSTERING__SERVER__BIND", "[::1]:8080")])).is_ok()
+        );
+        let prod = Settings::load_from(&vars(&[
+            ("APP_ENV", "production"),
+            ("AUTH_JWT_SECRET", strong),
+            ("INTERNAL_METRICS_TOKEN", strong),
+        ]))
+        .unwrap();
+        assert_eq!(prod.server.bind, "0.0.0.0:8080");
+        assert_eq!(prod.auth.max_token_lifetime_s, 86400);
     }
 
     #[test]

@@ -31,17 +31,23 @@ pub async fn reembed(settings: &Settings, pet: Option<&str>) -> anyhow::Result<(
             .progress_chars("=> "),
     );
     let failed = AtomicUsize::new(0);
-    let max_pixels = settings.server.max_image_pixels;
+    let decoding = crate::startup::Decoding::from_settings(settings)?;
     let threads = settings.actors.embedders.max(1);
     futures::stream::iter(todo)
         .map(|(image_id, key): (Uuid, String)| {
             let (storage, model, db, version, bar, failed) =
                 (&storage, model.clone(), &db, &version, &bar, &failed);
+            let decoding = decoding.clone();
             async move {
                 let result = async {
                     let bytes = storage.get(&key).await?;
                     let (vector, q) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-                        Ok(photo::analyse(&bytes, max_pixels, model.as_ref())?)
+                        Ok(photo::analyse(
+                            &bytes,
+                            decoding.limits,
+                            model.as_ref(),
+                            &decoding.budget,
+                        )?)
                     })
                     .await??;
                     postgres::insert_embedding(db, image_id, version, &vector, &q).await?;

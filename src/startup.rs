@@ -8,6 +8,8 @@ use std::time::Duration;
 use actix_web::dev::Server;
 use actix_web::{App, HttpServer, web};
 use actix_web_prom::PrometheusMetricsBuilder;
+use actors::algo::budget::MemoryBudget;
+use actors::algo::decode::DecodeLimits;
 use actors::algo::embed::{EmbedError, ImageEncoder, OnnxEmbedder};
 use actors::metrics::Metrics;
 use actors::ort_encoder::{OrtEncoder, OrtOptions};
@@ -50,8 +52,37 @@ pub struct AppState {
     pub health: Arc<Health>,
     /// Per-caller limit on `/v1/*`; `None` when `rate_limit.requests_per_second` is 0.
     pub limiter: Option<RateLimiter>,
+    /// Per-peer limit on `/healthz` and `/readyz`.
+    pub probe_limiter: Option<RateLimiter>,
+    /// `/readyz`'s last dependency check.
+    pub ready_cache: api::ReadyCache,
     /// Development drills: pause uploads at a point of their work.
     pub upload_pause: Option<(api::UploadPoint, Duration)>,
+    pub decoding: Decoding,
+}
+
+/// How photos are decoded, the same in the API's checks and in the embedders.
+#[derive(Clone)]
+pub struct Decoding {
+    pub limits: DecodeLimits,
+    /// The shorter side the model's preprocessing needs (so a check decodes at the
+    /// embedder's scale).
+    pub model_side: u32,
+    /// The process's decoding memory budget.
+    pub budget: Arc<MemoryBudget>,
+}
+
+impl Decoding {
+    pub fn from_settings(settings: &Settings) -> anyhow::Result<Self> {
+        let (_, _, pre) = settings.embedder.resolve()?;
+        Ok(Decoding {
+            limits: settings.server.decode_limits(),
+            model_side: pre.source_short_side(),
+            budget: Arc::new(MemoryBudget::new(
+                settings.server.decode_memory_budget_mib << 20,
+            )),
+        })
+    }
 }
 
 pub struct Application {
@@ -201,8 +232,9 @@ impl Application {
         let listener = TcpListener::bind(bind).with_context(|| format!("binding {bind}"))?;
         let port = listener.local_addr()?.port();
         let health = Health::new();
+        let decoding = Decoding::from_settings(&settings)?;
         let state = web::Data::new(AppState {
-            jwt: Jwt::new(settings.auth.jwt_secret.expose()),
+            jwt: Jwt::from_settings(&settings.auth),
             settings: settings.clone(),
             db: db.clone(),
             queue: queue.clone(),
@@ -214,7 +246,13 @@ impl Application {
                 settings.rate_limit.requests_per_second,
                 settings.rate_limit.burst,
             ),
+            probe_limiter: RateLimiter::new(
+                settings.rate_limit.probe_requests_per_second,
+                settings.rate_limit.probe_burst,
+            ),
+            ready_cache: Default::default(),
             upload_pause: options.upload_pause,
+            decoding: decoding.clone(),
         });
         let with_api = mode != Mode::Worker;
         let max_body = settings.server.max_upload_bytes;
@@ -222,6 +260,8 @@ impl Application {
             App::new()
                 .wrap(prom.clone())
                 .wrap(TracingLogger::default())
+                // Outermost: a made-up method is refused before a metric or span names it.
+                .wrap(actix_web::middleware::from_fn(api::standard_methods_only))
                 .app_data(state.clone())
                 .app_data(web::PayloadConfig::new(max_body as usize))
                 .configure(api::configure_internal)
@@ -253,6 +293,7 @@ impl Application {
                 metrics,
                 health.clone(),
                 faults,
+                decoding.budget.clone(),
             )
         });
         Ok(Application {
@@ -332,6 +373,7 @@ pub fn start_pipeline(
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     faults: Arc<Faults>,
+    budget: Arc<MemoryBudget>,
 ) -> PipelineHandle {
     let a = &settings.actors;
     let r = &settings.redis;
@@ -361,7 +403,7 @@ pub fn start_pipeline(
         sweep_interval: Duration::from_millis(settings.storage.sweep_interval_ms),
         orphan_grace: Duration::from_millis(settings.storage.orphan_grace_ms),
         params: settings.clustering.params(),
-        max_pixels: settings.server.max_image_pixels,
+        limits: settings.server.decode_limits(),
     };
     tracing::info!(consumer = %ps.consumer, stream = %ps.stream, group = %ps.group, "Starting the pipeline.");
     if !faults.is_empty() {
@@ -372,6 +414,7 @@ pub fn start_pipeline(
         store: Arc::new(PgStore { pool: db }),
         blobs: Arc::new(storage),
         db_target: db_target(&settings.postgres),
+        budget,
     };
     pipeline::start(ps, ports, model, metrics, health, faults)
 }

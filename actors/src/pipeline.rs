@@ -26,7 +26,9 @@ use actix::Arbiter;
 use futures::FutureExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
+use crate::algo::budget::MemoryBudget;
 use crate::algo::cluster::ClusterParams;
+use crate::algo::decode::DecodeLimits;
 use crate::algo::embed::ImageEncoder;
 use crate::job::JobEntry;
 use crate::loops;
@@ -79,7 +81,7 @@ pub struct PipelineSettings {
     pub sweep_interval: Duration,
     pub orphan_grace: Duration,
     pub params: ClusterParams,
-    pub max_pixels: u64,
+    pub limits: DecodeLimits,
 }
 
 /// The worlds the pipeline talks to.
@@ -90,6 +92,8 @@ pub struct Ports {
     pub blobs: Arc<dyn BlobStore>,
     /// Where the store's database is (span attributes).
     pub db_target: DbTarget,
+    /// The process's decoding memory budget (shared with the API's checks).
+    pub budget: Arc<MemoryBudget>,
 }
 
 /// What the scheduler, the batches and the loops share.
@@ -355,11 +359,13 @@ pub fn start(
             metrics: m.clone(),
         },
     );
-    let (enc, max_pixels, m) = (model.clone(), settings.max_pixels, metrics.clone());
+    let (enc, limits, m) = (model.clone(), settings.limits, metrics.clone());
+    let budget = ports.budget.clone();
     let embedders = start_sync(c.embedders, cap, cx(ActorKind::Embedder), move || {
         Embedder {
             model: enc.clone(),
-            max_pixels,
+            limits,
+            budget: budget.clone(),
             metrics: m.clone(),
         }
     });

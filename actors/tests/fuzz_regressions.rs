@@ -830,3 +830,151 @@ fn png_iccp_deflate_bomb_is_bounded() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------
+// Accepted means processable: what the API's check accepts, the embedder decodes.
+
+/// A model stand-in that records nothing and answers a constant vector.
+struct Constant;
+
+impl actors::algo::embed::ImageEncoder for Constant {
+    fn model_version(&self) -> &str {
+        "constant"
+    }
+    fn embed(&self, _: &DynamicImage) -> Result<Vec<f32>, actors::algo::embed::EmbedError> {
+        Ok(vec![1.0, 0.0])
+    }
+    fn input_short_side(&self) -> u32 {
+        256
+    }
+}
+
+/// Every saved fuzz input, each fixture photo and generated photos of every format and
+/// colour type, plus a thousand seeded byte mutations of them: whenever the upload check
+/// accepts an input, the embedder's analysis of the same bytes succeeds.
+#[test]
+fn accepted_uploads_always_decode_in_the_worker() {
+    use actors::algo::budget::MemoryBudget;
+    use actors::algo::photo;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    let budget = MemoryBudget::new(256 << 20);
+    let limits = decode::DecodeLimits::from(MAX_PIXELS);
+    let mut inputs: Vec<Vec<u8>> = saved("upload_image").into_iter().map(|(_, b)| b).collect();
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/photos");
+    for e in std::fs::read_dir(fixtures).unwrap().filter_map(Result::ok) {
+        if e.path().extension().is_some_and(|x| x != "csv") {
+            inputs.push(std::fs::read(e.path()).unwrap());
+        }
+    }
+    let base = DynamicImage::ImageRgb8(ImageBuffer::from_fn(300, 200, |x, y| {
+        Rgb([(x % 256) as u8, (y % 256) as u8, ((x * y) % 256) as u8])
+    }));
+    for img in [
+        base.clone(),
+        DynamicImage::ImageLuma8(base.to_luma8()),
+        DynamicImage::ImageRgba8(base.to_rgba8()),
+        DynamicImage::ImageRgb16(base.to_rgb16()),
+    ] {
+        for f in [ImageFormat::Png, ImageFormat::Jpeg, ImageFormat::WebP] {
+            let mut out = Cursor::new(Vec::new());
+            if img.write_to(&mut out, f).is_ok() {
+                inputs.push(out.into_inner());
+            }
+        }
+    }
+    let mut rng = StdRng::seed_from_u64(12);
+    let originals = inputs.clone();
+    for _ in 0..1000 {
+        let mut b = originals[rng.random_range(0..originals.len())].clone();
+        for _ in 0..rng.random_range(1..8) {
+            let i = rng.random_range(0..b.len());
+            b[i] = rng.random();
+        }
+        inputs.push(b);
+    }
+    let (mut accepted, mut refused) = (0, 0);
+    for bytes in &inputs {
+        let check = panic::catch_unwind(AssertUnwindSafe(|| {
+            photo::check(bytes, limits, 256, &budget)
+        }));
+        let Ok(Ok(_)) = check else {
+            refused += 1;
+            continue;
+        };
+        accepted += 1;
+        let analysed = panic::catch_unwind(AssertUnwindSafe(|| {
+            photo::analyse(bytes, limits, &Constant, &budget)
+        }));
+        assert!(
+            matches!(analysed, Ok(Ok(_))),
+            "accepted by the check, refused by the embedder: {:?}",
+            analysed.map(|r| r.map(|_| ()).map_err(|e| e.to_string()))
+        );
+    }
+    assert!(
+        accepted > 40 && refused > 100,
+        "accepted {accepted}, refused {refused}"
+    );
+    assert_eq!(budget.used(), 0, "every reservation was returned");
+}
+
+#[test]
+fn extreme_aspect_ratios_are_refused_from_the_header() {
+    // 200000 x 1 and 3000 x 1 PNGs of a few bytes: fitting their short side to the model would
+    // allocate gigabytes.
+    for (w, h) in [(200_000u32, 1u32), (3000, 1), (1, 3000), (21, 1)] {
+        let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+        let chunk = |t: &[u8], d: &[u8]| {
+            let mut c = (d.len() as u32).to_be_bytes().to_vec();
+            c.extend_from_slice(t);
+            c.extend_from_slice(d);
+            c.extend_from_slice(&crc32fast::hash(&[t, d].concat()).to_be_bytes());
+            c
+        };
+        let mut ihdr = w.to_be_bytes().to_vec();
+        ihdr.extend_from_slice(&h.to_be_bytes());
+        ihdr.extend_from_slice(&[8, 0, 0, 0, 0]);
+        png.extend(chunk(b"IHDR", &ihdr));
+        png.extend(chunk(b"IEND", b""));
+        let e = decode::probe(&png, 50_000_000).unwrap_err();
+        assert!(
+            matches!(e, DecodeError::AspectRatio { .. }),
+            "{w}x{h}: {e:?}"
+        );
+        assert!(e.to_string().contains("server.max_aspect_ratio"), "{e}");
+    }
+    // Up to the limit is fine.
+    let img = DynamicImage::ImageRgb8(ImageBuffer::from_pixel(400, 20, Rgb([1, 2, 3])));
+    let mut out = Cursor::new(Vec::new());
+    img.write_to(&mut out, ImageFormat::Png).unwrap();
+    assert!(decode::probe(&out.into_inner(), 50_000_000).is_ok());
+}
+
+#[test]
+fn a_photo_that_needs_more_than_the_whole_budget_is_refused_before_decoding() {
+    use actors::algo::budget::MemoryBudget;
+    let img = DynamicImage::ImageRgb16(ImageBuffer::from_pixel(
+        1500,
+        1000,
+        image::Rgb([9u16, 9, 9]),
+    ));
+    let mut out = Cursor::new(Vec::new());
+    img.write_to(&mut out, ImageFormat::Png).unwrap();
+    let bytes = out.into_inner();
+    let info = decode::probe(&bytes, 50_000_000).unwrap();
+    assert_eq!(info.decoded_bytes_per_pixel, 6, "16-bit RGB from IHDR");
+    let cost = decode::decode_cost(&info, 1);
+    assert!(cost > 1500 * 1000 * 14, "{cost}");
+    let small = MemoryBudget::new(cost - 1);
+    let e = decode::decode_within(&bytes, 50_000_000, 1, &small).unwrap_err();
+    assert!(matches!(e, DecodeError::OverBudget { .. }), "{e:?}");
+    assert_eq!(small.used(), 0);
+    let enough = MemoryBudget::new(cost);
+    let (d, reserved) = decode::decode_within(&bytes, 50_000_000, 1, &enough).unwrap();
+    assert_eq!((d.width, d.height), (1500, 1000));
+    assert_eq!(enough.used(), cost);
+    drop(reserved);
+    assert_eq!(enough.used(), 0);
+}

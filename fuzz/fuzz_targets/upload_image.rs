@@ -10,11 +10,15 @@
 //!   orientation) and so never exceeds the pixel limit;
 //! - `decode_reduced` fails like `decode` when `probe` fails, otherwise only with
 //!   `Undecodable`; when it succeeds it reports the probed size (oriented) as the
-//!   original's and its image is no larger than that.
+//!   original's and its image is no larger than that;
+//! - what the API's check (`photo::check`) accepts, the embedder (`photo::analyse`) analyses,
+//!   and every budget reservation is returned.
 
 #![no_main]
 
+use actors::algo::budget::MemoryBudget;
 use actors::algo::decode::{self, DecodeError, Format};
+use actors::algo::photo;
 use libfuzzer_sys::fuzz_target;
 
 /// Small, so that the limit itself gets exercised by fuzzed headers.
@@ -35,6 +39,8 @@ fuzz_target!(|data: &[u8]| {
                 u64::from(info.width) * u64::from(info.height) <= MAX_PIXELS,
                 "probe accepted {info:?} over the limit"
             );
+            let (long, short) = (info.width.max(info.height), info.width.min(info.height));
+            assert!(long <= short * 20, "probe accepted {info:?} past the aspect ratio");
         }
         Err(DecodeError::Empty) => assert!(data.is_empty()),
         Err(DecodeError::Unsupported) => assert_eq!(sniffed, None),
@@ -42,7 +48,13 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(*max, MAX_PIXELS);
             assert!(u64::from(*width) * u64::from(*height) > MAX_PIXELS);
         }
+        Err(DecodeError::AspectRatio { width, height, max }) => {
+            let (long, short) = ((*width).max(*height), (*width).min(*height));
+            assert!(u64::from(long) > u64::from(short) * u64::from(*max));
+        }
         Err(DecodeError::Undecodable(_)) => assert!(sniffed.is_some()),
+        // Only a budgeted decode reports this; probe never does.
+        Err(e @ DecodeError::OverBudget { .. }) => panic!("probe reported {e:?}"),
     }
 
     match decode::decode(data, MAX_PIXELS) {
@@ -95,4 +107,26 @@ fuzz_target!(|data: &[u8]| {
             },
         }
     }
+    // Accepted means processable: whatever the API's check accepts, the embedder analyses.
+    let budget = MemoryBudget::new(256 << 20);
+    if photo::check(data, MAX_PIXELS.into(), 256, &budget).is_ok() {
+        let analysed = photo::analyse(data, MAX_PIXELS.into(), &Constant, &budget);
+        assert!(analysed.is_ok(), "accepted by the check, refused by the embedder: {:?}", analysed.err());
+    }
+    assert_eq!(budget.used(), 0);
 });
+
+/// A model stand-in answering a constant vector.
+struct Constant;
+
+impl actors::algo::embed::ImageEncoder for Constant {
+    fn model_version(&self) -> &str {
+        "constant"
+    }
+    fn embed(&self, _: &image::DynamicImage) -> Result<Vec<f32>, actors::algo::embed::EmbedError> {
+        Ok(vec![1.0, 0.0])
+    }
+    fn input_short_side(&self) -> u32 {
+        256
+    }
+}

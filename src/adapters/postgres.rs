@@ -42,6 +42,19 @@ pub struct JobView {
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// The cluster version that completed the job (several coalesced jobs share one).
+    pub cluster_version: Option<i64>,
+    /// The trace its upload started.
+    pub trace_id: Option<String>,
+    /// Photos of this job that cannot be processed, with why.
+    pub unprocessable: Vec<Unprocessable>,
+}
+
+/// A photo left out of clustering because it cannot be processed.
+#[derive(Debug, Serialize)]
+pub struct Unprocessable {
+    pub image_id: Uuid,
+    pub error: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -58,6 +71,28 @@ pub struct ClusteringView {
     pub version: i64,
     pub model_version: String,
     pub clusters: Vec<ClusterView>,
+    /// The pet's photos left out of clustering, with why.
+    pub unprocessable: Vec<Unprocessable>,
+}
+
+/// Quarantined photos among `ids` (all of the pet's when `ids` is `None`).
+async fn unprocessable(
+    pool: &PgPool,
+    pet_id: &str,
+    ids: Option<&[Uuid]>,
+) -> Result<Vec<Unprocessable>, sqlx::Error> {
+    let rows: Vec<(Uuid, String)> = sqlx::query_as(
+        "SELECT id, error FROM images WHERE pet_id = $1 AND error IS NOT NULL
+           AND ($2::uuid[] IS NULL OR id = ANY($2)) ORDER BY created_at, id",
+    )
+    .bind(pet_id)
+    .bind(ids)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(image_id, error)| Unprocessable { image_id, error })
+        .collect())
 }
 
 /// One accepted photo of an upload, to be inserted.
@@ -142,6 +177,33 @@ pub async fn insert_images(
         out.extend(rows.into_iter().map(|(sha, id)| (sha, (id, false))));
     }
     Ok(out)
+}
+
+/// The owner a pet's first write recorded, if any.
+pub async fn pet_owner(pool: &PgPool, pet_id: &str) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT owner FROM pet_owners WHERE pet_id = $1")
+        .bind(pet_id)
+        .fetch_optional(pool)
+        .await
+}
+
+/// Records `owner` as the pet's owner unless it has one; returns the pet's owner.
+pub async fn claim_pet(
+    tx: &mut Transaction<'_, Postgres>,
+    pet_id: &str,
+    owner: &str,
+) -> Result<String, sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO pet_owners (pet_id, owner) VALUES ($1, $2) ON CONFLICT (pet_id) DO NOTHING",
+    )
+    .bind(pet_id)
+    .bind(owner)
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query_scalar("SELECT owner FROM pet_owners WHERE pet_id = $1")
+        .bind(pet_id)
+        .fetch_one(&mut **tx)
+        .await
 }
 
 pub async fn insert_job(
@@ -260,24 +322,29 @@ pub async fn pet_has_images(pool: &PgPool, pet_id: &str) -> Result<bool, sqlx::E
 
 pub async fn get_job(pool: &PgPool, job_id: Uuid) -> Result<Option<JobView>, sqlx::Error> {
     let row = sqlx::query(
-        "SELECT id, pet_id, status, attempts, error, created_at, started_at, finished_at FROM jobs WHERE id = $1",
+        "SELECT id, pet_id, status, attempts, error, created_at, started_at, finished_at,
+                cluster_version, trace_id, image_ids
+         FROM jobs WHERE id = $1",
     )
     .bind(job_id)
     .fetch_optional(pool)
     .await?;
-    row.map(|r| {
-        Ok(JobView {
-            job_id: r.try_get("id")?,
-            pet_id: r.try_get("pet_id")?,
-            status: r.try_get("status")?,
-            attempts: r.try_get("attempts")?,
-            error: r.try_get("error")?,
-            created_at: r.try_get("created_at")?,
-            started_at: r.try_get("started_at")?,
-            finished_at: r.try_get("finished_at")?,
-        })
-    })
-    .transpose()
+    let Some(r) = row else { return Ok(None) };
+    let pet_id: String = r.try_get("pet_id")?;
+    let image_ids: Vec<Uuid> = r.try_get("image_ids")?;
+    Ok(Some(JobView {
+        job_id: r.try_get("id")?,
+        unprocessable: unprocessable(pool, &pet_id, Some(&image_ids)).await?,
+        pet_id,
+        status: r.try_get("status")?,
+        attempts: r.try_get("attempts")?,
+        error: r.try_get("error")?,
+        created_at: r.try_get("created_at")?,
+        started_at: r.try_get("started_at")?,
+        finished_at: r.try_get("finished_at")?,
+        cluster_version: r.try_get("cluster_version")?,
+        trace_id: r.try_get("trace_id")?,
+    }))
 }
 
 /// The pet's latest cluster version, clusters ordered by size then id.
@@ -323,19 +390,19 @@ pub async fn latest_clusters(
         version: v.try_get("version")?,
         model_version: v.try_get("model_version")?,
         clusters,
+        unprocessable: unprocessable(pool, pet_id, None).await?,
     }))
 }
 
+/// A photo's content type, object key and pet.
 pub async fn get_image(
     pool: &PgPool,
     image_id: Uuid,
-) -> Result<Option<(String, String)>, sqlx::Error> {
-    let row = sqlx::query("SELECT content_type, storage_key FROM images WHERE id = $1")
+) -> Result<Option<(String, String, String)>, sqlx::Error> {
+    sqlx::query_as("SELECT content_type, storage_key, pet_id FROM images WHERE id = $1")
         .bind(image_id)
         .fetch_optional(pool)
-        .await?;
-    row.map(|r| Ok((r.try_get("content_type")?, r.try_get("storage_key")?)))
-        .transpose()
+        .await
 }
 
 /// The pipeline's view of Postgres.

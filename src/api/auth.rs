@@ -13,15 +13,57 @@ use crate::startup::AppState;
 
 pub const SCOPE_READ: &str = "media:read";
 pub const SCOPE_WRITE: &str = "media:write";
+/// A back-office or service token: may act on any pet.
+pub const SCOPE_ADMIN: &str = "media:admin";
 
-#[derive(Debug, Serialize, Deserialize)]
+/// Slack allowed for clocks that disagree, on `exp`, `nbf` and the lifetime.
+const LEEWAY_SECS: u64 = 30;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Claims {
     pub sub: String,
     pub exp: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbf: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
     #[serde(default)]
     pub scope: String,
+    /// The household or account the caller acts for (from the auth-service); pets belong to
+    /// it. Without it, to the `sub`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+}
+
+impl Claims {
+    /// Whom the caller's pets belong to.
+    pub fn owner(&self) -> &str {
+        self.owner
+            .as_deref()
+            .filter(|o| !o.is_empty())
+            .unwrap_or(&self.sub)
+    }
+
+    pub fn has_scope(&self, scope: &str) -> bool {
+        self.scope.split_whitespace().any(|s| s == scope)
+    }
+
+    pub fn is_admin(&self) -> bool {
+        self.has_scope(SCOPE_ADMIN)
+    }
+}
+
+/// What a token must satisfy beyond its signature.
+#[derive(Debug, Clone, Default)]
+pub struct TokenPolicy {
+    /// `iss` must equal this, when set.
+    pub issuer: Option<String>,
+    /// `aud` must contain this, when set.
+    pub audience: Option<String>,
+    /// `exp` may be at most this far in the future (and past `iat`).
+    pub max_lifetime_s: u64,
 }
 
 /// Signs and checks tokens with the configured secret.
@@ -30,38 +72,99 @@ pub struct Jwt {
     decoding: DecodingKey,
     encoding: EncodingKey,
     validation: Validation,
+    policy: TokenPolicy,
 }
 
 impl Jwt {
-    pub fn new(secret: &str) -> Self {
+    pub fn new(secret: &str, policy: TokenPolicy) -> Self {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.validate_nbf = true;
-        validation.leeway = 30;
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.leeway = LEEWAY_SECS;
+        let mut required = vec!["exp", "sub"];
+        if let Some(iss) = &policy.issuer {
+            validation.set_issuer(&[iss]);
+            required.push("iss");
+        }
+        match &policy.audience {
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                required.push("aud");
+            }
+            None => validation.validate_aud = false,
+        }
+        validation.set_required_spec_claims(&required);
         Jwt {
             decoding: DecodingKey::from_secret(secret.as_bytes()),
             encoding: EncodingKey::from_secret(secret.as_bytes()),
             validation,
+            policy,
         }
     }
 
+    /// The policy of the settings' `auth` section.
+    pub fn from_settings(auth: &crate::config::AuthSettings) -> Self {
+        Jwt::new(
+            auth.jwt_secret.expose(),
+            TokenPolicy {
+                issuer: auth.issuer.clone().filter(|s| !s.is_empty()),
+                audience: auth.audience.clone().filter(|s| !s.is_empty()),
+                max_lifetime_s: auth.max_token_lifetime_s,
+            },
+        )
+    }
+
+    /// A development token (the `token` subcommand, tests); carries the configured issuer and
+    /// audience so that it passes this service's checks.
     pub fn mint(&self, sub: &str, scope: &str, ttl_secs: u64) -> String {
-        let exp = chrono::Utc::now().timestamp().max(0) as u64 + ttl_secs;
-        let claims = Claims {
+        self.mint_claims(Claims {
             sub: sub.into(),
-            exp,
+            exp: now_secs() + ttl_secs,
             nbf: None,
+            iat: Some(now_secs()),
             scope: scope.into(),
+            owner: None,
+            iss: self.policy.issuer.clone(),
+        })
+    }
+
+    pub fn mint_claims(&self, claims: Claims) -> String {
+        #[derive(Serialize)]
+        struct WithAud<'a> {
+            #[serde(flatten)]
+            claims: &'a Claims,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            aud: Option<&'a str>,
+        }
+        let body = WithAud {
+            claims: &claims,
+            aud: self.policy.audience.as_deref(),
         };
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &body, &self.encoding)
             .expect("HS256 signing cannot fail")
     }
 
     pub fn verify(&self, token: &str) -> Result<Claims, ApiError> {
-        jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+        let refused = |why: &str| ApiError::Unauthorized(format!("invalid bearer token: {why}"));
+        let claims = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map(|d| d.claims)
-            .map_err(|e| ApiError::Unauthorized(format!("invalid bearer token: {}", reason(&e))))
+            .map_err(|e| refused(reason(&e)))?;
+        if claims.sub.trim().is_empty() {
+            return Err(refused("empty subject"));
+        }
+        let max = self.policy.max_lifetime_s + LEEWAY_SECS;
+        let too_long = claims.exp > now_secs() + max
+            || claims
+                .iat
+                .is_some_and(|iat| claims.exp.saturating_sub(iat) > max);
+        if too_long {
+            return Err(refused("lifetime longer than auth.max_token_lifetime_s"));
+        }
+        Ok(claims)
     }
+}
+
+fn now_secs() -> u64 {
+    chrono::Utc::now().timestamp().max(0) as u64
 }
 
 /// Says why a token was refused without echoing it.
@@ -73,6 +176,8 @@ fn reason(e: &jsonwebtoken::errors::Error) -> &'static str {
         InvalidSignature => "bad signature",
         InvalidAlgorithm | InvalidAlgorithmName => "algorithm not accepted",
         MissingRequiredClaim(_) => "missing claim",
+        InvalidIssuer => "issuer not accepted",
+        InvalidAudience => "audience not accepted",
         _ => "malformed",
     }
 }
@@ -118,7 +223,8 @@ fn state(req: &HttpRequest) -> Result<&web::Data<AppState>, ApiError> {
 
 fn authorize(req: &HttpRequest, scope: &str) -> Result<Claims, ApiError> {
     let claims = state(req)?.jwt.verify(bearer(req)?)?;
-    if claims.scope.split_whitespace().any(|s| s == scope) {
+    // Admins may read and write too.
+    if claims.has_scope(scope) || claims.is_admin() {
         Ok(claims)
     } else {
         Err(ApiError::Forbidden(format!(
@@ -128,9 +234,9 @@ fn authorize(req: &HttpRequest, scope: &str) -> Result<Claims, ApiError> {
 }
 
 /// A caller allowed to read (`media:read`).
-pub struct ReadAccess(#[allow(dead_code)] pub Claims);
+pub struct ReadAccess(pub Claims);
 /// A caller allowed to write (`media:write`).
-pub struct WriteAccess(#[allow(dead_code)] pub Claims);
+pub struct WriteAccess(pub Claims);
 
 impl FromRequest for ReadAccess {
     type Error = ApiError;
@@ -164,5 +270,119 @@ impl FromRequest for InternalAccess {
                 Err(ApiError::Unauthorized("invalid internal token".into()))
             }
         })())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "test-secret-that-is-long-enough-0123456789";
+
+    fn jwt(policy: TokenPolicy) -> Jwt {
+        Jwt::new(SECRET, policy)
+    }
+
+    fn day() -> TokenPolicy {
+        TokenPolicy {
+            max_lifetime_s: 86_400,
+            ..TokenPolicy::default()
+        }
+    }
+
+    fn claims(sub: &str, exp_in: u64) -> Claims {
+        Claims {
+            sub: sub.into(),
+            exp: now_secs() + exp_in,
+            nbf: None,
+            iat: None,
+            scope: "media:read".into(),
+            owner: None,
+            iss: None,
+        }
+    }
+
+    #[test]
+    fn mints_and_verifies_with_the_rust_crypto_backend() {
+        let j = jwt(day());
+        let c = j
+            .verify(&j.mint("alice", "media:read media:write", 3600))
+            .unwrap();
+        assert_eq!(c.sub, "alice");
+        assert_eq!(c.owner(), "alice");
+        assert!(c.has_scope(SCOPE_WRITE) && !c.is_admin());
+        // Another secret's signature is refused.
+        let other = Jwt::new("another-secret-that-is-long-enough-0123", day());
+        let e = j
+            .verify(&other.mint("alice", "media:read", 60))
+            .unwrap_err();
+        assert!(e.to_string().contains("bad signature"), "{e}");
+    }
+
+    #[test]
+    fn refuses_empty_subjects_and_long_lifetimes() {
+        let j = jwt(day());
+        let e = j.verify(&j.mint_claims(claims("", 60))).unwrap_err();
+        assert!(e.to_string().contains("empty subject"), "{e}");
+        let e = j
+            .verify(&j.mint_claims(claims("alice", 100 * 365 * 86_400)))
+            .unwrap_err();
+        assert!(e.to_string().contains("lifetime"), "{e}");
+        // Issued long ago with a long lifetime: refused even if it expires soon.
+        let mut old = claims("alice", 60);
+        old.iat = Some(now_secs() - 3 * 86_400);
+        assert!(j.verify(&j.mint_claims(old)).is_err());
+        assert!(j.verify(&j.mint_claims(claims("alice", 86_000))).is_ok());
+        let expired = Claims {
+            exp: now_secs() - 120,
+            ..claims("alice", 0)
+        };
+        let e = j.verify(&j.mint_claims(expired)).unwrap_err();
+        assert!(e.to_string().contains("expired"), "{e}");
+    }
+
+    #[test]
+    fn issuer_and_audience_are_checked_when_configured() {
+        let policy = TokenPolicy {
+            issuer: Some("https://auth.example".into()),
+            audience: Some("media-clustering".into()),
+            ..day()
+        };
+        let strict = jwt(policy);
+        // Minted by this service: right iss and aud.
+        assert!(
+            strict
+                .verify(&strict.mint("alice", "media:read", 60))
+                .is_ok()
+        );
+        // Without them, or with others: refused.
+        let loose = jwt(day());
+        let e = strict
+            .verify(&loose.mint("alice", "media:read", 60))
+            .unwrap_err();
+        assert!(e.to_string().contains("missing claim"), "{e}");
+        let mut wrong = claims("alice", 60);
+        wrong.iss = Some("https://evil.example".into());
+        let other_aud = jwt(TokenPolicy {
+            audience: Some("media-clustering".into()),
+            ..day()
+        });
+        let e = strict.verify(&other_aud.mint_claims(wrong)).unwrap_err();
+        assert!(e.to_string().contains("issuer"), "{e}");
+        // Unconfigured: any iss passes.
+        let mut any = claims("alice", 60);
+        any.iss = Some("whoever".into());
+        assert!(loose.verify(&loose.mint_claims(any)).is_ok());
+    }
+
+    #[test]
+    fn the_owner_claim_names_whom_pets_belong_to() {
+        let j = jwt(day());
+        let mut c = claims("alice", 60);
+        c.owner = Some("household-7".into());
+        c.scope = "media:admin".into();
+        let v = j.verify(&j.mint_claims(c)).unwrap();
+        assert_eq!(v.owner(), "household-7");
+        assert!(v.is_admin());
     }
 }

@@ -55,6 +55,9 @@ pub enum ApiError {
     /// The client stopped sending the body for longer than `server.request_timeout_ms`.
     #[error("the request body stalled for more than {0} ms")]
     RequestTimeout(u64),
+    /// The whole upload took longer than `server.upload_timeout_ms`.
+    #[error("the upload took longer than {0} ms")]
+    UploadTimeout(u64),
     /// The body is over `server.max_upload_bytes`.
     #[error("upload exceeds the limit of {0} bytes")]
     PayloadTooLarge(u64),
@@ -90,7 +93,7 @@ impl ApiError {
             ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound(_) => "not_found",
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
-            ApiError::RequestTimeout(_) => "request_timeout",
+            ApiError::RequestTimeout(_) | ApiError::UploadTimeout(_) => "request_timeout",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::Unprocessable(_) => "unprocessable_image",
@@ -109,7 +112,7 @@ impl ResponseError for ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ApiError::RequestTimeout(_) | ApiError::UploadTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -138,8 +141,15 @@ impl ResponseError for ApiError {
             ApiError::RateLimited(secs) => {
                 res.insert_header((RETRY_AFTER, secs.to_string()));
             }
-            ApiError::RequestTimeout(_) => {
-                res.insert_header(("Connection", "close"));
+            // The body was abandoned part-way: close rather than drain the rest of it.
+            ApiError::RequestTimeout(_)
+            | ApiError::UploadTimeout(_)
+            | ApiError::PayloadTooLarge(_)
+            | ApiError::BadRequest {
+                code: "bad_multipart" | "bad_body",
+                ..
+            } => {
+                res.force_close();
             }
             _ => {}
         }

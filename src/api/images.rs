@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use actix_web::http::header::{CONTENT_TYPE, LOCATION};
 use actix_web::{HttpRequest, HttpResponse, web};
-use actors::algo::decode::{self, ACCEPTED_TYPES, DecodeError, Format};
+use actors::algo::decode::{ACCEPTED_TYPES, DecodeError, Format};
+use actors::algo::photo;
 use actors::job::{JobEntry, JobKind, valid_pet_id};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
@@ -18,16 +19,13 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::auth::{ReadAccess, WriteAccess};
+use super::auth::{Claims, ReadAccess, WriteAccess};
+use super::body::{Counted, REGION_CAP, Tally, Violation};
 use super::error::{ApiError, ErrorBody};
+use super::tenancy;
 use crate::adapters::postgres::{self, NewImage};
 use crate::adapters::storage::image_key;
 use crate::startup::AppState;
-
-/// A body past the limit is still read (and thrown away) up to this many times the
-/// limit, so the client hears the 413 instead of a reset connection; past that the
-/// connection is dropped. Memory stays at the limit either way.
-const DRAIN_FACTOR: u64 = 4;
 
 /// One photo of an accepted upload, in the order of the request.
 #[derive(Serialize, ToSchema)]
@@ -84,38 +82,6 @@ pub fn parse_id(raw: &str, what: &str) -> Result<Uuid, ApiError> {
         .map_err(|_| ApiError::bad_request("invalid_id", format!("{what} must be a UUID")))
 }
 
-/// Counts body bytes against the upload limit and keeps only bytes within it.
-struct Budget {
-    total: u64,
-    limit: u64,
-}
-
-impl Budget {
-    fn new(limit: u64) -> Self {
-        Budget { total: 0, limit }
-    }
-
-    /// Counts `chunk`; appends it to `keep` (when given) only while the request is
-    /// within the limit. Past the limit the bytes are counted and dropped; far past it
-    /// (`DRAIN_FACTOR`), reading stops with 413.
-    fn take(&mut self, chunk: &[u8], keep: Option<&mut BytesMut>) -> Result<(), ApiError> {
-        self.total += chunk.len() as u64;
-        if self.total > self.limit.saturating_mul(DRAIN_FACTOR) {
-            return Err(ApiError::PayloadTooLarge(self.limit));
-        }
-        if !self.over()
-            && let Some(buf) = keep
-        {
-            buf.extend_from_slice(chunk);
-        }
-        Ok(())
-    }
-
-    fn over(&self) -> bool {
-        self.total > self.limit
-    }
-}
-
 /// The next chunk of a body, or 408 when the client sends nothing for `idle`.
 async fn next_chunk<S, T>(stream: &mut S, idle: Duration) -> Result<Option<T>, ApiError>
 where
@@ -126,7 +92,33 @@ where
         .map_err(|_| ApiError::RequestTimeout(idle.as_millis() as u64))
 }
 
+/// The `boundary` parameter of a multipart content type.
+fn boundary(content_type: &str) -> Option<&str> {
+    content_type.split(';').skip(1).find_map(|p| {
+        let (k, v) = p.trim().split_once('=')?;
+        k.trim()
+            .eq_ignore_ascii_case("boundary")
+            .then(|| v.trim().trim_matches('"'))
+    })
+}
+
+/// What ended reading a body early, as the API's answer.
+fn body_error(tally: &Tally, limit: u64, what: impl std::fmt::Display) -> ApiError {
+    match tally.violation() {
+        Some(Violation::TooLarge) => ApiError::PayloadTooLarge(limit),
+        Some(Violation::RegionTooLarge) => ApiError::bad_request(
+            "bad_multipart",
+            format!(
+                "a multipart preamble, part header block or epilogue is over {REGION_CAP} bytes"
+            ),
+        ),
+        None => ApiError::bad_request("bad_multipart", format!("malformed multipart body: {what}")),
+    }
+}
+
 /// Reads the photos of a request: `file` parts of a multipart form, or one raw image body.
+/// Every byte of the body counts against `limit` (see [`body`](super::body)); bytes past it
+/// are read (up to a few times the limit, for a clean 413) but never kept.
 async fn read_files(
     req: &HttpRequest,
     payload: web::Payload,
@@ -134,34 +126,36 @@ async fn read_files(
     max_files: usize,
     idle: Duration,
 ) -> Result<Vec<Bytes>, ApiError> {
-    let mime = req
+    let content_type = req
         .headers()
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
+        .unwrap_or_default();
+    let mime = content_type
+        .split(';')
+        .next()
         .map(|v| v.trim().to_ascii_lowercase())
         .unwrap_or_default();
-    let mut budget = Budget::new(limit);
+    let within = |tally: &Tally| tally.total() <= limit;
     if mime == "multipart/form-data" {
-        let mut form = actix_multipart::Multipart::new(req.headers(), payload.into_inner());
+        let (counted, tally) = Counted::new(payload.into_inner(), limit, boundary(content_type));
+        let mut form = actix_multipart::Multipart::new(req.headers(), counted);
         let mut files = Vec::new();
         while let Some(part) = next_chunk(&mut form, idle).await? {
-            let mut part = part.map_err(|e| {
-                ApiError::bad_request("bad_multipart", format!("malformed multipart body: {e}"))
-            })?;
+            let mut part = part.map_err(|e| body_error(&tally, limit, e))?;
             let is_file = matches!(part.name(), Some("file") | Some("files"));
             let mut buf = BytesMut::new();
             while let Some(chunk) = next_chunk(&mut part, idle).await? {
-                let chunk = chunk.map_err(|e| {
-                    ApiError::bad_request("bad_multipart", format!("malformed multipart body: {e}"))
-                })?;
-                budget.take(&chunk, is_file.then_some(&mut buf))?;
+                let chunk = chunk.map_err(|e| body_error(&tally, limit, e))?;
+                if is_file && within(&tally) {
+                    buf.extend_from_slice(&chunk);
+                }
             }
-            if is_file && !budget.over() {
+            if is_file && within(&tally) {
                 files.push(buf.freeze());
             }
         }
-        if budget.over() {
+        if !within(&tally) {
             return Err(ApiError::PayloadTooLarge(limit));
         }
         if files.is_empty() {
@@ -178,15 +172,18 @@ async fn read_files(
         }
         Ok(files)
     } else if mime.starts_with("image/") || mime == "application/octet-stream" {
-        let mut payload = payload.into_inner();
+        let (mut payload, tally) = Counted::new(payload.into_inner(), limit, None);
         let mut buf = BytesMut::new();
         while let Some(chunk) = next_chunk(&mut payload, idle).await? {
-            let chunk = chunk.map_err(|e| {
-                ApiError::bad_request("bad_body", format!("cannot read the body: {e}"))
+            let chunk = chunk.map_err(|e| match tally.violation() {
+                Some(_) => ApiError::PayloadTooLarge(limit),
+                None => ApiError::bad_request("bad_body", format!("cannot read the body: {e}")),
             })?;
-            budget.take(&chunk, Some(&mut buf))?;
+            if within(&tally) {
+                buf.extend_from_slice(&chunk);
+            }
         }
-        if budget.over() {
+        if !within(&tally) {
             return Err(ApiError::PayloadTooLarge(limit));
         }
         Ok(vec![buf.freeze()])
@@ -205,10 +202,14 @@ struct CheckedImage {
     height: u32,
 }
 
-/// Sniffs, checks the header against the pixel limit, then decodes each photo: the whole
-/// compressed stream is read, at the smallest scale the codec offers (a JPEG at 1/8, which
-/// skips most of the work; the embedder decodes it the same way, only larger).
-fn check_images(files: Vec<Bytes>, max_pixels: u64) -> Result<Vec<CheckedImage>, ApiError> {
+/// Sniffs, checks the header against the pixel and aspect ratio limits, then decodes each
+/// photo exactly as the embedder will ([`photo::check`]: the same function, the same
+/// reduction, within the process's decoding budget), one at a time, so that what is accepted
+/// can be processed.
+fn check_images(
+    files: Vec<Bytes>,
+    d: &crate::startup::Decoding,
+) -> Result<Vec<CheckedImage>, ApiError> {
     let many = files.len() > 1;
     files
         .into_iter()
@@ -219,7 +220,7 @@ fn check_images(files: Vec<Bytes>, max_pixels: u64) -> Result<Vec<CheckedImage>,
             } else {
                 String::new()
             };
-            let checked = decode::decode_reduced(&bytes, max_pixels, 1)
+            let checked = photo::check(&bytes, d.limits, d.model_side, &d.budget)
                 .map(|d| (d.format, d.width, d.height));
             match checked {
                 Ok((format, width, height)) => Ok(CheckedImage {
@@ -341,7 +342,7 @@ fn accepted<T: Serialize>(job_id: Uuid, body: &T) -> HttpResponse {
 )]
 #[tracing::instrument(name = "upload", skip_all, fields(pet_id = %path.as_str(), job_id = field::Empty, files = field::Empty))]
 pub async fn upload(
-    _: WriteAccess,
+    WriteAccess(caller): WriteAccess,
     path: web::Path<String>,
     req: HttpRequest,
     payload: web::Payload,
@@ -349,21 +350,29 @@ pub async fn upload(
 ) -> Result<HttpResponse, ApiError> {
     let pet_id = path.into_inner();
     check_pet_id(&pet_id)?;
+    // Before a byte of the body is read: another owner's pet is not there for this caller.
+    tenancy::may_write(&state.db, &caller, &pet_id).await?;
     let s = &state.settings.server;
     let idle = Duration::from_millis(s.request_timeout_ms);
-    let files = read_files(
-        &req,
-        payload,
-        s.max_upload_bytes,
-        s.max_files_per_request,
-        idle,
+    // However steadily a client trickles, the whole body must arrive within the deadline.
+    let deadline = Duration::from_millis(s.upload_timeout_ms);
+    let files = tokio::time::timeout(
+        deadline,
+        read_files(
+            &req,
+            payload,
+            s.max_upload_bytes,
+            s.max_files_per_request,
+            idle,
+        ),
     )
-    .await?;
+    .await
+    .map_err(|_| ApiError::UploadTimeout(s.upload_timeout_ms))??;
     tracing::Span::current().record("files", files.len());
     // From here on the work runs to completion whatever happens to the connection: a client
     // that resets now cancels only its wait for the answer, never a half-done upload.
-    let task =
-        accept_upload(state.into_inner(), pet_id, files).instrument(tracing::Span::current());
+    let task = accept_upload(state.into_inner(), caller, pet_id, files)
+        .instrument(tracing::Span::current());
     actix_web::rt::spawn(task)
         .await
         .map_err(|e| ApiError::Internal(format!("the upload task failed: {e}")))?
@@ -435,11 +444,12 @@ impl Drop for WrittenObjects {
 /// Checks, stores, commits and enqueues an upload (see [`upload`]).
 async fn accept_upload(
     state: Arc<AppState>,
+    caller: Claims,
     pet_id: String,
     files: Vec<Bytes>,
 ) -> Result<HttpResponse, ApiError> {
-    let max_pixels = state.settings.server.max_image_pixels;
-    let images = web::block(move || check_images(files, max_pixels))
+    let decoding = state.decoding.clone();
+    let images = web::block(move || check_images(files, &decoding))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))??;
     pause_at(&state, UploadPoint::AfterCheck).await;
@@ -487,6 +497,7 @@ async fn accept_upload(
     let job_id = Uuid::now_v7();
     tracing::Span::current().record("job_id", field::display(job_id));
     let mut tx = state.db.begin().await?;
+    tenancy::claim(&mut tx, &caller, &pet_id).await?;
     let inserted = postgres::insert_images(&mut tx, &pet_id, &rows).await?;
     let id_of = |sha: &str| {
         known
@@ -592,18 +603,20 @@ async fn remove_objects(state: &AppState, ids: &[Uuid]) {
 )]
 #[tracing::instrument(name = "recluster", skip_all, fields(pet_id = %path.as_str(), job_id = field::Empty))]
 pub async fn recluster(
-    _: WriteAccess,
+    WriteAccess(caller): WriteAccess,
     path: web::Path<String>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let pet_id = path.into_inner();
     check_pet_id(&pet_id)?;
+    tenancy::may_write(&state.db, &caller, &pet_id).await?;
     if !postgres::pet_has_images(&state.db, &pet_id).await? {
         return Err(ApiError::NotFound(format!("pet {pet_id} has no photos")));
     }
     let job_id = Uuid::now_v7();
     tracing::Span::current().record("job_id", field::display(job_id));
     let mut tx = state.db.begin().await?;
+    tenancy::claim(&mut tx, &caller, &pet_id).await?;
     postgres::insert_job(
         &mut tx,
         job_id,
@@ -657,14 +670,16 @@ pub async fn recluster(
     security(("jwt" = ["media:read"])),
 )]
 pub async fn get_image(
-    _: ReadAccess,
+    ReadAccess(caller): ReadAccess,
     path: web::Path<String>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let id = parse_id(&path, "image_id")?;
-    let (content_type, key) = postgres::get_image(&state.db, id)
+    let missing = || ApiError::NotFound("no such image".into());
+    let (content_type, key, pet_id) = postgres::get_image(&state.db, id)
         .await?
-        .ok_or_else(|| ApiError::NotFound("no such image".into()))?;
+        .ok_or_else(missing)?;
+    tenancy::may_read(&state.db, &caller, &pet_id, missing).await?;
     match state.storage.get(&key).await {
         Ok(bytes) => Ok(HttpResponse::Ok().content_type(content_type).body(bytes)),
         Err(object_store::Error::NotFound { .. }) => {
@@ -678,45 +693,85 @@ pub async fn get_image(
 mod tests {
     use super::*;
 
-    #[test]
-    fn budget_keeps_nothing_past_the_limit() {
-        let limit = 1000;
-        let mut budget = Budget::new(limit);
-        let mut kept = BytesMut::new();
-        let chunk = [7u8; 300];
-        // 3 chunks fit (900 bytes); the 4th passes the limit and is dropped, and so is
-        // everything after it, while the rest of the body is still read and counted.
-        for _ in 0..13 {
-            budget.take(&chunk, Some(&mut kept)).unwrap();
-            assert!(kept.len() as u64 <= limit);
-        }
-        assert_eq!(kept.len(), 900);
-        assert!(budget.over());
-        assert_eq!(budget.total, 3900);
-        // Far past the limit (DRAIN_FACTOR times it) reading stops with 413.
-        let e = budget.take(&chunk, Some(&mut kept)).unwrap_err();
-        assert!(matches!(e, ApiError::PayloadTooLarge(1000)), "{e:?}");
-        assert_eq!(kept.len(), 900);
+    use actix_web::FromRequest;
+    use actix_web::error::PayloadError;
+
+    /// A request of `content_type` whose body is `chunks`, and how many bytes were pulled.
+    async fn request(
+        content_type: &str,
+        chunks: impl futures::Stream<Item = Bytes> + 'static,
+    ) -> (HttpRequest, web::Payload, std::rc::Rc<std::cell::Cell<u64>>) {
+        let pulled = std::rc::Rc::new(std::cell::Cell::new(0u64));
+        let p = pulled.clone();
+        let body = chunks.map(move |c| {
+            p.set(p.get() + c.len() as u64);
+            Ok::<_, PayloadError>(c)
+        });
+        let (req, _) = actix_web::test::TestRequest::post()
+            .insert_header((CONTENT_TYPE, content_type))
+            .to_http_parts();
+        let mut pl = actix_web::dev::Payload::from(
+            Box::pin(body) as std::pin::Pin<Box<dyn futures::Stream<Item = _>>>
+        );
+        let payload = web::Payload::from_request(&req, &mut pl).await.unwrap();
+        (req, payload, pulled)
     }
 
-    #[test]
-    fn budget_counts_parts_it_does_not_keep() {
-        let mut budget = Budget::new(100);
-        budget.take(&[0u8; 80], None).unwrap();
-        assert!(!budget.over());
-        let mut kept = BytesMut::new();
-        budget.take(&[1u8; 30], Some(&mut kept)).unwrap();
-        assert!(budget.over());
-        assert!(kept.is_empty());
+    #[actix_web::test]
+    async fn a_huge_multipart_preamble_is_stopped_after_a_few_kilobytes() {
+        // An endless preamble: before, the parser buffered it all (238 MiB from one request).
+        let endless = futures::stream::repeat_with(|| Bytes::from(vec![b'p'; 4096]));
+        let (req, payload, pulled) = request("multipart/form-data; boundary=XyZ", endless).await;
+        let e = read_files(&req, payload, 25 << 20, 8, Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, ApiError::BadRequest { code: "bad_multipart", message } if message.contains("16384")),
+            "{e:?}"
+        );
+        assert!(
+            pulled.get() <= (REGION_CAP + 8192) as u64,
+            "read {} bytes",
+            pulled.get()
+        );
+    }
+
+    #[actix_web::test]
+    async fn every_byte_of_a_form_counts_against_the_limit() {
+        // A large part that is not a file still counts.
+        let limit = 10_000u64;
+        let mut body = b"--XyZ\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\n".to_vec();
+        body.extend(vec![b'n'; 12_000]);
+        body.extend_from_slice(b"\r\n--XyZ\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\n\xFF\xD8\xFF\r\n--XyZ--\r\n");
+        let chunks = futures::stream::iter(
+            body.chunks(1000)
+                .map(Bytes::copy_from_slice)
+                .collect::<Vec<_>>(),
+        );
+        let (req, payload, _) = request("multipart/form-data; boundary=\"XyZ\"", chunks).await;
+        let e = read_files(&req, payload, limit, 8, Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ApiError::PayloadTooLarge(10_000)), "{e:?}");
+    }
+
+    #[actix_web::test]
+    async fn a_raw_body_within_the_limit_is_kept_whole_and_one_past_it_is_413() {
+        for (len, ok) in [(1000usize, true), (1001, false)] {
+            let chunks = futures::stream::iter(vec![Bytes::from(vec![1u8; len])]);
+            let (req, payload, _) = request("image/jpeg", chunks).await;
+            let r = read_files(&req, payload, 1000, 8, Duration::from_secs(5)).await;
+            match r {
+                Ok(files) => assert!(ok && files[0].len() == len),
+                Err(e) => assert!(!ok && matches!(e, ApiError::PayloadTooLarge(1000)), "{e:?}"),
+            }
+        }
     }
 
     #[actix_web::test]
     async fn an_endless_body_is_413_after_a_bounded_read() {
         use std::sync::Arc;
         use std::sync::atomic::{AtomicU64, Ordering};
-
-        use actix_web::FromRequest;
-        use actix_web::error::PayloadError;
 
         let limit = 64 * 1024u64;
         let pulled = Arc::new(AtomicU64::new(0));
@@ -741,14 +796,14 @@ mod tests {
             "{e:?}"
         );
         let read = pulled.load(Ordering::Relaxed);
-        assert!(read <= limit * DRAIN_FACTOR + 8 * 1024, "read {read} bytes");
+        assert!(
+            read <= limit * super::super::body::DRAIN_FACTOR + 8 * 1024,
+            "read {read} bytes"
+        );
     }
 
     #[actix_web::test]
     async fn a_stalled_body_is_408() {
-        use actix_web::FromRequest;
-        use actix_web::error::PayloadError;
-
         let stalled =
             futures::stream::iter([Ok::<_, PayloadError>(Bytes::from_static(b"\xFF\xD8\xFF"))])
                 .chain(futures::stream::pending());

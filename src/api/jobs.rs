@@ -6,6 +6,7 @@ use super::auth::ReadAccess;
 use super::error::{ApiError, ErrorBody};
 use super::images::{check_pet_id, parse_id};
 use super::openapi::{Clustering, Job};
+use super::tenancy;
 use crate::adapters::postgres;
 use crate::startup::AppState;
 
@@ -28,14 +29,16 @@ use crate::startup::AppState;
     security(("jwt" = ["media:read"])),
 )]
 pub async fn get_job(
-    _: ReadAccess,
+    ReadAccess(caller): ReadAccess,
     path: web::Path<String>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let id = parse_id(&path, "job_id")?;
+    let missing = || ApiError::NotFound("no such job".into());
     let job = postgres::get_job(&state.db, id)
         .await?
-        .ok_or_else(|| ApiError::NotFound("no such job".into()))?;
+        .ok_or_else(missing)?;
+    tenancy::may_read(&state.db, &caller, &job.pet_id, missing).await?;
     Ok(HttpResponse::Ok().json(job))
 }
 
@@ -61,15 +64,15 @@ pub async fn get_job(
     security(("jwt" = ["media:read"])),
 )]
 pub async fn get_clusters(
-    _: ReadAccess,
+    ReadAccess(caller): ReadAccess,
     path: web::Path<String>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     check_pet_id(&path)?;
+    let missing = || ApiError::NotFound(format!("pet {} has no clustering yet", path.as_str()));
+    tenancy::may_read(&state.db, &caller, &path, missing).await?;
     let view = postgres::latest_clusters(&state.db, &path)
         .await?
-        .ok_or_else(|| {
-            ApiError::NotFound(format!("pet {} has no clustering yet", path.as_str()))
-        })?;
+        .ok_or_else(missing)?;
     Ok(HttpResponse::Ok().json(view))
 }

@@ -2,6 +2,7 @@
 //! the OpenAPI document.
 
 pub mod auth;
+mod body;
 pub mod error;
 mod health;
 mod images;
@@ -9,11 +10,13 @@ mod internal;
 mod jobs;
 pub mod openapi;
 pub mod rate_limit;
+mod tenancy;
 
 use actix_web::middleware::from_fn;
 use actix_web::{HttpResponse, Route, web};
 
 use error::ApiError;
+pub use health::ReadyCache;
 pub use images::UploadPoint;
 
 /// A resource answering `route` on `method`, and 405 with `Allow` and the JSON error otherwise.
@@ -72,6 +75,41 @@ pub fn configure_internal(cfg: &mut web::ServiceConfig) {
             "GET",
             web::get().to(internal::metrics),
         ));
+}
+
+/// Answers 405 to a method outside HTTP's standard set, before anything else sees it: the
+/// HTTP metrics label requests by method, and unauthenticated made-up methods would make
+/// their series grow without bound.
+pub async fn standard_methods_only(
+    req: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<impl actix_web::body::MessageBody>,
+) -> Result<
+    actix_web::dev::ServiceResponse<actix_web::body::EitherBody<impl actix_web::body::MessageBody>>,
+    actix_web::Error,
+> {
+    use actix_web::ResponseError;
+    use actix_web::http::Method;
+    let standard = [
+        Method::GET,
+        Method::HEAD,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::OPTIONS,
+        Method::PATCH,
+        Method::TRACE,
+        Method::CONNECT,
+    ];
+    if !standard.contains(req.method()) {
+        let res = ApiError::MethodNotAllowed {
+            allow: "GET, POST, PUT",
+        }
+        .error_response();
+        return Ok(req.into_response(res).map_into_right_body());
+    }
+    next.call(req)
+        .await
+        .map(actix_web::dev::ServiceResponse::map_into_left_body)
 }
 
 /// Unknown routes answer the JSON error shape too.

@@ -49,6 +49,23 @@ pub struct Job {
     /// Null until the job ends.
     #[schema(required = true)]
     pub finished_at: Option<DateTime<Utc>>,
+    /// The cluster version that completed the job (jobs of a pet that waited for it are
+    /// completed together, by one version); null until it succeeds.
+    #[schema(required = true)]
+    pub cluster_version: Option<i64>,
+    /// The trace its upload started (W3C trace id, 32 hex digits); null when not traced.
+    #[schema(required = true, pattern = "^[0-9a-f]{32}$")]
+    pub trace_id: Option<String>,
+    /// Photos of this job that cannot be processed (left out of clustering), with why.
+    pub unprocessable: Vec<Unprocessable>,
+}
+
+/// A photo that cannot be processed (mirrors `adapters::postgres::Unprocessable`).
+#[derive(Serialize, ToSchema)]
+#[allow(dead_code)]
+pub struct Unprocessable {
+    pub image_id: Uuid,
+    pub error: String,
 }
 
 /// One cluster of similar photos (mirrors `adapters::postgres::ClusterView`).
@@ -75,6 +92,8 @@ pub struct Clustering {
     /// `name-<first 8 hex of the model's sha256>`.
     pub model_version: String,
     pub clusters: Vec<Cluster>,
+    /// The pet's photos left out of clustering because they cannot be processed.
+    pub unprocessable: Vec<Unprocessable>,
 }
 
 /// No valid bearer token (code `unauthorized`).
@@ -171,7 +190,7 @@ impl Modify for SecuritySchemes {
     components(
         schemas(
             ErrorBody, ErrorDetail, UploadAccepted, UploadedImage, ReclusterAccepted, UploadForm,
-            Job, JobStatus, Clustering, Cluster, Health
+            Job, JobStatus, Clustering, Cluster, Unprocessable, Health
         ),
         responses(Unauthorized, Forbidden, RateLimited, Unavailable)
     ),

@@ -162,8 +162,7 @@ pub async fn spawn_app_with(mode: Mode, overrides: &[(&str, &str)]) -> TestApp {
         .get_multiplexed_async_connection()
         .await
         .unwrap();
-    let token =
-        Jwt::new(settings.auth.jwt_secret.expose()).mint("test", "media:read media:write", 3600);
+    let token = Jwt::from_settings(&settings.auth).mint("test", "media:read media:write", 3600);
     TestApp {
         base: format!("http://127.0.0.1:{port}"),
         settings,
@@ -224,9 +223,22 @@ impl TestApp {
 
     /// Polls the job until it finishes; returns its final JSON.
     pub async fn wait_job(&self, job_id: &str) -> Value {
+        self.wait_job_as(job_id, &self.token).await
+    }
+
+    /// Polls the job with `token` (its owner's) until it finishes.
+    pub async fn wait_job_as(&self, job_id: &str, token: &str) -> Value {
         let deadline = Instant::now() + Duration::from_secs(300);
         loop {
-            let (s, j) = self.get_json(&format!("/v1/jobs/{job_id}")).await;
+            let r = self
+                .http
+                .get(format!("{}/v1/jobs/{job_id}", self.base))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap();
+            let s = r.status().as_u16();
+            let j: Value = r.json().await.unwrap_or(Value::Null);
             assert_eq!(s, 200, "job {job_id}: {j}");
             if ["succeeded", "failed", "dead_lettered"]
                 .contains(&j["status"].as_str().unwrap_or(""))

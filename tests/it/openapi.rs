@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use media_clustering::adapters::postgres::{ClusterView, ClusteringView, JobView};
+use media_clustering::adapters::postgres::{ClusterView, ClusteringView, JobView, Unprocessable};
 use media_clustering::startup::Mode;
 use serde_json::{Value, json};
 
@@ -38,8 +38,8 @@ const ROUTES: &[(&str, &str, &[&str])] = &[
         "get",
         &["200", "400", "401", "403", "404", "429", "503"],
     ),
-    ("/healthz", "get", &["200"]),
-    ("/readyz", "get", &["200", "503"]),
+    ("/healthz", "get", &["200", "429"]),
+    ("/readyz", "get", &["200", "429", "503"]),
     ("/internal/metrics", "get", &["200", "401"]),
     ("/openapi.json", "get", &["200"]),
 ];
@@ -290,6 +290,9 @@ async fn real_response_types_match_their_schemas() {
             created_at: now,
             started_at: None,
             finished_at: None,
+            cluster_version: None,
+            trace_id: None,
+            unprocessable: vec![],
         },
         JobView {
             job_id: id(),
@@ -300,6 +303,12 @@ async fn real_response_types_match_their_schemas() {
             created_at: now,
             started_at: Some(now),
             finished_at: Some(now),
+            cluster_version: Some(4),
+            trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
+            unprocessable: vec![Unprocessable {
+                image_id: id(),
+                error: "image cannot be decoded".into(),
+            }],
         },
     ] {
         assert_fits(&doc, "Job", &serde_json::to_value(&job).unwrap());
@@ -314,6 +323,10 @@ async fn real_response_types_match_their_schemas() {
             hero_image_id: hero,
             image_ids: vec![hero, id()],
             size: 2,
+        }],
+        unprocessable: vec![Unprocessable {
+            image_id: id(),
+            error: "photo missing from storage".into(),
         }],
     };
     assert_fits(
@@ -410,7 +423,7 @@ async fn callers_over_the_rate_limit_get_429_with_retry_after() {
     assert_eq!(body["error"]["code"], "rate_limited", "{body}");
 
     // Another caller has its own budget; health is never limited.
-    let other = media_clustering::api::auth::Jwt::new(app.settings.auth.jwt_secret.expose()).mint(
+    let other = media_clustering::api::auth::Jwt::from_settings(&app.settings.auth).mint(
         "someone-else",
         "media:read",
         600,

@@ -220,11 +220,10 @@ pub struct Client {
 
 impl Client {
     pub fn new(env: &ProcEnv, base: &str) -> Self {
-        let secret = media_clustering::config::Settings::load_from(&env.vars)
+        let auth = media_clustering::config::Settings::load_from(&env.vars)
             .unwrap()
-            .auth
-            .jwt_secret;
-        let token = media_clustering::api::auth::Jwt::new(secret.expose()).mint(
+            .auth;
+        let token = media_clustering::api::auth::Jwt::from_settings(&auth).mint(
             "test",
             "media:read media:write",
             3600,

@@ -54,8 +54,43 @@ pub enum DecodeError {
     Unsupported,
     #[error("image of {width}x{height} pixels exceeds the limit of {max} pixels")]
     TooManyPixels { width: u32, height: u32, max: u64 },
+    #[error(
+        "image of {width}x{height} pixels is more than {max} times as long as it is wide; \
+         the limit is server.max_aspect_ratio"
+    )]
+    AspectRatio { width: u32, height: u32, max: u32 },
+    #[error(
+        "image needs {needed_mib} MiB to decode, more than the whole decoding budget of \
+         {budget_mib} MiB (server.decode_memory_budget_mib)"
+    )]
+    OverBudget { needed_mib: u64, budget_mib: u64 },
     #[error("image cannot be decoded: {0}")]
     Undecodable(String),
+}
+
+/// What an image may be: checked from its header before anything is decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeLimits {
+    /// Width times height.
+    pub max_pixels: u64,
+    /// Longer side over shorter side. Past it, fitting the shorter side to what the model
+    /// needs would blow the longer one up (a 200000x1 image scaled to 256 rows is 51 Gpx).
+    pub max_aspect_ratio: u32,
+}
+
+impl DecodeLimits {
+    /// The service's default aspect ratio limit (`server.max_aspect_ratio`).
+    pub const DEFAULT_ASPECT_RATIO: u32 = 20;
+}
+
+impl From<u64> for DecodeLimits {
+    /// `max_pixels` with the default aspect ratio limit.
+    fn from(max_pixels: u64) -> Self {
+        DecodeLimits {
+            max_pixels,
+            max_aspect_ratio: Self::DEFAULT_ASPECT_RATIO,
+        }
+    }
 }
 
 /// Identifies the format from the leading bytes.
@@ -77,9 +112,41 @@ pub struct ImageInfo {
     pub format: Format,
     pub width: u32,
     pub height: u32,
+    /// Bytes per pixel of what the decoder produces at full size.
+    pub decoded_bytes_per_pixel: u8,
+    /// A progressive JPEG, whose decoder keeps every coefficient until the last scan.
+    pub progressive: bool,
 }
 
-fn limits(max_pixels: u64) -> Limits {
+impl ImageInfo {
+    pub fn pixels(&self) -> u64 {
+        u64::from(self.width) * u64::from(self.height)
+    }
+}
+
+/// Bytes per pixel of everything derived from a decoded image while it is analysed: an RGB
+/// copy (3), luminance (1), its median-filtered copy (1), and room for resizing buffers.
+const DERIVED_BYTES_PER_PIXEL: u64 = 8;
+
+/// What decoding this image at `1/reduction` scale and analysing it may allocate, in bytes,
+/// from its header alone (a conservative estimate).
+pub fn decode_cost(info: &ImageInfo, reduction: u32) -> u64 {
+    let k = u64::from(reduction.max(1));
+    let (w, h) = (u64::from(info.width), u64::from(info.height));
+    let decoded = w.div_ceil(k) * h.div_ceil(k);
+    let codec = match info.format {
+        // All DCT coefficients (i16) of up to three components until the last scan.
+        Format::Jpeg if info.progressive => w * h * 6,
+        // A few rows of blocks.
+        Format::Jpeg => w * 64,
+        // Row buffers (current and previous, for unfiltering) plus the codec's own.
+        Format::Png => w * u64::from(info.decoded_bytes_per_pixel) * 2 + PNG_CODEC_BUDGET,
+        Format::WebP => w * 16,
+    };
+    decoded * (u64::from(info.decoded_bytes_per_pixel) + DERIVED_BYTES_PER_PIXEL) + codec
+}
+
+fn image_limits(max_pixels: u64) -> Limits {
     let mut l = Limits::default();
     // Room for the largest allowed image at 16 bits per channel with alpha, plus codec state.
     l.max_alloc = Some(max_pixels.saturating_mul(8).saturating_add(64 << 20));
@@ -88,12 +155,14 @@ fn limits(max_pixels: u64) -> Limits {
 
 fn reader(bytes: &[u8], format: Format, max_pixels: u64) -> ImageReader<Cursor<&[u8]>> {
     let mut r = ImageReader::with_format(Cursor::new(bytes), format.image_format());
-    r.limits(limits(max_pixels));
+    r.limits(image_limits(max_pixels));
     r
 }
 
 /// Sniffs the format and reads the dimensions from the header only.
-pub fn probe(bytes: &[u8], max_pixels: u64) -> Result<ImageInfo, DecodeError> {
+pub fn probe(bytes: &[u8], limits: impl Into<DecodeLimits>) -> Result<ImageInfo, DecodeError> {
+    let limits = limits.into();
+    let max_pixels = limits.max_pixels;
     if bytes.is_empty() {
         return Err(DecodeError::Empty);
     }
@@ -128,11 +197,68 @@ pub fn probe(bytes: &[u8], max_pixels: u64) -> Result<ImageInfo, DecodeError> {
             max: max_pixels,
         });
     }
+    let (long, short) = (width.max(height), width.min(height));
+    if u64::from(long) > u64::from(short) * u64::from(limits.max_aspect_ratio.max(1)) {
+        return Err(DecodeError::AspectRatio {
+            width,
+            height,
+            max: limits.max_aspect_ratio,
+        });
+    }
+    let (decoded_bytes_per_pixel, progressive) = match format {
+        Format::Png => (png_bytes_per_pixel(bytes), false),
+        Format::Jpeg => jpeg_layout(bytes),
+        Format::WebP => (4, false),
+    };
     Ok(ImageInfo {
         format,
         width,
         height,
+        decoded_bytes_per_pixel,
+        progressive,
     })
+}
+
+/// Bytes per pixel the PNG decoder produces, from IHDR's bit depth and colour type (palette
+/// images expand to RGBA).
+fn png_bytes_per_pixel(bytes: &[u8]) -> u8 {
+    let (depth, colour) = (
+        bytes.get(24).copied().unwrap_or(16),
+        bytes.get(25).copied().unwrap_or(6),
+    );
+    let channels = match colour {
+        0 => 1,
+        2 => 3,
+        4 => 2,
+        _ => 4,
+    };
+    channels * if depth == 16 { 2 } else { 1 }
+}
+
+/// Output bytes per pixel and whether the JPEG is progressive, from its frame header (SOFn);
+/// the worst case when there is none before the data.
+fn jpeg_layout(bytes: &[u8]) -> (u8, bool) {
+    let mut at = 2;
+    while at + 4 <= bytes.len() {
+        if bytes[at] != 0xFF {
+            break;
+        }
+        let marker = bytes[at + 1];
+        let len = usize::from(u16::from_be_bytes([bytes[at + 2], bytes[at + 3]]));
+        let sof = matches!(marker, 0xC0..=0xCF) && !matches!(marker, 0xC4 | 0xC8 | 0xCC);
+        if sof {
+            let components = bytes.get(at + 9).copied().unwrap_or(3);
+            let progressive = matches!(marker, 0xC2 | 0xC6 | 0xCA | 0xCE);
+            // Grey stays one byte; CMYK and colour come out as RGB.
+            let bpp = if components == 1 { 1 } else { 3 };
+            return (bpp, progressive);
+        }
+        if marker == 0xDA {
+            break;
+        }
+        at += 2 + len;
+    }
+    (3, true)
 }
 
 /// Width and height from a PNG's IHDR chunk, which must come first.
@@ -182,9 +308,29 @@ fn jpeg_complete(bytes: &[u8]) -> bool {
 }
 
 /// Probes, then decodes fully, applying the EXIF orientation.
-pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<DynamicImage, DecodeError> {
+pub fn decode(bytes: &[u8], limits: impl Into<DecodeLimits>) -> Result<DynamicImage, DecodeError> {
     // No shorter side is small enough to allow a reduction: the full-size decode.
-    decode_reduced(bytes, max_pixels, u32::MAX).map(|d| d.image)
+    decode_reduced(bytes, limits, u32::MAX).map(|d| d.image)
+}
+
+/// [`decode_reduced`] within a memory budget: the decode's cost ([`decode_cost`]) is
+/// reserved from the header before anything is allocated, waiting while the budget is
+/// spent; the reservation lives as long as the caller keeps it (while it analyses the image).
+pub fn decode_within<'b>(
+    bytes: &[u8],
+    limits: impl Into<DecodeLimits>,
+    min_short: u32,
+    budget: &'b super::budget::MemoryBudget,
+) -> Result<(Decoded, super::budget::Reservation<'b>), DecodeError> {
+    let limits = limits.into();
+    let info = probe(bytes, limits)?;
+    let cost = decode_cost(&info, jpeg_reduction(info, min_short));
+    let reservation = budget.reserve(cost).ok_or(DecodeError::OverBudget {
+        needed_mib: cost.div_ceil(1 << 20),
+        budget_mib: budget.total() >> 20,
+    })?;
+    let decoded = decode_probed(bytes, info, limits.max_pixels, min_short)?;
+    Ok((decoded, reservation))
 }
 
 /// A photo decoded for analysis, possibly at a reduced scale, with its format and the
@@ -222,10 +368,20 @@ impl Decoded {
 /// fails here as it does in [`decode`].
 pub fn decode_reduced(
     bytes: &[u8],
+    limits: impl Into<DecodeLimits>,
+    min_short: u32,
+) -> Result<Decoded, DecodeError> {
+    let limits = limits.into();
+    let info = probe(bytes, limits)?;
+    decode_probed(bytes, info, limits.max_pixels, min_short)
+}
+
+fn decode_probed(
+    bytes: &[u8],
+    info: ImageInfo,
     max_pixels: u64,
     min_short: u32,
 ) -> Result<Decoded, DecodeError> {
-    let info = probe(bytes, max_pixels)?;
     if info.format == Format::Jpeg && !jpeg_complete(bytes) {
         return Err(DecodeError::Undecodable(
             "truncated JPEG (no end-of-image marker)".into(),
@@ -235,7 +391,10 @@ pub fn decode_reduced(
     // A decoder that panics on malformed data (zune-jpeg on some chroma sampling
     // factors, found by fuzzing) must cost a 422, not the request or the thread.
     std::panic::catch_unwind(|| {
-        if reduction > 1
+        // Every JPEG goes through jpeg-decoder first, at any scale: it handles chroma
+        // sampling layouts the other decoder rejects, and what the API accepts this way the
+        // worker decodes the same way. The other decoder is the fallback (CMYK, 12-bit).
+        if info.format == Format::Jpeg
             && let Some(decoded) = jpeg_scaled(bytes, info, reduction)
         {
             return Ok(decoded);
@@ -327,7 +486,7 @@ fn decode_checked(
             image::codecs::png::PngDecoder::with_limits(Cursor::new(bytes), codec_limits)
                 .map_err(undecodable)?;
         decoder
-            .set_limits(limits(max_pixels))
+            .set_limits(image_limits(max_pixels))
             .map_err(undecodable)?;
         return finish(decoder).map_err(undecodable);
     }

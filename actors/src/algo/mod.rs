@@ -1,6 +1,7 @@
 //! The pure, synchronous algorithms the actors wrap: decoding, embedding,
 //! photo quality, clustering and the hero score. Each is unit-tested here.
 
+pub mod budget;
 pub mod cluster;
 pub mod decode;
 pub mod embed;

@@ -2,7 +2,8 @@
 //! at the smallest scale the model and the quality measures allow, then measured and
 //! embedded.
 
-use super::decode::{self, DecodeError};
+use super::budget::MemoryBudget;
+use super::decode::{self, DecodeError, DecodeLimits, Decoded};
 use super::embed::{EmbedError, ImageEncoder};
 use super::quality::{self, Quality};
 
@@ -20,16 +21,30 @@ pub fn source_short_side(model_side: u32) -> u32 {
     model_side.max(quality::SOURCE_SHORT_SIDE)
 }
 
-/// Decodes, measures and embeds one photo.
+/// Decodes a photo the way the embedder does, within `budget`: the one decode path, so that
+/// what the API accepts (it checks uploads with this) the embedder can decode. The image is
+/// dropped at once; what it cost is known from its header.
+pub fn check(
+    bytes: &[u8],
+    limits: DecodeLimits,
+    model_side: u32,
+    budget: &MemoryBudget,
+) -> Result<Decoded, DecodeError> {
+    decode::decode_within(bytes, limits, source_short_side(model_side), budget).map(|(d, _)| d)
+}
+
+/// Decodes, measures and embeds one photo, holding its share of `budget` meanwhile.
 pub fn analyse(
     bytes: &[u8],
-    max_pixels: u64,
+    limits: DecodeLimits,
     model: &dyn ImageEncoder,
+    budget: &MemoryBudget,
 ) -> Result<(Vec<f32>, Quality), PhotoError> {
-    let decoded = decode::decode_reduced(
+    let (decoded, _reserved) = decode::decode_within(
         bytes,
-        max_pixels,
+        limits,
         source_short_side(model.input_short_side()),
+        budget,
     )?;
     let quality = quality::measure_scaled(&decoded.image, decoded.pixels());
     let vector = model.embed(&decoded.image)?;
@@ -82,7 +97,13 @@ mod tests {
             side: 256,
             seen: Mutex::default(),
         };
-        let (_, q) = analyse(&bytes, 50_000_000, &model).unwrap();
+        let (_, q) = analyse(
+            &bytes,
+            50_000_000.into(),
+            &model,
+            &MemoryBudget::unlimited(),
+        )
+        .unwrap();
         assert_eq!(model.seen.lock().unwrap().as_slice(), &[(1200, 900)]);
         assert_eq!(
             q.pixels,
@@ -94,7 +115,13 @@ mod tests {
             side: 1000,
             seen: Mutex::default(),
         };
-        analyse(&bytes, 50_000_000, &model).unwrap();
+        analyse(
+            &bytes,
+            50_000_000.into(),
+            &model,
+            &MemoryBudget::unlimited(),
+        )
+        .unwrap();
         assert_eq!(model.seen.lock().unwrap().as_slice(), &[(2400, 1800)]);
     }
 
@@ -108,7 +135,13 @@ mod tests {
         let noisy = add_noise(&clean, 18.0);
         let measure_both = |img: &DynamicImage| {
             let bytes = jpeg(img);
-            let (_, reduced) = analyse(&bytes, 50_000_000, &model).unwrap();
+            let (_, reduced) = analyse(
+                &bytes,
+                50_000_000.into(),
+                &model,
+                &MemoryBudget::unlimited(),
+            )
+            .unwrap();
             let full = quality::measure(&decode::decode(&bytes, 50_000_000).unwrap());
             (reduced, full)
         };

@@ -3,6 +3,8 @@ use std::time::Instant;
 
 use uuid::Uuid;
 
+use crate::algo::budget::MemoryBudget;
+use crate::algo::decode::DecodeLimits;
 use crate::algo::{embed::ImageEncoder, photo, quality};
 use crate::error::PipelineError;
 use crate::events::PhotoEmbedded;
@@ -28,7 +30,9 @@ impl Request for EmbedPhoto {
 /// Runs the CNN on a `SyncArbiter` thread; the optimised model is shared.
 pub struct Embedder {
     pub model: Arc<dyn ImageEncoder>,
-    pub max_pixels: u64,
+    pub limits: DecodeLimits,
+    /// The process's decoding budget, shared with the API's checks.
+    pub budget: Arc<MemoryBudget>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -40,8 +44,9 @@ impl SyncStage for Embedder {
         let _span = tracing::info_span!("embed", image_id = %msg.image_id, model_version = self.model.model_version()).entered();
         let started = Instant::now();
         // What this photo holds is its own problem: it is quarantined, its pet goes on.
-        let (vector, quality) = photo::analyse(&msg.bytes, self.max_pixels, self.model.as_ref())
-            .map_err(|e| PipelineError::poison(format!("image {}: {e}", msg.image_id)))?;
+        let (vector, quality) =
+            photo::analyse(&msg.bytes, self.limits, self.model.as_ref(), &self.budget)
+                .map_err(|e| PipelineError::poison(format!("image {}: {e}", msg.image_id)))?;
         PhotoEmbedded {
             image_id: msg.image_id,
             model_version: self.model.model_version(),

@@ -456,7 +456,7 @@ pub fn settings(embedders: usize, capacity: usize, max_deliveries: u32) -> Pipel
             eps: 0.01,
             min_points: 2,
         },
-        max_pixels: 1_000_000,
+        limits: 1_000_000.into(),
     }
 }
 
@@ -487,6 +487,7 @@ impl Harness {
             store: store.clone(),
             blobs: blobs.clone(),
             db_target: DbTarget::default(),
+            budget: std::sync::Arc::new(actors::algo::budget::MemoryBudget::unlimited()),
         };
         let (metrics, health, faults) =
             (Metrics::new(), Health::new(), Arc::new(Faults::default()));
