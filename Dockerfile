@@ -30,9 +30,11 @@ COPY migrations/ /app/migrations/
 COPY --from=model /src/models/ /app/models/
 # The image runs production settings: listening on all interfaces (config/production.toml),
 # secrets from the environment (start-up fails without them, or with short or development
-# ones). config/default.toml's relative models/open-nsfw.onnx also resolves from /app.
+# ones). config/default.toml's relative models/ paths also resolve from /app. ONNX Runtime's
+# library (the default embedder backend) comes from the same pinned wheel as in local dev.
 ENV APP_ENV=production \
-    MEDIA_CLUSTERING__EMBEDDER__MODEL_PATH=/app/models/open-nsfw.onnx
+    MEDIA_CLUSTERING__EMBEDDER__MODEL_PATH=/app/models/open-nsfw.onnx \
+    MEDIA_CLUSTERING__EMBEDDER__ONNXRUNTIME_LIBRARY=/app/models/libonnxruntime.so.1.32.0
 USER app
 EXPOSE 8080 9091
 ENTRYPOINT ["media-clustering"]

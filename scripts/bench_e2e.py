@@ -324,16 +324,50 @@ def warm_up(svc, photos, tok):
     wait_jobs(svc.dsn, [body["job_id"]], 300)
 
 
+def machine_cpu():
+    """(busy, total) CPU seconds of the whole machine so far, from /proc/stat."""
+    f = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    tck = os.sysconf("SC_CLK_TCK")
+    idle = f[3] + f[4]
+    return (sum(f[:8]) - idle) / tck, sum(f[:8]) / tck
+
+
+def peer_cpu():
+    """CPU seconds so far of the processes that share the machine with the service: Postgres,
+    Redis and this benchmark (its uploaders and pollers)."""
+    out = {"postgres": 0.0, "redis": 0.0}
+    tck = os.sysconf("SC_CLK_TCK")
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            stat = (p / "stat").read_text()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        f = stat.rsplit(")", 1)[1].split()
+        secs = (int(f[11]) + int(f[12])) / tck
+        if comm.startswith("postgres") or comm.startswith("postmaster"):
+            out["postgres"] += secs
+        elif comm.startswith("redis-server"):
+            out["redis"] += secs
+    t = os.times()
+    out["benchmark client"] = t.user + t.system
+    return out
+
+
 def measure(svc, run, tok):
     """Runs `run(tok) -> [(job_id, t_sent, photos)]` between two scrapes and CPU readings."""
     before = svc.scrape()
     cpu0 = svc.thread_cpu()
+    peers0, machine0 = peer_cpu(), machine_cpu()
     t0 = time.time()
     sent = run(tok)
     done = wait_jobs(svc.dsn, [j for j, _, _ in sent], 1800)
     t_end = max(f for _, f in done.values() if f is not None)
     first = min(t for _, t, _ in sent)
     cpu1 = svc.thread_cpu()
+    peers1, machine1 = peer_cpu(), machine_cpu()
     after = svc.scrape()
     photos = sum(n for _, _, n in sent)
     lat = [done[j][1] - t for j, t, _ in sent if done[j][1] is not None]
@@ -357,6 +391,8 @@ def measure(svc, run, tok):
         "actors": actor_table(before, after),
         "cpu_s": cpu,
         "cpu_total_s": round(sum(cpu.values()), 2),
+        "peer_cpu_s": {k: round(peers1[k] - peers0[k], 2) for k in peers1},
+        "machine_busy": round((machine1[0] - machine0[0]) / max(1e-9, machine1[1] - machine0[1]), 3),
         "peak_rss_mib": round(svc.vmhwm_mib(), 1),
     }
 
@@ -433,6 +469,16 @@ def cpu_bound(args, env, seconds):
 # -------------------------------------------------------------------------- main
 
 
+def reference_loop(args):
+    script = Path(__file__).with_name("reference_loop.py")
+    r = subprocess.run([sys.executable, str(script), "--model", str(args.model), "--photos", str(args.photos),
+                        "--pets", str(args.pets), "--copies", str(args.copies),
+                        "--threads", str(args.reference_threads)], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"reference_loop.py failed: {r.stderr[-800:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def env_pairs(items):
     out = {}
     for it in items or []:
@@ -452,6 +498,8 @@ def report_run(label, r):
     print(f"- **{r['photos_per_s']} photos/s** (first upload to last job finished: {r['elapsed_s']} s)")
     print("- upload-to-clusters latency p50/p95/p99: " + "/".join(f"{lat[k]:.2f}" if lat[k] is not None else "-" for k in ("p50", "p95", "p99")) + " s")
     print(f"- peak RSS {r['peak_rss_mib']} MiB; CPU {r['cpu_total_s']} s: " + ", ".join(f"{k} {v}" for k, v in r["cpu_s"].items()))
+    print(f"- the machine was {r['machine_busy'] * 100:.0f} % busy meanwhile; CPU s of its other processes: "
+          + ", ".join(f"{k} {v}" for k, v in r["peer_cpu_s"].items()))
     print("\n| actor | messages | mailbox wait p50/p95/p99 (ms) | handling p50/p95/p99 (ms) |\n|---|---:|---|---|")
     for actor, row in sorted(r["actors"].items()):
         n = int(row.get("handling", row.get("wait", {})).get("count", 0))
@@ -507,6 +555,9 @@ def main():
     ap.add_argument("--cpu-seconds", type=float, default=10.0)
     ap.add_argument("--env", action="append", help="K=V for the service (repeatable)")
     ap.add_argument("--telemetry", action="store_true", help="leave TELEMETRY_ENABLED on")
+    ap.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run scripts/reference_loop.py (the plain Python loop) on the same photos")
+    ap.add_argument("--reference-threads", type=int, default=2)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--plot", type=Path)
     args = ap.parse_args()
@@ -542,6 +593,19 @@ def main():
               f"{bound['backend']}): {bound['photos_per_second']:.1f} photos/s -> end to end is "
               f"**{r['fraction_of_cpu_bound'] * 100:.0f} %** of it")
         out["sweep"].append({"embedders": e if e is not None else bound["embedders"], "cpu_bound": bound, "result": r})
+
+    if args.reference:
+        ref = reference_loop(args)
+        out["reference"] = ref
+        print(f"\n## Reference: the plain Python loop (scripts/reference_loop.py)\n\n"
+              f"- Pillow + ONNX Runtime {ref['onnxruntime']} ({ref['threads']} threads) + scikit-learn "
+              f"DBSCAN, {ref['photos']} photos: **{ref['photos_per_second']:.1f} photos/s**, "
+              f"{ref['cpu_seconds']} CPU s, peak RSS {ref['peak_rss_mib']} MiB")
+        for s in out["sweep"]:
+            ratio = s["result"]["photos_per_s"] / ref["photos_per_second"]
+            s["result"]["ratio_to_reference"] = round(ratio, 2)
+            print(f"- the service (actors.embedders={s['embedders']}): "
+                  f"{s['result']['photos_per_s']:.1f} photos/s = **{ratio:.2f}x** the loop")
 
     for rate in [float(x) for x in args.rates.split(",") if x]:
         n = max(1, int(rate * args.open_seconds))

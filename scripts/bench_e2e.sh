@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end load benchmark: builds the release binary, prepares a virtualenv (psycopg,
-# matplotlib), and runs scripts/bench_e2e.py against local Redis and Postgres.
+# matplotlib, and the reference loop's Pillow, onnxruntime, scikit-learn), and runs
+# scripts/bench_e2e.py against local Redis and Postgres.
 # Usage: scripts/bench_e2e.sh [bench_e2e.py options]
 #   scripts/bench_e2e.sh                                   # closed loop with the default config
 #   scripts/bench_e2e.sh --embedders 1,2,4 --rates 10,20,40 --plot docs/bench-e2e.png
@@ -19,9 +20,12 @@ if [ -z "${BIN:-}" ]; then
     cargo build --release --bin media-clustering
     BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/media-clustering"
 fi
-if ! "$VENV/bin/python" -c 'import psycopg, matplotlib' >/dev/null 2>&1; then
+# psycopg reads the jobs table, matplotlib draws the plot; the rest is the reference loop's
+# (scripts/reference_loop.py: Pillow, ONNX Runtime, scikit-learn).
+if ! "$VENV/bin/python" -c 'import psycopg, matplotlib, PIL, onnx, onnxruntime, sklearn' >/dev/null 2>&1; then
     log "preparing $VENV"
     [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-    PIP_DISABLE_PIP_VERSION_CHECK=1 "$VENV/bin/pip" install -q 'psycopg[binary]==3.2.*' 'matplotlib==3.10.*'
+    PIP_DISABLE_PIP_VERSION_CHECK=1 "$VENV/bin/pip" install -q 'psycopg[binary]==3.2.*' 'matplotlib==3.10.*' \
+        'pillow==11.*' 'onnxruntime==1.32.0' 'onnx==1.*' 'scikit-learn==1.*' 'numpy==2.*'
 fi
 exec "$VENV/bin/python" scripts/bench_e2e.py --bin "$BIN" "$@"

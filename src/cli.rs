@@ -126,6 +126,24 @@ enum BenchCommand {
         #[arg(long)]
         with_quality: bool,
     },
+    /// Where one photo's CPU time goes, stage by stage on one thread (the upload check,
+    /// hashing, the embedder's decode, quality measures, preprocessing, inference); prints
+    /// milliseconds per photo as JSON.
+    Stages {
+        /// A folder of JPEG, PNG or WebP photos.
+        #[arg(long, default_value = "tests/fixtures/photos")]
+        photos: PathBuf,
+        /// Passes over the folder (after one untimed pass).
+        #[arg(long, default_value_t = 3)]
+        passes: usize,
+    },
+    /// A bare actix-web server that reads any request's body and answers 202, with the
+    /// service's worker count and body limit: the ceiling the API's ingest rate is compared
+    /// with (scripts/bench_ingest.sh).
+    BareApi {
+        #[arg(long, default_value = "127.0.0.1:8099")]
+        bind: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -202,6 +220,16 @@ pub fn run() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string(&r)?);
             Ok(())
         }
+        Command::Bench {
+            command: BenchCommand::Stages { photos, passes },
+        } => {
+            let r = crate::bench::stages(&settings, &photos, passes)?;
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }
+        Command::Bench {
+            command: BenchCommand::BareApi { bind },
+        } => actix_web::rt::System::new().block_on(crate::bench::bare_api(&settings, &bind)),
         Command::Reembed { pet } => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?

@@ -256,19 +256,28 @@ pub struct EmbedderSettings {
     /// name.)
     #[serde(default, alias = "onnxruntime_threads")]
     pub threads: Option<usize>,
+    /// Memory for what the API decoded of uploads (the model input's crop and the quality
+    /// measures, about 150 KB a photo) kept for the embedders of the same `serve` process,
+    /// which then neither read nor decode the photo again; 0 turns it off.
+    #[serde(default = "default_prepared_cache_mib")]
+    pub prepared_cache_mib: usize,
+}
+
+fn default_prepared_cache_mib() -> usize {
+    64
 }
 
 fn default_backend() -> String {
-    "tract".into()
+    "onnxruntime".into()
 }
 
 /// Which library runs the embedder model.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EmbedderBackend {
     Tract,
-    /// ONNX Runtime, loaded at run time from `library`.
+    /// ONNX Runtime, loaded at run time from `library` (none configured: tract instead).
     OnnxRuntime {
-        library: PathBuf,
+        library: Option<PathBuf>,
     },
 }
 
@@ -402,28 +411,15 @@ impl EmbedderSettings {
     ) -> Result<EmbedderBackend, ConfigError> {
         match self.backend.as_str() {
             "tract" => Ok(EmbedderBackend::Tract),
-            "onnxruntime" => {
-                let library = self
+            // Whether the library is there and loads is found out when the model is loaded,
+            // which falls back to tract, saying so, when it is not.
+            "onnxruntime" => Ok(EmbedderBackend::OnnxRuntime {
+                library: self
                     .onnxruntime_library
                     .clone()
                     .or(ort_dylib_path)
-                    .filter(|p| !p.as_os_str().is_empty())
-                    .ok_or_else(|| {
-                        invalid(
-                            "embedder.onnxruntime_library",
-                            "is required by backend `onnxruntime` (or set ORT_DYLIB_PATH): \
-                             the path to libonnxruntime.so 1.31 or newer, e.g. \
-                             onnxruntime/capi/libonnxruntime.so.1.* of the onnxruntime wheel",
-                        )
-                    })?;
-                if !library.is_file() {
-                    return Err(invalid(
-                        "embedder.onnxruntime_library",
-                        format!("`{}` is not a file", library.display()),
-                    ));
-                }
-                Ok(EmbedderBackend::OnnxRuntime { library })
-            }
+                    .filter(|p| !p.as_os_str().is_empty()),
+            }),
             other => Err(invalid(
                 "embedder.backend",
                 format!("unknown backend `{other}`; known: tract, onnxruntime"),
@@ -604,6 +600,12 @@ impl Settings {
             return Err(invalid(
                 "server.decode_memory_budget_mib",
                 "must be at least 16 (MiB)",
+            ));
+        }
+        if self.embedder.prepared_cache_mib > 1 << 16 {
+            return Err(invalid(
+                "embedder.prepared_cache_mib",
+                "must be at most 65536 (MiB)",
             ));
         }
         if self.server.max_files_per_request == 0 {
@@ -1027,52 +1029,43 @@ mod tests {
     #[test]
     fn embedder_backend_keys_are_validated() {
         let s = Settings::load_from(&vars(&[])).unwrap();
-        assert_eq!(s.embedder.backend, "tract");
-        assert_eq!(
-            s.embedder.backend_with(None).unwrap(),
-            EmbedderBackend::Tract
-        );
+        assert_eq!(s.embedder.backend, "onnxruntime");
         let e = Settings::load_from(&vars(&[("MEDIA_CLUSTERING__EMBEDDER__BACKEND", "cuda")]))
             .unwrap_err();
         assert!(e.to_string().contains("embedder.backend"), "{e}");
         assert!(e.to_string().contains("onnxruntime"), "{e}");
-        let e = Settings::load_from(&vars(&[
-            ("MEDIA_CLUSTERING__EMBEDDER__BACKEND", "onnxruntime"),
-            (
-                "MEDIA_CLUSTERING__EMBEDDER__ONNXRUNTIME_LIBRARY",
-                "/nonexistent/libonnxruntime.so",
-            ),
-        ]))
-        .unwrap_err();
-        assert!(
-            e.to_string().contains("embedder.onnxruntime_library")
-                && e.to_string().contains("not a file"),
-            "{e}"
-        );
 
+        let mut tract = s.embedder.clone();
+        tract.backend = "tract".into();
+        assert_eq!(tract.backend_with(None).unwrap(), EmbedderBackend::Tract);
+
+        // ORT_DYLIB_PATH stands in for the key; the key wins over it; with neither, the
+        // loader falls back to tract (checked where the model is loaded).
         let mut ort = s.embedder.clone();
-        ort.backend = "onnxruntime".into();
-        let e = ort.backend_with(None).unwrap_err();
-        assert!(
-            e.to_string().contains("embedder.onnxruntime_library"),
-            "{e}"
+        ort.onnxruntime_library = None;
+        assert_eq!(
+            ort.backend_with(None).unwrap(),
+            EmbedderBackend::OnnxRuntime { library: None }
         );
-        assert!(e.to_string().contains("ORT_DYLIB_PATH"), "{e}");
-        // ORT_DYLIB_PATH stands in for the key; the key wins over it.
-        let dir = tempfile::tempdir().unwrap();
-        let (lib, other) = (dir.path().join("libort.so"), dir.path().join("other.so"));
-        std::fs::write(&lib, b"").unwrap();
-        std::fs::write(&other, b"").unwrap();
+        let (lib, other) = (PathBuf::from("/a/libort.so"), PathBuf::from("/b/other.so"));
         assert_eq!(
             ort.backend_with(Some(lib.clone())).unwrap(),
             EmbedderBackend::OnnxRuntime {
-                library: lib.clone()
+                library: Some(lib.clone())
             }
         );
         ort.onnxruntime_library = Some(other.clone());
         assert_eq!(
             ort.backend_with(Some(lib)).unwrap(),
-            EmbedderBackend::OnnxRuntime { library: other }
+            EmbedderBackend::OnnxRuntime {
+                library: Some(other)
+            }
+        );
+        ort.onnxruntime_library = Some(PathBuf::new());
+        assert_eq!(
+            ort.backend_with(None).unwrap(),
+            EmbedderBackend::OnnxRuntime { library: None },
+            "an empty path is no path"
         );
     }
 

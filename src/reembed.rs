@@ -31,7 +31,7 @@ pub async fn reembed(settings: &Settings, pet: Option<&str>) -> anyhow::Result<(
             .progress_chars("=> "),
     );
     let failed = AtomicUsize::new(0);
-    let decoding = crate::startup::Decoding::from_settings(settings)?;
+    let decoding = crate::startup::Decoding::from_settings(settings, false)?;
     let threads = settings.actors.embedders.max(1);
     futures::stream::iter(todo)
         .map(|(image_id, key): (Uuid, String)| {

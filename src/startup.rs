@@ -10,7 +10,8 @@ use actix_web::{App, HttpServer, web};
 use actix_web_prom::PrometheusMetricsBuilder;
 use actors::algo::budget::MemoryBudget;
 use actors::algo::decode::DecodeLimits;
-use actors::algo::embed::{EmbedError, ImageEncoder, OnnxEmbedder};
+use actors::algo::embed::{EmbedError, ImageEncoder, OnnxEmbedder, Preprocess};
+use actors::algo::prepared::PreparedCache;
 use actors::metrics::Metrics;
 use actors::ort_encoder::{OrtEncoder, OrtOptions};
 use actors::pipeline::{self, ActorCounts, PipelineHandle, PipelineSettings, Ports};
@@ -62,22 +63,34 @@ pub struct AppState {
 }
 
 /// How photos are decoded, the same in the API's checks and in the embedders.
+/// How long a prepared photo waits for its embedder before it is dropped: well past the
+/// time a queued job waits, short enough that entries nobody takes do not hold the budget.
+const PREPARED_TTL: Duration = Duration::from_secs(600);
+
 #[derive(Clone)]
 pub struct Decoding {
     pub limits: DecodeLimits,
-    /// The shorter side the model's preprocessing needs (so a check decodes at the
-    /// embedder's scale).
-    pub model_side: u32,
+    /// The configured model's preprocessing (so a check decodes at the embedder's scale,
+    /// and prepares the model input for it).
+    pub preprocess: Preprocess,
+    /// Where the API keeps what it decoded of an upload for this process's embedders
+    /// ([`actors::algo::prepared`]): `serve` only, and not with `embedder.prepared_cache_mib
+    /// = 0`.
+    pub prepared: Option<Arc<PreparedCache>>,
     /// The process's decoding memory budget.
     pub budget: Arc<MemoryBudget>,
 }
 
 impl Decoding {
-    pub fn from_settings(settings: &Settings) -> anyhow::Result<Self> {
+    /// `with_cache`: the API and the embedders run in this process.
+    pub fn from_settings(settings: &Settings, with_cache: bool) -> anyhow::Result<Self> {
         let (_, _, pre) = settings.embedder.resolve()?;
+        let cache_bytes = settings.embedder.prepared_cache_mib << 20;
         Ok(Decoding {
             limits: settings.server.decode_limits(),
-            model_side: pre.source_short_side(),
+            preprocess: pre,
+            prepared: (with_cache && cache_bytes > 0)
+                .then(|| Arc::new(PreparedCache::new(cache_bytes, PREPARED_TTL))),
             budget: Arc::new(MemoryBudget::new(
                 settings.server.decode_memory_budget_mib << 20,
             )),
@@ -125,7 +138,9 @@ pub fn consumer_name() -> String {
 
 /// Loads the configured ONNX model with the configured backend (slow: optimisation takes
 /// seconds, so off the async threads). The ONNX Runtime backend gets one session per
-/// embedder thread (`actors.embedders`).
+/// embedder thread (`actors.embedders`); when its library is missing or does not load, the
+/// built-in tract backend takes over (same embeddings, so the model version and cached
+/// embeddings stay), and one log line says why.
 pub async fn load_model(settings: &Settings) -> anyhow::Result<Arc<dyn ImageEncoder>> {
     let (name, output, pre) = settings.embedder.resolve()?;
     let backend = settings.embedder.backend()?;
@@ -133,19 +148,42 @@ pub async fn load_model(settings: &Settings) -> anyhow::Result<Arc<dyn ImageEnco
     let sessions = settings.actors.embedders.max(1);
     let threads = settings.embedder.intra_op_threads(sessions)?;
     let load = move || -> Result<Arc<dyn ImageEncoder>, EmbedError> {
-        Ok(match backend {
-            EmbedderBackend::Tract => {
-                Arc::new(OnnxEmbedder::load(&path, &name, &output, pre)?.with_threads(threads))
-            }
+        let tract = |p: Preprocess| -> Result<Arc<dyn ImageEncoder>, EmbedError> {
+            let m = OnnxEmbedder::load(&path, &name, &output, p)?.with_threads(threads);
+            Ok(Arc::new(m))
+        };
+        match backend {
+            EmbedderBackend::Tract => tract(pre),
             EmbedderBackend::OnnxRuntime { library } => {
-                let options = OrtOptions {
-                    library,
-                    intra_threads: threads,
-                    sessions,
+                let ort = match library.filter(|l| l.is_file()) {
+                    None => Err(
+                        "no libonnxruntime.so at embedder.onnxruntime_library or ORT_DYLIB_PATH \
+                         (`make model` fetches it)"
+                            .to_owned(),
+                    ),
+                    Some(library) => {
+                        let options = OrtOptions {
+                            library,
+                            intra_threads: threads,
+                            sessions,
+                        };
+                        OrtEncoder::load(&path, &name, &output, pre.clone(), &options)
+                            .map_err(|e| e.to_string())
+                    }
                 };
-                Arc::new(OrtEncoder::load(&path, &name, &output, pre, &options)?)
+                match ort {
+                    Ok(m) => Ok(Arc::new(m)),
+                    Err(why) => {
+                        tracing::warn!(
+                            reason = %why,
+                            "ONNX Runtime is not available; embedding with the built-in tract \
+                             backend instead (the same embeddings, about twice as slow)."
+                        );
+                        tract(pre)
+                    }
+                }
             }
-        })
+        }
     };
     let model = tokio::task::spawn_blocking(load).await?.with_context(|| {
         format!(
@@ -155,7 +193,7 @@ pub async fn load_model(settings: &Settings) -> anyhow::Result<Arc<dyn ImageEnco
         )
     })?;
     tracing::info!(
-        backend = %settings.embedder.backend,
+        backend = model.backend(),
         model_version = model.model_version(),
         intra_op_threads = threads,
         "Loaded the embedder model."
@@ -232,7 +270,7 @@ impl Application {
         let listener = TcpListener::bind(bind).with_context(|| format!("binding {bind}"))?;
         let port = listener.local_addr()?.port();
         let health = Health::new();
-        let decoding = Decoding::from_settings(&settings)?;
+        let decoding = Decoding::from_settings(&settings, mode == Mode::Serve)?;
         let state = web::Data::new(AppState {
             jwt: Jwt::from_settings(&settings.auth),
             settings: settings.clone(),
@@ -293,7 +331,7 @@ impl Application {
                 metrics,
                 health.clone(),
                 faults,
-                decoding.budget.clone(),
+                decoding.clone(),
             )
         });
         Ok(Application {
@@ -373,7 +411,7 @@ pub fn start_pipeline(
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     faults: Arc<Faults>,
-    budget: Arc<MemoryBudget>,
+    decoding: Decoding,
 ) -> PipelineHandle {
     let a = &settings.actors;
     let r = &settings.redis;
@@ -414,8 +452,10 @@ pub fn start_pipeline(
         store: Arc::new(PgStore { pool: db }),
         blobs: Arc::new(storage),
         db_target: db_target(&settings.postgres),
-        budget,
+        budget: decoding.budget,
+        prepared: decoding.prepared,
     };
+
     pipeline::start(ps, ports, model, metrics, health, faults)
 }
 

@@ -433,19 +433,9 @@ async fn embed_missing(
     )
     .map(|(i, img)| async move {
         let slot = core.embedders.reserve().await?;
-        let bytes = match core
-            .blobs
-            .get(&img.storage_key)
-            .instrument(tracing::info_span!(
-                "blob.get",
-                otel.name = "GET object",
-                otel.kind = "client",
-                image_id = %img.image_id,
-                bytes = field::Empty,
-            ))
-            .await
-        {
-            Ok(b) => b,
+        let input = match photo_input(core, img).await {
+            Ok(input) => input,
+
             Err(e) if e.class() == FailureClass::Poison => {
                 drop(slot);
                 quarantine(core, img.image_id, &e.to_string()).await?;
@@ -456,7 +446,7 @@ async fn embed_missing(
         let embedded = slot
             .send(EmbedPhoto {
                 image_id: img.image_id,
-                bytes,
+                input,
             })
             .await;
         match embedded {
@@ -480,6 +470,40 @@ async fn embed_missing(
     .buffer_unordered(window)
     .try_collect()
     .await
+}
+
+/// What the embedder gets for a photo: what this process's API prepared of it
+/// ([`crate::algo::prepared`]) when that is still there and made for this model, else the
+/// original's bytes.
+async fn photo_input(core: &Core, img: &PetImage) -> Result<PhotoInput, PipelineError> {
+    let prepared = core
+        .prepared
+        .as_ref()
+        .zip(core.crop_preprocess.as_ref())
+        .and_then(|(cache, pre)| cache.take(img.image_id, pre));
+    let input = |kind: &str| {
+        core.metrics
+            .embedder_inputs
+            .with_label_values(&[kind])
+            .inc()
+    };
+    if let Some(p) = prepared {
+        input("prepared");
+        return Ok(PhotoInput::Prepared(p));
+    }
+    input("original");
+    let bytes = core
+        .blobs
+        .get(&img.storage_key)
+        .instrument(tracing::info_span!(
+            "blob.get",
+            otel.name = "GET object",
+            otel.kind = "client",
+            image_id = %img.image_id,
+            bytes = field::Empty,
+        ))
+        .await?;
+    Ok(PhotoInput::Encoded(bytes))
 }
 
 async fn quarantine(core: &Core, image_id: Uuid, error: &str) -> Result<(), PipelineError> {

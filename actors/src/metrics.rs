@@ -33,6 +33,9 @@ pub const ACTOR_RESTARTS: &str = "media_cluster_actor_restarts_total";
 pub const ACTOR_INSTANCES: &str = "media_cluster_actor_instances";
 pub const ACTOR_MESSAGES: &str = "media_cluster_actor_messages_total";
 pub const TELEMETRY_DROPPED_SPANS: &str = "media_cluster_telemetry_dropped_spans_total";
+pub const EMBEDDER_INPUTS: &str = "media_cluster_embedder_inputs_total";
+/// What an embedder got for a photo: what the upload prepared, or the original to decode.
+pub const EMBEDDER_INPUT_KINDS: [&str; 2] = ["prepared", "original"];
 /// Namespace given to actix-web-prom, which records the two HTTP series below.
 pub const HTTP_NAMESPACE: &str = "media_cluster";
 pub const HTTP_REQUESTS_TOTAL: &str = "media_cluster_http_requests_total";
@@ -101,6 +104,7 @@ pub struct Metrics {
     pub instances: IntGaugeVec,
     pub messages: IntCounterVec,
     pub dropped_spans: IntCounter,
+    pub embedder_inputs: IntCounterVec,
 }
 
 fn hist(name: &str, help: &str, labels: &[&str], buckets: &[f64]) -> HistogramVec {
@@ -219,7 +223,15 @@ impl Metrics {
                 "Spans the exporter could not deliver and dropped.",
             )
             .expect("valid counter"),
+            embedder_inputs: counter_vec(
+                EMBEDDER_INPUTS,
+                "Photos given to an embedder, by input: prepared at upload, or the original.",
+                &["input"],
+            ),
         };
+        for i in EMBEDDER_INPUT_KINDS {
+            m.embedder_inputs.with_label_values(&[i]);
+        }
         for s in [
             JobOutcome::Succeeded,
             JobOutcome::Failed,
@@ -295,6 +307,7 @@ impl Metrics {
         registry.register(Box::new(self.instances.clone()))?;
         registry.register(Box::new(self.messages.clone()))?;
         registry.register(Box::new(self.dropped_spans.clone()))?;
+        registry.register(Box::new(self.embedder_inputs.clone()))?;
         Ok(())
     }
 }
@@ -352,6 +365,7 @@ mod tests {
             ACTOR_HANDLING,
             PENDING_JOBS,
             TELEMETRY_DROPPED_SPANS,
+            EMBEDDER_INPUTS,
         ] {
             assert!(names.iter().any(|x| x == n), "{n} not registered");
         }

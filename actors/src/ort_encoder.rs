@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use image::DynamicImage;
+use image::{DynamicImage, RgbImage};
 use ort::environment::Environment;
 use ort::logging::LogLevel;
 use ort::session::Session;
@@ -29,7 +29,8 @@ use ort::value::TensorRef;
 use tract_onnx::prelude::Framework;
 
 use crate::algo::embed::{
-    EmbedError, ImageEncoder, Layout, Preprocess, l2_normalize, model_version, preprocess,
+    EmbedError, ImageEncoder, Layout, Preprocess, check_crop, l2_normalize, model_version,
+    normalise, preprocess,
 };
 
 /// The variable that `ort` itself reads for the library's path.
@@ -243,6 +244,19 @@ impl ImageEncoder for OrtEncoder {
 
     fn input_short_side(&self) -> u32 {
         self.preprocess.source_short_side()
+    }
+
+    fn backend(&self) -> &'static str {
+        "onnxruntime"
+    }
+
+    fn crop_preprocess(&self) -> Option<&Preprocess> {
+        Some(&self.preprocess)
+    }
+
+    fn embed_crop(&self, crop: &RgbImage) -> Result<Vec<f32>, EmbedError> {
+        check_crop(crop, &self.preprocess)?;
+        self.embed_input(&normalise(crop, &self.preprocess))
     }
 }
 

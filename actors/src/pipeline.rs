@@ -29,7 +29,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use crate::algo::budget::MemoryBudget;
 use crate::algo::cluster::ClusterParams;
 use crate::algo::decode::DecodeLimits;
-use crate::algo::embed::ImageEncoder;
+use crate::algo::embed::{ImageEncoder, Preprocess};
+use crate::algo::prepared::PreparedCache;
 use crate::job::JobEntry;
 use crate::loops;
 use crate::metrics::Metrics;
@@ -94,12 +95,18 @@ pub struct Ports {
     pub db_target: DbTarget,
     /// The process's decoding memory budget (shared with the API's checks).
     pub budget: Arc<MemoryBudget>,
+    /// What the API of this process prepared of uploads for the embedders, if it runs here.
+    pub prepared: Option<Arc<PreparedCache>>,
 }
 
 /// What the scheduler, the batches and the loops share.
 pub(crate) struct Core {
     pub settings: PipelineSettings,
     pub model_version: String,
+    /// The model's preprocessing, when it embeds prepared photos' crops.
+    pub crop_preprocess: Option<Preprocess>,
+    pub prepared: Option<Arc<PreparedCache>>,
+
     pub metrics: Arc<Metrics>,
     pub readers: Pool<RedisOp>,
     pub writers: Pool<DbOp>,
@@ -379,6 +386,7 @@ pub fn start(
     let (stop, stopped) = watch::channel(false);
     let core = Arc::new(Core {
         model_version: model.model_version().to_owned(),
+        crop_preprocess: model.crop_preprocess().cloned(),
         held: Arc::new(Semaphore::new(settings.max_queued_jobs.max(1))),
         settings,
         metrics: metrics.clone(),
@@ -388,7 +396,9 @@ pub fn start(
         clusterers,
         heroes,
         blobs: ports.blobs.clone(),
+        prepared: ports.prepared.clone(),
         tracked: Arc::default(),
+
         faults,
         health: health.clone(),
         reading_stopped,

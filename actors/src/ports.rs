@@ -97,12 +97,21 @@ pub trait JobQueue: Send + Sync + 'static {
     async fn entries_exist(&self, stream_ids: &[String]) -> Result<Vec<bool>, PipelineError>;
 }
 
+/// Where photos are stored: `images/<image id>`.
+pub const IMAGES_PREFIX: &str = "images";
+
+/// The object key of a photo: derived from its id only, never from a client's file name.
+pub fn image_key(image_id: Uuid) -> String {
+    format!("{IMAGES_PREFIX}/{image_id}")
+}
+
 #[async_trait]
 pub trait BlobStore: Send + Sync + 'static {
+    /// An object that must be there (a photo whose row exists): missing is poison.
     async fn get(&self, key: &str) -> Result<Vec<u8>, PipelineError>;
-    /// Keys of photo objects last written after `from` (when given) and no later than
-    /// `until`. Objects are never rewritten, so a caller that advances `from` to its last
-    /// `until` sees each object once.
+    /// Keys of photo objects ([`IMAGES_PREFIX`]) last written after `from` (when given) and
+    /// no later than `until`. Objects are never rewritten, so a caller that advances `from`
+    /// to its last `until` sees each object once.
     async fn list_written(
         &self,
         from: Option<std::time::SystemTime>,

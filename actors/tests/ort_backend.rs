@@ -1,16 +1,9 @@
 //! The embedder backends on fixture photos and the real model: ONNX Runtime against tract,
 //! and tract with intra-op threads against tract without.
 //!
-//! Needs `libonnxruntime.so` 1.31 or newer, given by `ORT_DYLIB_PATH` (as `ort` reads it) or
-//! `MEDIA_CLUSTERING__EMBEDDER__ONNXRUNTIME_LIBRARY`; without one, the ORT tests print why
-//! and pass without checking anything. The model is `MODEL_PATH`, else
-//! `models/open-nsfw.onnx` (`make model`). The `onnxruntime` PyPI wheel ships the library:
-//!
-//! ```sh
-//! ORT_DYLIB_PATH=$(python3 -c 'import onnxruntime, glob, os; print(glob.glob(os.path.join(
-//!     os.path.dirname(onnxruntime.__file__), "capi", "libonnxruntime.so*"))[0])') \
-//!     cargo test -p media-clustering-actors --test ort_backend
-//! ```
+//! Needs `libonnxruntime.so` 1.31 or newer: `ORT_DYLIB_PATH`, else
+//! `models/libonnxruntime.so.1.32.0`; the model is `MODEL_PATH`, else `models/open-nsfw.onnx`.
+//! `make model` fetches both.
 
 use std::path::{Path, PathBuf};
 
@@ -31,27 +24,18 @@ fn model_path() -> PathBuf {
         .unwrap_or_else(|| workspace().join("models/open-nsfw.onnx"))
 }
 
-/// The ORT library, or `None` after saying why the test is skipped.
-fn library(test: &str) -> Option<PathBuf> {
-    let found = [
-        ORT_DYLIB_PATH,
-        "MEDIA_CLUSTERING__EMBEDDER__ONNXRUNTIME_LIBRARY",
-    ]
-    .into_iter()
-    .filter_map(std::env::var_os)
-    .map(PathBuf::from)
-    .find(|p| !p.as_os_str().is_empty());
-    match found {
-        Some(p) if p.is_file() => Some(p),
-        Some(p) => panic!("{ORT_DYLIB_PATH}: {} is not a file", p.display()),
-        None => {
-            eprintln!(
-                "SKIPPED {test}: no ONNX Runtime library ({ORT_DYLIB_PATH} and \
-                 MEDIA_CLUSTERING__EMBEDDER__ONNXRUNTIME_LIBRARY are unset)"
-            );
-            None
-        }
-    }
+/// The ORT library: `ORT_DYLIB_PATH`, else the one `make model` fetches.
+fn library() -> PathBuf {
+    let p = std::env::var_os(ORT_DYLIB_PATH)
+        .map(PathBuf::from)
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or_else(|| workspace().join("models/libonnxruntime.so.1.32.0"));
+    assert!(
+        p.is_file(),
+        "no ONNX Runtime library at {} (run `make model`, or set {ORT_DYLIB_PATH})",
+        p.display()
+    );
+    p
 }
 
 fn model() -> PathBuf {
@@ -130,9 +114,7 @@ fn tract_with_intra_op_threads_embeds_as_without() {
 
 #[test]
 fn ort_and_tract_embeddings_agree() {
-    let Some(lib) = library("ort_and_tract_embeddings_agree") else {
-        return;
-    };
+    let lib = library();
     let model = model();
     let tract = OnnxEmbedder::load(&model, "open-nsfw", "Reshape", Preprocess::OPEN_NSFW).unwrap();
     let ort = OrtEncoder::load(
@@ -161,9 +143,7 @@ fn ort_and_tract_embeddings_agree() {
 
 #[test]
 fn ort_sessions_serve_several_threads() {
-    let Some(lib) = library("ort_sessions_serve_several_threads") else {
-        return;
-    };
+    let lib = library();
     let model = model();
     let ort = OrtEncoder::load(
         &model,
@@ -188,9 +168,7 @@ fn ort_sessions_serve_several_threads() {
 
 #[test]
 fn ort_takes_the_model_output_when_none_is_named() {
-    let Some(lib) = library("ort_takes_the_model_output_when_none_is_named") else {
-        return;
-    };
+    let lib = library();
     let ort = OrtEncoder::load(
         &model(),
         "m",

@@ -553,7 +553,7 @@ async fn a_job_that_lost_its_pets_lock_gives_up_and_the_holder_goes_on() {
 async fn the_sweeper_removes_old_objects_no_row_names() {
     let h = Harness::start(settings(2, 16, 5), FakeStore::default(), Duration::ZERO);
     let kept = h.add_photos("swept", &[RED]);
-    let orphan = uuid::Uuid::now_v7().to_string();
+    let orphan = actors::ports::image_key(uuid::Uuid::now_v7());
     h.blobs
         .bytes
         .lock()
@@ -573,7 +573,7 @@ async fn the_sweeper_removes_old_objects_no_row_names() {
             .bytes
             .lock()
             .unwrap()
-            .contains_key(&kept[0].to_string())
+            .contains_key(&actors::ports::image_key(kept[0]))
     );
     h.stop().await;
 }

@@ -4,14 +4,13 @@
 use std::sync::Arc;
 
 use actors::error::PipelineError;
-use actors::ports::BlobStore;
+use actors::ports::{BlobStore, IMAGES_PREFIX};
 use async_trait::async_trait;
 use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::prefix::PrefixStore;
 use object_store::{ObjectStore, PutPayload};
-use uuid::Uuid;
 
 use std::time::SystemTime;
 
@@ -22,13 +21,6 @@ use futures::TryStreamExt;
 pub struct Storage {
     store: Arc<dyn ObjectStore>,
 }
-
-/// The object key of a photo: derived from its id only, never from a client's file name.
-pub fn image_key(image_id: Uuid) -> String {
-    format!("{IMAGES_PREFIX}/{image_id}")
-}
-
-const IMAGES_PREFIX: &str = "images";
 
 impl Storage {
     pub fn from_url(url: &str) -> anyhow::Result<Self> {
@@ -91,6 +83,7 @@ impl BlobStore for Storage {
         let (from, until): (Option<DateTime<Utc>>, DateTime<Utc>) =
             (from.map(Into::into), until.into());
         let prefix = Path::from(IMAGES_PREFIX);
+
         self.store
             .list(Some(&prefix))
             .try_filter_map(|m| async move {

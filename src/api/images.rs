@@ -10,7 +10,7 @@ use actors::algo::decode::{ACCEPTED_TYPES, DecodeError, Format};
 use actors::algo::photo;
 use actors::job::{JobEntry, JobKind, valid_pet_id};
 use bytes::{Bytes, BytesMut};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use opentelemetry::trace::TraceContextExt;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -24,8 +24,10 @@ use super::body::{Counted, REGION_CAP, Tally, Violation};
 use super::error::{ApiError, ErrorBody};
 use super::tenancy;
 use crate::adapters::postgres::{self, NewImage};
-use crate::adapters::storage::image_key;
 use crate::startup::AppState;
+use actors::algo::embed::Preprocess;
+use actors::algo::prepared::{Prepared, PreparedCache};
+use actors::ports::image_key;
 
 /// One photo of an accepted upload, in the order of the request.
 #[derive(Serialize, ToSchema)]
@@ -200,12 +202,16 @@ struct CheckedImage {
     format: Format,
     width: u32,
     height: u32,
+    /// What the embedder needs of it ([`actors::algo::prepared`]), when this process's
+    /// embedders can use it.
+    prepared: Option<Prepared>,
 }
 
 /// Sniffs, checks the header against the pixel and aspect ratio limits, then decodes each
 /// photo exactly as the embedder will ([`photo::check`]: the same function, the same
 /// reduction, within the process's decoding budget), one at a time, so that what is accepted
-/// can be processed.
+/// can be processed. What that decode yields is kept for the embedder ([`photo::prepare`]),
+/// which then need not decode the photo again.
 fn check_images(
     files: Vec<Bytes>,
     d: &crate::startup::Decoding,
@@ -220,15 +226,26 @@ fn check_images(
             } else {
                 String::new()
             };
-            let checked = photo::check(&bytes, d.limits, d.model_side, &d.budget)
-                .map(|d| (d.format, d.width, d.height));
+            let checked = if d.prepared.is_some() {
+                photo::prepare(&bytes, d.limits, &d.preprocess, &d.budget)
+                    .map(|(format, w, h, p)| (format, w, h, Some(p)))
+            } else {
+                photo::check(
+                    &bytes,
+                    d.limits,
+                    d.preprocess.source_short_side(),
+                    &d.budget,
+                )
+                .map(|d| (d.format, d.width, d.height, None))
+            };
             match checked {
-                Ok((format, width, height)) => Ok(CheckedImage {
+                Ok((format, width, height, prepared)) => Ok(CheckedImage {
                     sha256: hex::encode(Sha256::digest(&bytes)),
                     bytes,
                     format,
                     width,
                     height,
+                    prepared,
                 }),
                 Err(DecodeError::Empty) => Err(ApiError::bad_request(
                     "empty_file",
@@ -441,6 +458,9 @@ impl Drop for WrittenObjects {
     }
 }
 
+/// Objects one upload writes at once (an object store answers each put in a round trip).
+const STORAGE_PUTS_AT_ONCE: usize = 8;
+
 /// Checks, stores, commits and enqueues an upload (see [`upload`]).
 async fn accept_upload(
     state: Arc<AppState>,
@@ -478,20 +498,19 @@ async fn accept_upload(
         storage: state.storage.clone(),
         ids: Vec::with_capacity(rows.len()),
     };
-    let bytes_of: HashMap<&str, &Bytes> = images
-        .iter()
-        .map(|i| (i.sha256.as_str(), &i.bytes))
-        .collect();
-    for row in &rows {
-        // Counted as written before the put: a put that fails half-way is removed too.
-        written.ids.push(row.id);
-        let bytes = bytes_of[row.sha256.as_str()].clone();
-        state
-            .storage
-            .put(&row.storage_key, bytes)
-            .await
-            .map_err(|e| ApiError::Unavailable(format!("cannot store the photo: {e}")))?;
-    }
+    let image_of: HashMap<&str, &CheckedImage> =
+        images.iter().map(|i| (i.sha256.as_str(), i)).collect();
+    // Counted as written before the puts: a put that fails half-way is removed too.
+    written.ids.extend(rows.iter().map(|r| r.id));
+    futures::stream::iter(&rows)
+        .map(|row| {
+            let (storage, bytes) = (&state.storage, image_of[row.sha256.as_str()].bytes.clone());
+            async move { storage.put(&row.storage_key, bytes).await }
+        })
+        .buffer_unordered(STORAGE_PUTS_AT_ONCE)
+        .try_collect::<()>()
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("cannot store the photo: {e}")))?;
     pause_at(&state, UploadPoint::AfterStore).await;
 
     let job_id = Uuid::now_v7();
@@ -536,6 +555,9 @@ async fn accept_upload(
         .map(|(id, _)| *id)
         .collect();
     written.keep(&new_ids.iter().copied().collect());
+    if let Some(cache) = &state.decoding.prepared {
+        keep_prepared(cache, &state.decoding.preprocess, &rows, &new_ids, images);
+    }
     pause_at(&state, UploadPoint::AfterCommit).await;
 
     let entry = JobEntry {
@@ -567,6 +589,31 @@ async fn accept_upload(
             images: out,
         },
     ))
+}
+
+/// Hands what the check prepared of the photos this upload added to this process's
+/// embedders (before the job is enqueued, so that it is there when the job is read).
+fn keep_prepared(
+    cache: &PreparedCache,
+    pre: &Preprocess,
+    rows: &[NewImage],
+    new_ids: &[Uuid],
+    images: Vec<CheckedImage>,
+) {
+    let mut by_sha: HashMap<String, Prepared> = images
+        .into_iter()
+        .filter_map(|i| Some((i.sha256, i.prepared?)))
+        .collect();
+    let new: HashSet<&Uuid> = new_ids.iter().collect();
+    for row in rows.iter().filter(|r| new.contains(&r.id)) {
+        if let Some(p) = by_sha.remove(&row.sha256)
+            && !cache.insert(row.id, pre, p)
+        {
+            // Full: the embedders are behind; they decode the rest from storage.
+            tracing::debug!(bytes = cache.bytes(), "The prepared-photo cache is full.");
+            break;
+        }
+    }
 }
 
 async fn remove_objects(state: &AppState, ids: &[Uuid]) {

@@ -181,3 +181,60 @@ async fn a_cluster_that_gains_photos_keeps_its_id() {
     drop(serve);
     env.cleanup().await;
 }
+
+/// ONNX Runtime is the default backend; without its library (missing, or not a library) the
+/// built-in tract backend embeds instead, the same model version, rather than start-up failing.
+#[actix_rt::test]
+async fn the_embedder_falls_back_to_tract_without_onnx_runtime() {
+    let storage = tempfile::tempdir().unwrap();
+    let not_a_library = storage.path().join("libonnxruntime.so");
+    std::fs::write(&not_a_library, b"not a shared object").unwrap();
+    let load = |library: String| {
+        let mut vars = test_vars("unused", storage.path(), &[]);
+        vars.insert(
+            "MEDIA_CLUSTERING__EMBEDDER__ONNXRUNTIME_LIBRARY".into(),
+            library,
+        );
+        async move {
+            let settings = media_clustering::config::Settings::load_from(&vars).unwrap();
+            assert_eq!(settings.embedder.backend, "onnxruntime", "the default");
+            media_clustering::startup::load_model(&settings)
+                .await
+                .unwrap()
+        }
+    };
+    let garbage = load(not_a_library.display().to_string()).await;
+    let missing = load("/nonexistent/libonnxruntime.so".into()).await;
+    let real = load(
+        std::env::var("ORT_DYLIB_PATH")
+            .unwrap_or_else(|_| "models/libonnxruntime.so.1.32.0".into()),
+    )
+    .await;
+    assert_eq!(garbage.backend(), "tract");
+    assert_eq!(missing.backend(), "tract");
+    assert_eq!(real.backend(), "onnxruntime");
+    assert_eq!(garbage.model_version(), real.model_version());
+}
+
+/// What the upload prepared embeds to exactly what the embedder's own decode does, for every
+/// labelled photo (so whether a photo was prepared never changes its clusters or hero).
+#[actix_rt::test]
+async fn a_prepared_photo_embeds_and_scores_as_its_original() {
+    use actors::algo::{budget::MemoryBudget, photo};
+    let storage = tempfile::tempdir().unwrap();
+    let vars = test_vars("unused", storage.path(), &[]);
+    let settings = media_clustering::config::Settings::load_from(&vars).unwrap();
+    let model = shared_model(&settings).await;
+    let pre = model
+        .crop_preprocess()
+        .cloned()
+        .expect("a model that embeds crops");
+    let (limits, budget) = (settings.server.decode_limits(), MemoryBudget::unlimited());
+    let names: Vec<String> = labels().into_iter().map(|r| r.0).collect();
+    for (name, bytes) in fixture_files(&names) {
+        let (.., prepared) = photo::prepare(&bytes, limits, &pre, &budget).unwrap();
+        let (vector, quality) = photo::analyse(&bytes, limits, model.as_ref(), &budget).unwrap();
+        assert_eq!(prepared.quality, quality, "{name}");
+        assert_eq!(model.embed_crop(&prepared.crop).unwrap(), vector, "{name}");
+    }
+}

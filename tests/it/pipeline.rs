@@ -61,8 +61,17 @@ async fn labelled_photos_cluster_by_scene_with_no_degraded_hero() {
             cl["image_ids"].as_array().unwrap().len()
         );
     }
-    // Every photo embedded once, with its quality scores.
+    // Every photo embedded once, with its quality scores, from what its upload prepared
+    // (decoded once, by the API's check).
     assert_eq!(app.count("SELECT count(*) FROM image_embeddings").await, 45);
+    let metrics = app.scrape().await;
+    let input = |kind: &str| {
+        sample(
+            &metrics,
+            &format!("media_cluster_embedder_inputs_total{{input=\"{kind}\"}}"),
+        )
+    };
+    assert_eq!((input("prepared"), input("original")), (45.0, 0.0));
     app.cleanup().await;
 }
 

@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use image::DynamicImage;
+use image::{DynamicImage, RgbImage};
 use sha2::{Digest, Sha256};
 use tract_linalg::multithread::{Executor, multithread_tract_scope};
 use tract_onnx::prelude::*;
@@ -72,9 +72,15 @@ pub enum EmbedError {
     Inference(String),
 }
 
-/// Fills the model input from a decoded photo (resize shorter side, centre crop, normalise).
-/// An RGB photo is read in place; other pixel formats are converted once.
+/// Fills the model input from a decoded photo: [`crop`], then [`normalise`].
 pub fn preprocess(img: &DynamicImage, p: &Preprocess) -> Vec<f32> {
+    normalise(&crop(img, p), p)
+}
+
+/// The pixels the model sees: the photo resized (shorter side `resize_to`) and centre-cropped
+/// to an `input_size` square, RGB. An RGB photo is read in place; other pixel formats are
+/// converted once.
+pub fn crop(img: &DynamicImage, p: &Preprocess) -> RgbImage {
     let converted;
     let rgb = match img.as_rgb8() {
         Some(rgb) => rgb,
@@ -86,11 +92,17 @@ pub fn preprocess(img: &DynamicImage, p: &Preprocess) -> Vec<f32> {
     let (rw, rh) = resize::short_side_size(rgb.dimensions(), p.resize_to, p.input_size);
     let resized = resize::rgb(rgb, rw, rh);
     let (x0, y0) = ((rw - p.input_size) / 2, (rh - p.input_size) / 2);
+    image::imageops::crop_imm(&resized, x0, y0, p.input_size, p.input_size).to_image()
+}
+
+/// The model input tensor from a [`crop`] (mean, std, scale, channel order, layout).
+pub fn normalise(crop: &RgbImage, p: &Preprocess) -> Vec<f32> {
     let n = p.input_size as usize;
+    debug_assert_eq!(crop.dimensions(), (p.input_size, p.input_size));
     let mut out = vec![0f32; 3 * n * n];
     for y in 0..n {
         for x in 0..n {
-            let px = resized.get_pixel(x0 + x as u32, y0 + y as u32).0;
+            let px = crop.get_pixel(x as u32, y as u32).0;
             for c in 0..3 {
                 let src = match p.channel_order {
                     ChannelOrder::Rgb => px[c],
@@ -133,6 +145,38 @@ pub trait ImageEncoder: Send + Sync + 'static {
     fn input_short_side(&self) -> u32 {
         0
     }
+    /// Which inference engine runs the model, for logs.
+    fn backend(&self) -> &'static str {
+        "custom"
+    }
+    /// The preprocessing whose [`crop`]s [`ImageEncoder::embed_crop`] takes (a photo
+    /// prepared at upload is embedded from its crop, without decoding it again); `None`:
+    /// this encoder takes whole photos only.
+    fn crop_preprocess(&self) -> Option<&Preprocess> {
+        None
+    }
+    /// Embeds a [`crop`] made with [`ImageEncoder::crop_preprocess`]: exactly what `embed`
+    /// gives for the photo it was cut from.
+    fn embed_crop(&self, _crop: &RgbImage) -> Result<Vec<f32>, EmbedError> {
+        Err(EmbedError::Inference(
+            "this encoder embeds whole photos only".into(),
+        ))
+    }
+}
+
+/// The crop's size against the preprocessing's input size.
+pub fn check_crop(crop: &RgbImage, p: &Preprocess) -> Result<(), EmbedError> {
+    if crop.dimensions() == (p.input_size, p.input_size) {
+        Ok(())
+    } else {
+        Err(EmbedError::Inference(format!(
+            "a crop of {}x{} pixels for an input of {}x{}",
+            crop.width(),
+            crop.height(),
+            p.input_size,
+            p.input_size
+        )))
+    }
 }
 
 impl ImageEncoder for OnnxEmbedder {
@@ -146,6 +190,19 @@ impl ImageEncoder for OnnxEmbedder {
 
     fn input_short_side(&self) -> u32 {
         self.preprocess.source_short_side()
+    }
+
+    fn backend(&self) -> &'static str {
+        "tract"
+    }
+
+    fn crop_preprocess(&self) -> Option<&Preprocess> {
+        Some(&self.preprocess)
+    }
+
+    fn embed_crop(&self, crop: &RgbImage) -> Result<Vec<f32>, EmbedError> {
+        check_crop(crop, &self.preprocess)?;
+        self.run(normalise(crop, &self.preprocess))
     }
 }
 
@@ -236,7 +293,10 @@ impl OnnxEmbedder {
 
     /// Embeds one decoded photo; the result is L2-normalised.
     pub fn embed(&self, img: &DynamicImage) -> Result<Vec<f32>, EmbedError> {
-        let input = preprocess(img, &self.preprocess);
+        self.run(preprocess(img, &self.preprocess))
+    }
+
+    fn run(&self, input: Vec<f32>) -> Result<Vec<f32>, EmbedError> {
         let shape = self
             .plan
             .model()

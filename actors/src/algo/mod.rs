@@ -9,5 +9,6 @@ pub mod hero;
 pub mod identity;
 pub mod neighbours;
 pub mod photo;
+pub mod prepared;
 pub mod quality;
 pub mod resize;

@@ -4,7 +4,8 @@
 
 use super::budget::MemoryBudget;
 use super::decode::{self, DecodeError, DecodeLimits, Decoded};
-use super::embed::{EmbedError, ImageEncoder};
+use super::embed::{EmbedError, ImageEncoder, Preprocess};
+use super::prepared::Prepared;
 use super::quality::{self, Quality};
 
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +32,24 @@ pub fn check(
     budget: &MemoryBudget,
 ) -> Result<Decoded, DecodeError> {
     decode::decode_within(bytes, limits, source_short_side(model_side), budget).map(|(d, _)| d)
+}
+
+/// Checks a photo as [`check`] does and keeps what the embedder needs of it (see
+/// [`super::prepared`]): its header's format and size, and the prepared photo.
+pub fn prepare(
+    bytes: &[u8],
+    limits: DecodeLimits,
+    pre: &Preprocess,
+    budget: &MemoryBudget,
+) -> Result<(decode::Format, u32, u32, Prepared), DecodeError> {
+    let (d, _reserved) = decode::decode_within(
+        bytes,
+        limits,
+        source_short_side(pre.source_short_side()),
+        budget,
+    )?;
+    let prepared = Prepared::from_decoded(&d.image, d.pixels(), pre);
+    Ok((d.format, d.width, d.height, prepared))
 }
 
 /// Decodes, measures and embeds one photo, holding its share of `budget` meanwhile.

@@ -5,16 +5,25 @@ use uuid::Uuid;
 
 use crate::algo::budget::MemoryBudget;
 use crate::algo::decode::DecodeLimits;
+use crate::algo::prepared::Prepared;
 use crate::algo::{embed::ImageEncoder, photo, quality};
 use crate::error::PipelineError;
 use crate::events::PhotoEmbedded;
 use crate::metrics::Metrics;
 use crate::runtime::{ActorKind, Request, SyncStage};
 
-/// Decode, measure and embed one photo.
+/// Embed one photo: from its original bytes (decoded and measured here), or from what the
+/// upload prepared of it.
 pub struct EmbedPhoto {
     pub image_id: Uuid,
-    pub bytes: Vec<u8>,
+    pub input: PhotoInput,
+}
+
+pub enum PhotoInput {
+    /// The photo as uploaded.
+    Encoded(Vec<u8>),
+    /// Its crop and measures, made at upload for this model's preprocessing.
+    Prepared(Prepared),
 }
 
 #[derive(Debug, Clone)]
@@ -44,9 +53,19 @@ impl SyncStage for Embedder {
         let _span = tracing::info_span!("embed", image_id = %msg.image_id, model_version = self.model.model_version()).entered();
         let started = Instant::now();
         // What this photo holds is its own problem: it is quarantined, its pet goes on.
-        let (vector, quality) =
-            photo::analyse(&msg.bytes, self.limits, self.model.as_ref(), &self.budget)
-                .map_err(|e| PipelineError::poison(format!("image {}: {e}", msg.image_id)))?;
+        let poison = |e: &dyn std::fmt::Display| {
+            PipelineError::poison(format!("image {}: {e}", msg.image_id))
+        };
+        let (vector, quality) = match msg.input {
+            PhotoInput::Encoded(bytes) => {
+                photo::analyse(&bytes, self.limits, self.model.as_ref(), &self.budget)
+                    .map_err(|e| poison(&e))?
+            }
+            PhotoInput::Prepared(p) => (
+                self.model.embed_crop(&p.crop).map_err(|e| poison(&e))?,
+                p.quality,
+            ),
+        };
         PhotoEmbedded {
             image_id: msg.image_id,
             model_version: self.model.model_version(),

@@ -8,7 +8,7 @@ mod postgres_writer;
 mod stream_reader;
 
 pub use clusterer::{ClusterVectors, Clusterer};
-pub use embedder::{EmbedPhoto, Embedded, Embedder};
+pub use embedder::{EmbedPhoto, Embedded, Embedder, PhotoInput};
 pub use hero_selector::{HeroSelector, PickHeroes};
 pub use postgres_writer::{DbOp, DbReply, DbTarget, PostgresWriter};
 pub use stream_reader::{ReadMode, RedisOp, RedisReply, StreamReader};

@@ -210,7 +210,7 @@ impl Store for FakeStore {
                     .filter(|p| p.error.is_none())
                     .map(|p| PetImage {
                         image_id: p.id,
-                        storage_key: p.id.to_string(),
+                        storage_key: actors::ports::image_key(p.id),
                         cached: p.embedding.clone(),
                     })
                     .collect()
@@ -367,11 +367,14 @@ impl BlobStore for FakeBlobs {
         from: Option<SystemTime>,
         until: SystemTime,
     ) -> Result<Vec<String>, PipelineError> {
+        let prefix = format!("{}/", actors::ports::IMAGES_PREFIX);
+
         Ok(self
             .written
             .lock()
             .unwrap()
             .iter()
+            .filter(|(k, _)| k.starts_with(&prefix))
             .filter(|(_, t)| from.is_none_or(|f| **t > f) && **t <= until)
             .map(|(k, _)| k.clone())
             .collect())
@@ -488,6 +491,7 @@ impl Harness {
             blobs: blobs.clone(),
             db_target: DbTarget::default(),
             budget: std::sync::Arc::new(actors::algo::budget::MemoryBudget::unlimited()),
+            prepared: None,
         };
         let (metrics, health, faults) =
             (Metrics::new(), Health::new(), Arc::new(Faults::default()));
@@ -521,12 +525,16 @@ impl Harness {
     pub fn add_photo_bytes(&self, pet: &str, bytes: Vec<Vec<u8>>) -> Vec<Uuid> {
         let ids: Vec<Uuid> = bytes.iter().map(|_| Uuid::now_v7()).collect();
         for (id, b) in ids.iter().zip(bytes) {
-            self.blobs.bytes.lock().unwrap().insert(id.to_string(), b);
+            self.blobs
+                .bytes
+                .lock()
+                .unwrap()
+                .insert(actors::ports::image_key(*id), b);
             self.blobs
                 .written
                 .lock()
                 .unwrap()
-                .insert(id.to_string(), SystemTime::now());
+                .insert(actors::ports::image_key(*id), SystemTime::now());
         }
         self.store
             .photos
