@@ -8,7 +8,7 @@ DATABASE_URL ?= postgres://postgres:postgres@127.0.0.1:5432/media_clustering_dem
 COMPOSE ?= $(shell command -v docker-compose >/dev/null 2>&1 && echo docker-compose || echo docker compose)
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 
-.PHONY: help demo test services model build release lint fmt migrate bench compose-check clean-demo
+.PHONY: help demo test services model build release lint fmt migrate bench k8s-check compose-check clean-demo
 
 help: ## Show this list of targets
 	@echo "Usage: make <target>"
@@ -50,6 +50,10 @@ bench: ## Run scripts/bench.sh if it exists
 	@if [ -x scripts/bench.sh ]; then scripts/bench.sh $(ARGS); \
 	elif [ -f scripts/bench.sh ]; then bash scripts/bench.sh $(ARGS); \
 	else echo "scripts/bench.sh not found; nothing to do"; fi
+
+k8s-check: ## Render deploy/k8s overlays and validate them (schemas, CRDs, checkov, config keys)
+	$(CARGO) build --bin media-clustering
+	scripts/check-k8s.sh $(TARGET_DIR)/debug/media-clustering
 
 compose-check: ## Validate docker-compose.yml
 	$(COMPOSE) -f docker-compose.yml config -q && echo "docker-compose.yml is valid"

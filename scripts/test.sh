@@ -102,6 +102,10 @@ cargo nextest run --workspace --no-fail-fast "$@"
 step "Dashboard queries against a real Prometheus"
 BIN="$ROOT/target/debug/media-clustering" scripts/check-dashboard.sh
 
+# deploy/k8s: schemas, CRD schemas, checkov, and no setting the service does not read.
+step "Kubernetes manifests and the Dockerfile"
+scripts/check-k8s.sh "$ROOT/target/debug/media-clustering"
+
 # The API against its own OpenAPI document, fuzzed by schemathesis.
 step "Schemathesis against /openapi.json"
 scripts/schemathesis.sh
