@@ -8,7 +8,7 @@
 #     annotation with its reason beside the object it concerns;
 #  4. every environment variable the manifests give the service is one it reads: a
 #     MEDIA_CLUSTERING__ key the binary accepts (`media-clustering config` refuses unknown
-#     keys), or a name from the service's own alias table (src/config.rs ENV_ALIASES), or
+#     keys), or a name from the service's own alias table (src/config.rs WELL_KNOWN), or
 #     one the code reads directly.
 # Usage: scripts/check-k8s.sh BIN   (a media-clustering binary, for step 4)
 set -euo pipefail
@@ -88,7 +88,7 @@ for k in sorted(names):
 if bad:
     sys.exit(f"not read by the service: {', '.join(bad)}")
 if not aliases:
-    sys.exit("no ENV_ALIASES found in src/config.rs")
+    sys.exit("no WELL_KNOWN table found in src/config.rs")
 for k, v in sorted(names.items()):
     print(f"{k}={v}")
 PY

@@ -78,6 +78,9 @@ enum Command {
         #[command(subcommand)]
         command: TelemetryCommand,
     },
+    /// Exit 0 when this container's service answers `GET /healthz` with 200 on
+    /// `server.bind` or `server.internal_bind` (the image's HEALTHCHECK), else 1.
+    Healthcheck,
     /// Mint a development JWT signed with auth.jwt_secret.
     Token {
         #[arg(long, default_value = "dev")]
@@ -156,11 +159,19 @@ enum TelemetryCommand {
 pub fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let settings = Settings::load()?;
+    telemetry::take_compression_vars();
+    // The OTLP HTTP exporter's TLS uses the process's rustls provider; another crate may
+    // have installed one already, which is as good.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     match cli.command {
         Command::Config => {
             print!("{}", settings.to_masked_toml());
             Ok(())
         }
+        Command::Healthcheck => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(healthcheck(&settings)),
         Command::Token { sub, scope, ttl } => {
             anyhow::ensure!(
                 ttl <= settings.auth.max_token_lifetime_s,
@@ -312,24 +323,59 @@ fn serve(settings: Settings, mode: Mode) -> anyhow::Result<()> {
 
 fn telemetry_check(settings: &Settings) -> anyhow::Result<()> {
     let t = &settings.telemetry;
-    let endpoint = telemetry::traces_endpoint(settings);
+    let plan = telemetry::ExportPlan::resolve(settings);
+    let endpoint = plan.endpoint.clone();
     println!("endpoint: {endpoint}");
-    println!("protocol: {}", t.otlp_protocol);
+    println!("protocol: {}", plan.protocol.as_str());
+    println!(
+        "tls:      {}",
+        match (
+            endpoint.starts_with("https://"),
+            &plan.ca,
+            &plan.client_identity
+        ) {
+            (false, ..) => "no (http://)".to_owned(),
+            (true, ca, id) => format!(
+                "system roots{}{}",
+                ca.as_ref()
+                    .map(|c| format!(" + CA {}", c.display()))
+                    .unwrap_or_default(),
+                id.as_ref()
+                    .map(|(c, _)| format!(", client certificate {}", c.display()))
+                    .unwrap_or_default()
+            ),
+        }
+    );
+    println!("gzip:     {}", plan.gzip);
+    println!("sampler:  {}", plan.sampler_name);
+    println!(
+        "propagators: {}",
+        if plan.propagators.is_empty() {
+            "none".to_owned()
+        } else {
+            plan.propagators
+                .iter()
+                .map(|p| format!("{p:?}").to_lowercase())
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    );
     println!("service:  {}", t.service_name);
-    if !t.enabled {
-        println!(
-            "note:     telemetry.enabled is false (TELEMETRY_ENABLED), so the service exports nothing"
-        );
+    for p in &plan.problems {
+        println!("problem:  {p}");
+    }
+    if let Some(why) = &plan.off {
+        println!("note:     export is off ({why}), so the service exports nothing");
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     // The HTTP exporter's client blocks, so it runs outside the async runtime; gRPC needs it.
-    let export = if t.otlp_protocol == "http/protobuf" {
-        futures::executor::block_on(telemetry::check_export(settings))
+    let export = if plan.protocol == telemetry::ExportProtocol::HttpProtobuf {
+        futures::executor::block_on(telemetry::check_export(settings, &plan))
     } else {
-        rt.block_on(telemetry::check_export(settings))
+        rt.block_on(telemetry::check_export(settings, &plan))
     };
     match &export {
         Ok(()) => println!("export:   ok, the collector accepted a test span"),
@@ -357,7 +403,7 @@ fn telemetry_check(settings: &Settings) -> anyhow::Result<()> {
         Ok(()) => Ok(()),
         Err(e) => anyhow::bail!(
             "telemetry export to {endpoint} ({}) failed: {e}",
-            t.otlp_protocol
+            plan.protocol.as_str()
         ),
     }
 }
@@ -423,4 +469,22 @@ async fn deadletter(settings: &Settings, command: DeadletterCommand) -> anyhow::
         }
     }
     Ok(())
+}
+
+/// `healthcheck`: whichever of the two listeners this process mode has must answer.
+async fn healthcheck(settings: &Settings) -> anyhow::Result<()> {
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(2))
+        .build()?;
+    let mut tried = Vec::new();
+    for bind in [&settings.server.bind, &settings.server.internal_bind] {
+        let port = bind.rsplit(':').next().unwrap_or_default();
+        let url = format!("http://127.0.0.1:{port}/healthz");
+        match client.get(&url).send().await {
+            Ok(r) if r.status().is_success() => return Ok(()),
+            Ok(r) => tried.push(format!("{url}: {}", r.status())),
+            Err(e) => tried.push(format!("{url}: {e}")),
+        }
+    }
+    anyhow::bail!("unhealthy: {}", tried.join("; "))
 }

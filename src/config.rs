@@ -5,7 +5,7 @@
 //! the working directory (or `MEDIA_CLUSTERING_CONFIG_DIR`) replaces them.
 //! Unknown keys and bad values fail at start-up, naming the key.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -498,6 +498,34 @@ pub struct TelemetrySettings {
     pub otlp_protocol: String,
     pub service_name: String,
     pub sample_rate: f64,
+    /// The process's `OTEL_*` variables, which [`crate::telemetry`] resolves (never TOML).
+    #[serde(skip)]
+    pub otel_env: BTreeMap<String, String>,
+    /// Telemetry values that could not be used, each saying what is used instead: logged
+    /// and counted at start-up, never a reason not to start.
+    #[serde(skip)]
+    pub problems: Vec<String>,
+}
+
+/// The well-known variables that are telemetry settings: a bad value is a problem to report,
+/// not a configuration error.
+fn telemetry_value_problem(var: &str, value: &str) -> Option<String> {
+    match var {
+        "TRACE_SAMPLE_RATE" => match value.trim().parse::<f64>() {
+            Ok(r) if (0.0..=1.0).contains(&r) => None,
+            _ => Some(format!(
+                "TRACE_SAMPLE_RATE=`{value}` is not a ratio between 0 and 1; using telemetry.sample_rate"
+            )),
+        },
+        "TELEMETRY_ENABLED" => (!matches!(
+            value.trim().to_ascii_lowercase().as_str(),
+            "true" | "false" | "1" | "0" | "yes" | "no" | "on" | "off"
+        ))
+        .then(|| {
+            format!("TELEMETRY_ENABLED=`{value}` is not true or false; using telemetry.enabled")
+        }),
+        _ => None,
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -557,13 +585,31 @@ impl Settings {
                 .try_parsing(true)
                 .source(Some(vars.clone())),
         );
+        let mut problems = Vec::new();
         for (var, key) in WELL_KNOWN {
             if let Some(v) = vars.get(*var).filter(|v| !v.is_empty()) {
+                if let Some(p) = telemetry_value_problem(var, v) {
+                    problems.push(p);
+                    continue;
+                }
                 b = b.set_override(*key, v.as_str())?;
             }
         }
         let mut s: Settings = b.build()?.try_deserialize()?;
         s.env = env;
+        if !(0.0..=1.0).contains(&s.telemetry.sample_rate) {
+            problems.push(format!(
+                "telemetry.sample_rate = {} is not between 0 and 1; sampling every trace",
+                s.telemetry.sample_rate
+            ));
+            s.telemetry.sample_rate = 1.0;
+        }
+        s.telemetry.problems = problems;
+        s.telemetry.otel_env = vars
+            .iter()
+            .filter(|(k, _)| k.starts_with("OTEL_"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         s.validate()?;
         Ok(s)
     }
@@ -767,15 +813,7 @@ impl Settings {
                 "must be at least actors.restart_backoff_ms",
             ));
         }
-        if !(0.0..=1.0).contains(&self.telemetry.sample_rate) {
-            return Err(invalid("telemetry.sample_rate", "must be between 0 and 1"));
-        }
-        if !["grpc", "http/protobuf"].contains(&self.telemetry.otlp_protocol.as_str()) {
-            return Err(invalid(
-                "telemetry.otlp_protocol",
-                "must be `grpc` or `http/protobuf`",
-            ));
-        }
+
         if !["json", "pretty"].contains(&self.log.format.as_str()) {
             return Err(invalid("log.format", "must be `json` or `pretty`"));
         }
@@ -856,8 +894,24 @@ mod tests {
         let e = Settings::load_from(&vars(&[("MEDIA_CLUSTERING__ACTORS__EMBEDDERS", "0")]))
             .unwrap_err();
         assert!(e.to_string().contains("actors.embedders"), "{e}");
-        let e = Settings::load_from(&vars(&[("TRACE_SAMPLE_RATE", "2")])).unwrap_err();
-        assert!(e.to_string().contains("telemetry.sample_rate"), "{e}");
+        // A telemetry variable with a bad value is reported, never a reason not to start.
+        for (var, value) in [
+            ("TRACE_SAMPLE_RATE", "2"),
+            ("TRACE_SAMPLE_RATE", "half"),
+            ("TELEMETRY_ENABLED", "maybe"),
+        ] {
+            let s = Settings::load_from(&vars(&[(var, value)])).unwrap();
+            assert_eq!(s.telemetry.sample_rate, 1.0, "{var}={value}");
+            assert!(s.telemetry.enabled, "{var}={value}");
+            assert_eq!(s.telemetry.problems.len(), 1, "{var}={value}");
+            assert!(
+                s.telemetry.problems[0].contains(var),
+                "{:?}",
+                s.telemetry.problems
+            );
+        }
+        let s = Settings::load_from(&vars(&[("OTEL_TRACES_SAMPLER", "always_off")])).unwrap();
+        assert_eq!(s.telemetry.otel_env["OTEL_TRACES_SAMPLER"], "always_off");
     }
 
     #[test]

@@ -34,6 +34,7 @@ pub const ACTOR_INSTANCES: &str = "media_cluster_actor_instances";
 pub const ACTOR_MESSAGES: &str = "media_cluster_actor_messages_total";
 pub const TELEMETRY_DROPPED_SPANS: &str = "media_cluster_telemetry_dropped_spans_total";
 pub const EMBEDDER_INPUTS: &str = "media_cluster_embedder_inputs_total";
+pub const TELEMETRY_SETUP_ERRORS: &str = "media_cluster_telemetry_setup_errors_total";
 /// What an embedder got for a photo: what the upload prepared, or the original to decode.
 pub const EMBEDDER_INPUT_KINDS: [&str; 2] = ["prepared", "original"];
 /// Namespace given to actix-web-prom, which records the two HTTP series below.
@@ -105,6 +106,7 @@ pub struct Metrics {
     pub messages: IntCounterVec,
     pub dropped_spans: IntCounter,
     pub embedder_inputs: IntCounterVec,
+    pub telemetry_setup_errors: IntCounter,
 }
 
 fn hist(name: &str, help: &str, labels: &[&str], buckets: &[f64]) -> HistogramVec {
@@ -228,6 +230,11 @@ impl Metrics {
                 "Photos given to an embedder, by input: prepared at upload, or the original.",
                 &["input"],
             ),
+            telemetry_setup_errors: IntCounter::new(
+                TELEMETRY_SETUP_ERRORS,
+                "Telemetry settings that could not be used and exporters that could not be built, at start-up.",
+            )
+            .expect("valid counter"),
         };
         for i in EMBEDDER_INPUT_KINDS {
             m.embedder_inputs.with_label_values(&[i]);
@@ -308,6 +315,7 @@ impl Metrics {
         registry.register(Box::new(self.messages.clone()))?;
         registry.register(Box::new(self.dropped_spans.clone()))?;
         registry.register(Box::new(self.embedder_inputs.clone()))?;
+        registry.register(Box::new(self.telemetry_setup_errors.clone()))?;
         Ok(())
     }
 }
@@ -366,6 +374,7 @@ mod tests {
             PENDING_JOBS,
             TELEMETRY_DROPPED_SPANS,
             EMBEDDER_INPUTS,
+            TELEMETRY_SETUP_ERRORS,
         ] {
             assert!(names.iter().any(|x| x == n), "{n} not registered");
         }

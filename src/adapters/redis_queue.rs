@@ -28,6 +28,9 @@ pub struct RedisQueue {
     pub stream: String,
     pub group: String,
     pub deadletter: String,
+    /// Redis's host and port (span attributes: `server.address`, `server.port`).
+    pub address: String,
+    pub port: u16,
     maxlen: usize,
     deadletter_maxlen: usize,
     /// Set when this queue recreated a lost consumer group; the next depth reading reports it.
@@ -65,6 +68,13 @@ impl RedisQueue {
     /// start, so entries added before any worker ran are delivered too).
     pub async fn connect(s: &RedisSettings, readers: usize) -> Result<Self, RedisError> {
         let client = redis::Client::open(s.url.expose())?;
+        let (address, port) = match client.get_connection_info().addr() {
+            redis::ConnectionAddr::Tcp(h, p)
+            | redis::ConnectionAddr::TcpTls {
+                host: h, port: p, ..
+            } => (h.clone(), *p),
+            _ => ("localhost".to_owned(), 0),
+        };
         let cfg = |timeout: Duration| {
             ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(Duration::from_secs(5)))
@@ -84,6 +94,8 @@ impl RedisQueue {
             stream: s.stream.clone(),
             group: s.group.clone(),
             deadletter: s.deadletter_stream.clone(),
+            address,
+            port,
             maxlen: s.maxlen,
             deadletter_maxlen: s.deadletter_maxlen,
             recreated: Default::default(),

@@ -16,5 +16,6 @@ mod pipeline;
 mod process;
 mod queue;
 mod supervision;
+mod telemetry;
 mod tenancy;
 mod traces;

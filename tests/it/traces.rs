@@ -66,7 +66,10 @@ fn photos(n: usize) -> Vec<(String, Vec<u8>)> {
 async fn one_unbroken_trace_per_upload_and_logs_joined_to_it() {
     let env = ProcEnv::new(&[]).await;
     let tap = Receiver::start(env.dir.path());
-    let vars = otlp_vars(tap.port);
+    let mut vars = otlp_vars(tap.port);
+    // Photos are read from storage (a span each) rather than taken from what the API
+    // prepared, as a separate worker would.
+    vars.push(("MEDIA_CLUSTERING__EMBEDDER__PREPARED_CACHE_MIB", "0".into()));
     let serve = env.spawn("serve", "serve", &as_refs(&vars));
     let client = Client::new(&env, &serve.base);
 
@@ -156,6 +159,37 @@ async fn one_unbroken_trace_per_upload_and_logs_joined_to_it() {
     }
     assert!(attr(consumer, "messaging.destination.name").is_some());
     assert!(attr(consumer, "messaging.message.id").is_some());
+    for (k, v) in [
+        ("messaging.operation.name", "process"),
+        ("messaging.operation.type", "process"),
+    ] {
+        assert_eq!(
+            attr(consumer, k).map(|v| &v["stringValue"]),
+            Some(&Value::from(v)),
+            "{k}"
+        );
+    }
+    assert!(attr(consumer, "messaging.client.id").is_some());
+    // The producer span: operation, destination and the Redis server it sent to.
+    let producer = spans.iter().find(|s| s["kind"] == 4).unwrap();
+    for (k, v) in [
+        ("messaging.system", "redis"),
+        ("messaging.operation.name", "send"),
+        ("messaging.operation.type", "send"),
+        ("server.address", "127.0.0.1"),
+    ] {
+        assert_eq!(
+            attr(producer, k).map(|v| &v["stringValue"]),
+            Some(&Value::from(v)),
+            "{k}"
+        );
+    }
+    // An integer attribute (OTLP/JSON writes 64-bit integers as strings).
+    assert_eq!(
+        attr(producer, "server.port").map(|v| &v["intValue"]),
+        Some(&Value::from("6379")),
+        "{producer}"
+    );
     let write = spans.iter().find(|s| s["name"] == COMMIT_SPAN).unwrap();
     assert_eq!(
         attr(write, "db.system.name").map(|v| &v["stringValue"]),
