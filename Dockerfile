@@ -3,8 +3,19 @@
 # ---- build the release binary ------------------------------------------------
 FROM rust:1.95-bookworm AS builder
 WORKDIR /src
+# The dependencies first, in a layer of their own: it is rebuilt only when a manifest or the
+# lock file changes, not on every source change (stub targets stand in for the sources).
+COPY Cargo.toml Cargo.lock ./
+COPY actors/Cargo.toml actors/Cargo.toml
+RUN mkdir -p src actors/src actors/benches tests/it \
+ && echo 'fn main() {}' > src/main.rs && touch src/lib.rs actors/src/lib.rs tests/it/main.rs \
+ && echo 'fn main() {}' > actors/benches/envelope.rs \
+ && cargo build --release --locked --bin media-clustering \
+ && rm -rf src actors/src actors/benches tests
 COPY . .
-RUN cargo build --release --locked --bin media-clustering \
+# Newer than the stubs' build, so that cargo rebuilds the two crates of this workspace.
+RUN touch src/main.rs src/lib.rs actors/src/lib.rs \
+ && cargo build --release --locked --bin media-clustering \
  && install -D -m 0755 target/release/media-clustering /out/media-clustering
 
 # ---- fetch and verify the default ONNX model (same script and pinned sha256 as local dev) ----
@@ -37,5 +48,7 @@ ENV APP_ENV=production \
     MEDIA_CLUSTERING__EMBEDDER__ONNXRUNTIME_LIBRARY=/app/models/libonnxruntime.so.1.32.0
 USER app
 EXPOSE 8080 9091
+# `serve` and `api` answer on 8080, `worker` on 9091; the check tries both.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 CMD ["media-clustering", "healthcheck"]
 ENTRYPOINT ["media-clustering"]
 CMD ["serve"]
