@@ -434,6 +434,13 @@ pub struct ClusteringSettings {
     /// Largest cosine distance between neighbours (DBSCAN eps, in cosine terms).
     pub eps: f32,
     pub min_points: usize,
+    /// Cluster versions kept per pet; older ones are deleted as new ones are written.
+    #[serde(default = "default_keep_versions")]
+    pub keep_versions: i64,
+}
+
+fn default_keep_versions() -> i64 {
+    10
 }
 
 impl ClusteringSettings {
@@ -774,6 +781,9 @@ impl Settings {
         }
         if self.clustering.min_points == 0 {
             return Err(invalid("clustering.min_points", "must be at least 1"));
+        }
+        if self.clustering.keep_versions < 1 {
+            return Err(invalid("clustering.keep_versions", "must be at least 1"));
         }
         let a = &self.actors;
         for (key, n) in [

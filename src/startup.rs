@@ -449,7 +449,10 @@ pub fn start_pipeline(
     }
     let ports = Ports {
         queue: Arc::new(queue),
-        store: Arc::new(PgStore { pool: db }),
+        store: Arc::new(PgStore {
+            pool: db,
+            keep_versions: settings.clustering.keep_versions,
+        }),
         blobs: Arc::new(storage),
         db_target: db_target(&settings.postgres),
         budget: decoding.budget,

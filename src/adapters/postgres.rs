@@ -409,6 +409,9 @@ pub async fn get_image(
 #[derive(Clone)]
 pub struct PgStore {
     pub pool: PgPool,
+    /// Cluster versions kept per pet (`clustering.keep_versions`); older ones are deleted
+    /// with each commit.
+    pub keep_versions: i64,
 }
 
 #[async_trait]
@@ -511,7 +514,7 @@ impl Store for PgStore {
     }
 
     async fn commit(&self, result: &ClusteringResult) -> Result<i64, PipelineError> {
-        match commit(&self.pool, result).await {
+        match commit(&self.pool, result, self.keep_versions).await {
             Ok(Committed::Version(v)) => Ok(v),
             Ok(Committed::Fenced { latest }) => Err(PipelineError::LeaseLost(format!(
                 "the commit carried fencing token {} but the pet's latest is {latest}",
@@ -635,7 +638,11 @@ enum Committed {
     },
 }
 
-async fn commit(pool: &PgPool, r: &ClusteringResult) -> Result<Committed, sqlx::Error> {
+async fn commit(
+    pool: &PgPool,
+    r: &ClusteringResult,
+    keep_versions: i64,
+) -> Result<Committed, sqlx::Error> {
     let mut tx = pool.begin().await?;
     // Serialises commits per pet across every worker process, so versions are strictly increasing.
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
@@ -736,6 +743,14 @@ async fn commit(pool: &PgPool, r: &ClusteringResult) -> Result<Committed, sqlx::
         .await?;
     }
     mark_succeeded(&mut tx, &r.job_ids, version).await?;
+    // Storage grows with the library, not with the jobs: versions older than the last
+    // `keep_versions` go, with their clusters and members (ON DELETE CASCADE). Jobs keep
+    // the number of the version that completed them.
+    sqlx::query("DELETE FROM cluster_versions WHERE pet_id = $1 AND version <= $2")
+        .bind(&r.pet_id)
+        .bind(version - keep_versions.max(1))
+        .execute(&mut *tx)
+        .await?;
     tx.commit().await?;
     Ok(Committed::Version(version))
 }

@@ -178,3 +178,67 @@ async fn configured_actor_counts_are_the_counts_that_run() {
     }
     app.cleanup().await;
 }
+
+/// Storage grows with the library, not with the jobs: only the last
+/// `clustering.keep_versions` versions stay, and the latest is the one served.
+#[actix_rt::test]
+async fn old_cluster_versions_are_pruned_and_the_latest_is_served() {
+    let app = spawn_app_with(
+        Mode::Serve,
+        &[("MEDIA_CLUSTERING__CLUSTERING__KEEP_VERSIONS", "3")],
+    )
+    .await;
+    let names: Vec<String> = labels().iter().take(4).map(|r| r.0.clone()).collect();
+    let up = app.upload("pruned", &fixture_files(&names)).await;
+    let body: serde_json::Value = up.json().await.unwrap();
+    assert_eq!(
+        app.wait_job(body["job_id"].as_str().unwrap()).await["status"],
+        "succeeded"
+    );
+    let mut last = 1;
+    for _ in 0..5 {
+        let r = app
+            .http
+            .post(format!("{}/v1/pets/pruned/recluster", app.base))
+            .bearer_auth(&app.token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 202);
+        let b: serde_json::Value = r.json().await.unwrap();
+        let job = app.wait_job(b["job_id"].as_str().unwrap()).await;
+        assert_eq!(job["status"], "succeeded", "{job}");
+        let v = job["cluster_version"].as_i64().unwrap();
+        assert!(v > last, "versions increase: {v} after {last}");
+        last = v;
+    }
+    let versions: Vec<i64> = sqlx::query_scalar(
+        "SELECT version FROM cluster_versions WHERE pet_id = 'pruned' ORDER BY version",
+    )
+    .fetch_all(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(versions, vec![last - 2, last - 1, last]);
+    // Nothing of the pruned versions is left behind.
+    let orphans = app
+        .count(
+            "SELECT count(*) FROM clusters c LEFT JOIN cluster_versions v ON v.id = c.cluster_version_id WHERE v.id IS NULL",
+        )
+        .await;
+    assert_eq!(orphans, 0);
+    let members = app
+        .count("SELECT count(*) FROM cluster_members m JOIN clusters c ON c.id = m.cluster")
+        .await;
+    assert_eq!(members, 3 * 4, "three versions of four photos");
+    let (s, c) = app.get_json("/v1/pets/pruned/clusters").await;
+    assert_eq!(s, 200);
+    assert_eq!(c["version"], last);
+    let served: usize = c["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|cl| cl["image_ids"].as_array().unwrap().len())
+        .sum();
+    assert_eq!(served, 4);
+    app.cleanup().await;
+}
