@@ -154,7 +154,16 @@ pub struct PetImage {
 pub struct ClusterOut {
     pub hero_image_id: Uuid,
     /// Members with their hero scores.
-    pub members: Vec<(Uuid, f64)>,
+    pub members: Vec<Member>,
+}
+
+/// One photo of a cluster: its hero score with the factors, and the better-scored member
+/// it nearly duplicates, if any.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Member {
+    pub image_id: Uuid,
+    pub score: crate::algo::hero::Score,
+    pub near_duplicate_of: Option<Uuid>,
 }
 
 /// What one clustering of a pet writes, in one transaction. It completes every job of its

@@ -365,7 +365,7 @@ async fn a_photo_that_cannot_be_decoded_is_quarantined_and_its_pet_goes_on() {
     let members: Vec<_> = commits[0]
         .clusters
         .iter()
-        .flat_map(|c| c.members.iter().map(|m| m.0))
+        .flat_map(|c| c.members.iter().map(|m| m.image_id))
         .collect();
     assert_eq!(members.len(), 2);
     assert!(!members.contains(&bad[0]));

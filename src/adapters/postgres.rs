@@ -3,11 +3,14 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use actors::algo::hero::HERO_MARGIN;
 use actors::algo::identity::match_clusters;
 use actors::algo::quality::Quality;
 use actors::error::PipelineError;
 use actors::job::{JobEntry, JobKind};
-use actors::ports::{ClusteringResult, FinalStatus, JobStart, OutboxJob, PetImage, Store};
+use actors::ports::{
+    ClusterOut, ClusteringResult, FinalStatus, JobStart, Member, OutboxJob, PetImage, Store,
+};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -61,8 +64,31 @@ pub struct Unprocessable {
 pub struct ClusterView {
     pub cluster_id: Uuid,
     pub hero_image_id: Uuid,
+    /// Whether the hero is the owner's choice (`PUT …/clusters/{cluster_id}/hero`).
+    pub hero_pinned: bool,
     pub image_ids: Vec<Uuid>,
     pub size: i32,
+    /// The members, best-scored first, with their scores and near-duplicates.
+    pub members: Vec<MemberView>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MemberView {
+    pub image_id: Uuid,
+    /// The hero score and its factors (null for a version written before they were kept).
+    pub score: Option<ScoreView>,
+    /// A better-scored member of the cluster this photo nearly duplicates.
+    pub near_duplicate_of: Option<Uuid>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ScoreView {
+    pub sharpness: f64,
+    pub noise: f64,
+    pub exposure: f64,
+    pub resolution: f64,
+    pub centrality: f64,
+    pub total: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -362,29 +388,7 @@ pub async fn latest_clusters(
         return Ok(None);
     };
     let version_row: i64 = v.try_get("id")?;
-    let rows = sqlx::query(
-        "SELECT c.cluster_id, c.hero_image_id, c.size, m.image_id
-         FROM clusters c JOIN cluster_members m ON m.cluster = c.id
-         WHERE c.cluster_version_id = $1
-         ORDER BY c.size DESC, c.label, m.score DESC, m.image_id",
-    )
-    .bind(version_row)
-    .fetch_all(pool)
-    .await?;
-    let mut clusters: Vec<ClusterView> = Vec::new();
-    for r in rows {
-        let cluster_id: Uuid = r.try_get("cluster_id")?;
-        let image_id: Uuid = r.try_get("image_id")?;
-        match clusters.last_mut() {
-            Some(c) if c.cluster_id == cluster_id => c.image_ids.push(image_id),
-            _ => clusters.push(ClusterView {
-                cluster_id,
-                hero_image_id: r.try_get("hero_image_id")?,
-                image_ids: vec![image_id],
-                size: r.try_get("size")?,
-            }),
-        }
-    }
+    let clusters = clusters_of_version(pool, version_row, None).await?;
     Ok(Some(ClusteringView {
         pet_id: pet_id.to_owned(),
         version: v.try_get("version")?,
@@ -392,6 +396,134 @@ pub async fn latest_clusters(
         clusters,
         unprocessable: unprocessable(pool, pet_id, None).await?,
     }))
+}
+
+/// The clusters of one version row (only `cluster_id` when given), biggest first, members
+/// best-scored first.
+async fn clusters_of_version(
+    db: impl sqlx::PgExecutor<'_>,
+    version_row: i64,
+    cluster_id: Option<Uuid>,
+) -> Result<Vec<ClusterView>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT c.cluster_id, c.hero_image_id, c.hero_pinned, c.size, m.image_id, m.score,
+                m.sharpness, m.noise, m.exposure, m.resolution, m.centrality, m.near_duplicate_of
+         FROM clusters c JOIN cluster_members m ON m.cluster = c.id
+         WHERE c.cluster_version_id = $1 AND ($2::uuid IS NULL OR c.cluster_id = $2)
+         ORDER BY c.size DESC, c.label, m.score DESC, m.image_id",
+    )
+    .bind(version_row)
+    .bind(cluster_id)
+    .fetch_all(db)
+    .await?;
+    let mut clusters: Vec<ClusterView> = Vec::new();
+    for r in rows {
+        let cluster_id: Uuid = r.try_get("cluster_id")?;
+        let image_id: Uuid = r.try_get("image_id")?;
+        let factor = |k: &str| r.try_get::<Option<f64>, _>(k);
+        let score = match (
+            factor("sharpness")?,
+            factor("noise")?,
+            factor("exposure")?,
+            factor("resolution")?,
+            factor("centrality")?,
+        ) {
+            (Some(sharpness), Some(noise), Some(exposure), Some(resolution), Some(centrality)) => {
+                Some(ScoreView {
+                    sharpness,
+                    noise,
+                    exposure,
+                    resolution,
+                    centrality,
+                    total: r.try_get("score")?,
+                })
+            }
+            _ => None,
+        };
+        let member = MemberView {
+            image_id,
+            score,
+            near_duplicate_of: r.try_get("near_duplicate_of")?,
+        };
+        match clusters.last_mut() {
+            Some(c) if c.cluster_id == cluster_id => {
+                c.image_ids.push(image_id);
+                c.members.push(member);
+            }
+            _ => clusters.push(ClusterView {
+                cluster_id,
+                hero_image_id: r.try_get("hero_image_id")?,
+                hero_pinned: r.try_get("hero_pinned")?,
+                image_ids: vec![image_id],
+                size: r.try_get("size")?,
+                members: vec![member],
+            }),
+        }
+    }
+    Ok(clusters)
+}
+
+/// Why a hero could not be pinned.
+#[derive(Debug)]
+pub enum PinRefused {
+    /// The pet has no clustering, or its latest has no cluster of that id.
+    NoCluster,
+    /// The photo is not a member of the cluster.
+    NotAMember,
+}
+
+/// Pins `image_id` as the hero of the pet's cluster `cluster_id` (its latest version at once,
+/// and every later version while the photo stays a member), in the caller's transaction.
+pub async fn pin_hero(
+    tx: &mut Transaction<'_, Postgres>,
+    pet_id: &str,
+    cluster_id: Uuid,
+    image_id: Uuid,
+) -> Result<Result<ClusterView, PinRefused>, sqlx::Error> {
+    // The pipeline's commit takes the same lock: a pin lands wholly before or after a commit.
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+        .bind(pet_id)
+        .execute(&mut **tx)
+        .await?;
+    let Some(version_row): Option<i64> = sqlx::query_scalar(
+        "SELECT id FROM cluster_versions WHERE pet_id = $1 ORDER BY version DESC LIMIT 1",
+    )
+    .bind(pet_id)
+    .fetch_optional(&mut **tx)
+    .await?
+    else {
+        return Ok(Err(PinRefused::NoCluster));
+    };
+    let row: Option<(Uuid, bool)> = sqlx::query_as(
+        "SELECT c.id, EXISTS (SELECT 1 FROM cluster_members m WHERE m.cluster = c.id AND m.image_id = $3)
+         FROM clusters c WHERE c.cluster_version_id = $1 AND c.cluster_id = $2",
+    )
+    .bind(version_row)
+    .bind(cluster_id)
+    .bind(image_id)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let row_id = match row {
+        None => return Ok(Err(PinRefused::NoCluster)),
+        Some((_, false)) => return Ok(Err(PinRefused::NotAMember)),
+        Some((id, true)) => id,
+    };
+    sqlx::query(
+        "INSERT INTO hero_pins (pet_id, cluster_id, image_id) VALUES ($1, $2, $3)
+         ON CONFLICT (pet_id, cluster_id) DO UPDATE SET image_id = EXCLUDED.image_id, pinned_at = now()",
+    )
+    .bind(pet_id)
+    .bind(cluster_id)
+    .bind(image_id)
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query("UPDATE clusters SET hero_image_id = $2, hero_pinned = true WHERE id = $1")
+        .bind(row_id)
+        .bind(image_id)
+        .execute(&mut **tx)
+        .await?;
+    let mut view = clusters_of_version(&mut **tx, version_row, Some(cluster_id)).await?;
+    Ok(Ok(view.remove(0)))
 }
 
 /// A photo's content type, object key and pet.
@@ -715,33 +847,65 @@ async fn commit(
     let new_members: Vec<Vec<Uuid>> = r
         .clusters
         .iter()
-        .map(|c| c.members.iter().map(|(id, _)| *id).collect())
+        .map(|c| c.members.iter().map(|m| m.image_id).collect())
         .collect();
     let kept = match_clusters(&previous, &new_members);
+    let (previous_heroes, pins) = heroes_and_pins(&mut tx, &r.pet_id).await?;
+    let mut pinned_ids: Vec<Uuid> = Vec::new();
     for (label, (c, kept)) in r.clusters.iter().zip(kept).enumerate() {
         let row_id = Uuid::now_v7();
+        let cluster_id = kept.unwrap_or_else(Uuid::now_v7);
+        let (hero, pinned) = choose_hero(
+            c,
+            kept.and_then(|k| pins.get(&k)).copied(),
+            kept.and_then(|k| previous_heroes.get(&k)).copied(),
+        );
+        if pinned {
+            pinned_ids.push(cluster_id);
+        }
         sqlx::query(
-            "INSERT INTO clusters (id, cluster_version_id, cluster_id, label, hero_image_id, size)
-             VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO clusters (id, cluster_version_id, cluster_id, label, hero_image_id, size, hero_pinned)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(row_id)
         .bind(version_id)
-        .bind(kept.unwrap_or_else(Uuid::now_v7))
+        .bind(cluster_id)
         .bind(label as i32)
-        .bind(c.hero_image_id)
+        .bind(hero)
         .bind(c.members.len() as i32)
+        .bind(pinned)
         .execute(&mut *tx)
         .await?;
-        let (ids, scores): (Vec<Uuid>, Vec<f64>) = c.members.iter().copied().unzip();
+        let col = |f: fn(&Member) -> f64| c.members.iter().map(f).collect::<Vec<f64>>();
         sqlx::query(
-            "INSERT INTO cluster_members (cluster, image_id, score) SELECT $1, * FROM UNNEST($2::uuid[], $3::float8[])",
+            "INSERT INTO cluster_members
+                 (cluster, image_id, score, sharpness, noise, exposure, resolution, centrality, near_duplicate_of)
+             SELECT $1, * FROM UNNEST($2::uuid[], $3::float8[], $4::float8[], $5::float8[],
+                                      $6::float8[], $7::float8[], $8::float8[], $9::uuid[])",
         )
         .bind(row_id)
-        .bind(ids)
-        .bind(scores)
+        .bind(c.members.iter().map(|m| m.image_id).collect::<Vec<_>>())
+        .bind(col(|m| m.score.total))
+        .bind(col(|m| m.score.sharpness))
+        .bind(col(|m| m.score.noise))
+        .bind(col(|m| m.score.exposure))
+        .bind(col(|m| m.score.resolution))
+        .bind(col(|m| m.score.centrality))
+        .bind(
+            c.members
+                .iter()
+                .map(|m| m.near_duplicate_of)
+                .collect::<Vec<Option<Uuid>>>(),
+        )
         .execute(&mut *tx)
         .await?;
     }
+    // A pin lapses when its photo left the cluster, or the cluster id is gone.
+    sqlx::query("DELETE FROM hero_pins WHERE pet_id = $1 AND NOT (cluster_id = ANY($2))")
+        .bind(&r.pet_id)
+        .bind(&pinned_ids)
+        .execute(&mut *tx)
+        .await?;
     mark_succeeded(&mut tx, &r.job_ids, version).await?;
     // Storage grows with the library, not with the jobs: versions older than the last
     // `keep_versions` go, with their clusters and members (ON DELETE CASCADE). Jobs keep
@@ -771,6 +935,52 @@ async fn mark_succeeded(
     Ok(())
 }
 
+/// The hero of a cluster: the owner's pin while the photo is a member; else the cluster's
+/// previous hero unless the best-scored member beats it by more than [`HERO_MARGIN`]
+/// (hysteresis: near-equal shots do not take turns); else the best-scored member. Whether the
+/// hero is a pin.
+fn choose_hero(c: &ClusterOut, pin: Option<Uuid>, previous: Option<Uuid>) -> (Uuid, bool) {
+    let score = |id: Uuid| {
+        c.members
+            .iter()
+            .find(|m| m.image_id == id)
+            .map(|m| m.score.total)
+    };
+    if let Some(p) = pin
+        && score(p).is_some()
+    {
+        return (p, true);
+    }
+    if let Some(prev) = previous
+        && prev != c.hero_image_id
+        && let (Some(old), Some(best)) = (score(prev), score(c.hero_image_id))
+        && best <= old * (1.0 + HERO_MARGIN)
+    {
+        return (prev, false);
+    }
+    (c.hero_image_id, false)
+}
+
+/// The previous version's hero of each cluster id, and the pet's pins.
+async fn heroes_and_pins(
+    tx: &mut Transaction<'_, Postgres>,
+    pet_id: &str,
+) -> Result<(HashMap<Uuid, Uuid>, HashMap<Uuid, Uuid>), sqlx::Error> {
+    let heroes: Vec<(Uuid, Uuid)> = sqlx::query_as(
+        "SELECT c.cluster_id, c.hero_image_id FROM clusters c
+         WHERE c.cluster_version_id = (SELECT id FROM cluster_versions WHERE pet_id = $1 ORDER BY version DESC OFFSET 1 LIMIT 1)",
+    )
+    .bind(pet_id)
+    .fetch_all(&mut **tx)
+    .await?;
+    let pins: Vec<(Uuid, Uuid)> =
+        sqlx::query_as("SELECT cluster_id, image_id FROM hero_pins WHERE pet_id = $1")
+            .bind(pet_id)
+            .fetch_all(&mut **tx)
+            .await?;
+    Ok((heroes.into_iter().collect(), pins.into_iter().collect()))
+}
+
 /// The previous version's clusters with their members, for identity matching.
 async fn previous_clusters(
     tx: &mut Transaction<'_, Postgres>,
@@ -798,4 +1008,53 @@ async fn previous_clusters(
         .into_iter()
         .map(|c| (c, members.remove(&c).unwrap_or_default()))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actors::algo::hero::Score;
+
+    fn cluster(scores: &[(Uuid, f64)]) -> ClusterOut {
+        let best = scores
+            .iter()
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .expect("members")
+            .0;
+        ClusterOut {
+            hero_image_id: best,
+            members: scores
+                .iter()
+                .map(|&(image_id, total)| Member {
+                    image_id,
+                    score: Score {
+                        sharpness: 1.0,
+                        noise: 1.0,
+                        exposure: 1.0,
+                        resolution: 1.0,
+                        centrality: total,
+                        total,
+                    },
+                    near_duplicate_of: None,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn the_hero_is_the_pin_then_the_previous_within_the_margin_then_the_best() {
+        let (a, b, gone) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        // b scores 3 % above a, the previous hero: within the margin, a stays.
+        let close = cluster(&[(a, 0.80), (b, 0.824)]);
+        assert_eq!(choose_hero(&close, None, Some(a)), (a, false));
+        // 10 % above: b takes over.
+        let clear = cluster(&[(a, 0.80), (b, 0.88)]);
+        assert_eq!(choose_hero(&clear, None, Some(a)), (b, false));
+        // A previous hero that left the cluster, or none: the best.
+        assert_eq!(choose_hero(&close, None, Some(gone)), (b, false));
+        assert_eq!(choose_hero(&close, None, None), (b, false));
+        // The owner's pin wins over both while it is a member; a pin that left lapses.
+        assert_eq!(choose_hero(&clear, Some(a), Some(b)), (a, true));
+        assert_eq!(choose_hero(&clear, Some(gone), Some(a)), (b, false));
+    }
 }

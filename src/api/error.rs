@@ -67,6 +67,9 @@ pub enum ApiError {
     /// An image that cannot be decoded or is over the pixel limit.
     #[error("{0}")]
     Unprocessable(String),
+    /// A well-formed request the resource cannot take (e.g. a hero that is not a member).
+    #[error("{message}")]
+    Invalid { code: &'static str, message: String },
     /// The caller is over its `rate_limit`; it may retry after this many seconds.
     #[error("too many requests; retry after {0} s")]
     RateLimited(u64),
@@ -97,6 +100,7 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::Unprocessable(_) => "unprocessable_image",
+            ApiError::Invalid { code, .. } => code,
             ApiError::RateLimited(_) => "rate_limited",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
@@ -115,7 +119,9 @@ impl ResponseError for ApiError {
             ApiError::RequestTimeout(_) | ApiError::UploadTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Unprocessable(_) | ApiError::Invalid { .. } => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
             ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,

@@ -85,7 +85,7 @@ pub fn parse_id(raw: &str, what: &str) -> Result<Uuid, ApiError> {
 }
 
 /// The next chunk of a body, or 408 when the client sends nothing for `idle`.
-async fn next_chunk<S, T>(stream: &mut S, idle: Duration) -> Result<Option<T>, ApiError>
+pub(super) async fn next_chunk<S, T>(stream: &mut S, idle: Duration) -> Result<Option<T>, ApiError>
 where
     S: futures::Stream<Item = T> + Unpin,
 {

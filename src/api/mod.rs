@@ -54,6 +54,11 @@ pub fn configure_api(cfg: &mut web::ServiceConfig) {
                 web::get().to(jobs::get_clusters),
             ))
             .service(resource(
+                "/pets/{pet_id}/clusters/{cluster_id}/hero",
+                "PUT",
+                web::put().to(jobs::pin_hero),
+            ))
+            .service(resource(
                 "/jobs/{job_id}",
                 "GET",
                 web::get().to(jobs::get_job),

@@ -74,11 +74,57 @@ pub struct Unprocessable {
 pub struct Cluster {
     /// Kept across versions while the cluster is essentially the same group.
     pub cluster_id: Uuid,
-    /// The best photo of the cluster.
+    /// The best photo of the cluster, or the owner's pin.
     pub hero_image_id: Uuid,
+    /// Whether the hero is the owner's choice (`PUT …/clusters/{cluster_id}/hero`); it stays
+    /// while the photo is a member. Otherwise the best-scored member, kept over a newcomer
+    /// that scores less than 5 % better.
+    pub hero_pinned: bool,
     pub image_ids: Vec<Uuid>,
     #[schema(minimum = 1)]
     pub size: i32,
+    /// The members, best-scored first.
+    pub members: Vec<ClusterMember>,
+}
+
+/// One photo of a cluster (mirrors `adapters::postgres::MemberView`).
+#[derive(Serialize, ToSchema)]
+#[allow(dead_code)]
+pub struct ClusterMember {
+    pub image_id: Uuid,
+    /// Null for clusterings written before scores were kept.
+    #[schema(required = true)]
+    pub score: Option<HeroScore>,
+    /// A better-scored member this photo nearly duplicates (a burst shot): a client may keep
+    /// the better one and offer to archive this one.
+    #[schema(required = true)]
+    pub near_duplicate_of: Option<Uuid>,
+}
+
+/// The hero score and its factors, each in [0, 1]; `total` is their product.
+#[derive(Serialize, ToSchema)]
+#[allow(dead_code)]
+pub struct HeroScore {
+    #[schema(minimum = 0, maximum = 1)]
+    pub sharpness: f64,
+    #[schema(minimum = 0, maximum = 1)]
+    pub noise: f64,
+    #[schema(minimum = 0, maximum = 1)]
+    pub exposure: f64,
+    #[schema(minimum = 0, maximum = 1)]
+    pub resolution: f64,
+    #[schema(minimum = 0, maximum = 1)]
+    pub centrality: f64,
+    #[schema(minimum = 0, maximum = 1)]
+    pub total: f64,
+}
+
+/// `PUT /v1/pets/{pet_id}/clusters/{cluster_id}/hero`.
+#[derive(Serialize, ToSchema)]
+#[allow(dead_code)]
+pub struct PinHero {
+    /// A member of the cluster.
+    pub image_id: Uuid,
 }
 
 /// The latest clustering of a pet (mirrors `adapters::postgres::ClusteringView`).
@@ -181,6 +227,7 @@ impl Modify for SecuritySchemes {
         super::images::recluster,
         super::jobs::get_job,
         super::jobs::get_clusters,
+        super::jobs::pin_hero,
         super::images::get_image,
         super::health::healthz,
         super::health::readyz,
@@ -190,7 +237,8 @@ impl Modify for SecuritySchemes {
     components(
         schemas(
             ErrorBody, ErrorDetail, UploadAccepted, UploadedImage, ReclusterAccepted, UploadForm,
-            Job, JobStatus, Clustering, Cluster, Unprocessable, Health
+            Job, JobStatus, Clustering, Cluster, ClusterMember, HeroScore, PinHero, Unprocessable,
+            Health
         ),
         responses(Unauthorized, Forbidden, RateLimited, Unavailable)
     ),
@@ -220,6 +268,6 @@ mod tests {
             println!("{}", serde_json::to_string_pretty(&doc).unwrap());
         }
         assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
-        assert_eq!(doc["paths"].as_object().unwrap().len(), 9);
+        assert_eq!(doc["paths"].as_object().unwrap().len(), 10);
     }
 }

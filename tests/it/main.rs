@@ -7,6 +7,7 @@ mod chaos;
 mod deadletter;
 mod faults;
 mod helpers;
+mod heroes;
 mod hostile;
 mod metrics;
 mod models;

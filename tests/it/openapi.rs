@@ -3,7 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use media_clustering::adapters::postgres::{ClusterView, ClusteringView, JobView, Unprocessable};
+use media_clustering::adapters::postgres::{
+    ClusterView, ClusteringView, JobView, MemberView, ScoreView, Unprocessable,
+};
 use media_clustering::startup::Mode;
 use serde_json::{Value, json};
 
@@ -32,6 +34,13 @@ const ROUTES: &[(&str, &str, &[&str])] = &[
         "/v1/pets/{pet_id}/clusters",
         "get",
         &["200", "400", "401", "403", "404", "429", "503"],
+    ),
+    (
+        "/v1/pets/{pet_id}/clusters/{cluster_id}/hero",
+        "put",
+        &[
+            "200", "400", "401", "403", "404", "408", "422", "429", "503",
+        ],
     ),
     (
         "/v1/images/{image_id}",
@@ -203,7 +212,7 @@ async fn the_document_lists_every_route_method_and_status() {
         // Security: JWT scopes on /v1, the internal token on /internal, none elsewhere.
         let security = &op["security"];
         if path.starts_with("/v1/") {
-            let scope = if *method == "post" {
+            let scope = if *method == "post" || *method == "put" {
                 "media:write"
             } else {
                 "media:read"
@@ -321,8 +330,28 @@ async fn real_response_types_match_their_schemas() {
         clusters: vec![ClusterView {
             cluster_id: id(),
             hero_image_id: hero,
+            hero_pinned: true,
             image_ids: vec![hero, id()],
             size: 2,
+            members: vec![
+                MemberView {
+                    image_id: hero,
+                    score: Some(ScoreView {
+                        sharpness: 1.0,
+                        noise: 0.9,
+                        exposure: 0.8,
+                        resolution: 1.0,
+                        centrality: 0.99,
+                        total: 0.71,
+                    }),
+                    near_duplicate_of: None,
+                },
+                MemberView {
+                    image_id: id(),
+                    score: None,
+                    near_duplicate_of: Some(hero),
+                },
+            ],
         }],
         unprocessable: vec![Unprocessable {
             image_id: id(),

@@ -18,6 +18,14 @@ use crate::algo::quality::Quality;
 /// Noise std (luminance levels) at which the noise factor is one half.
 pub const NOISE_HALF: f32 = 6.0;
 
+/// Cosine distance within which two members of a cluster are near-duplicates (burst shots
+/// of one moment; different framings of a scene are further apart).
+pub const NEAR_DUPLICATE_EPS: f32 = 0.03;
+
+/// How much better (relatively) a new hero must score than the cluster's current one to
+/// replace it, so that the hero does not flip between near-equal shots from job to job.
+pub const HERO_MARGIN: f64 = 0.05;
+
 /// One member of a cluster, as the hero selector sees it.
 #[derive(Debug, Clone)]
 pub struct Candidate<'a, Id> {
@@ -26,8 +34,19 @@ pub struct Candidate<'a, Id> {
     pub quality: Quality,
 }
 
+/// One member's hero score and its factors, each in `[0, 1]` (`total` is their product).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Score {
+    pub sharpness: f64,
+    pub noise: f64,
+    pub exposure: f64,
+    pub resolution: f64,
+    pub centrality: f64,
+    pub total: f64,
+}
+
 /// Scores every member of one cluster; returns the scores in input order and the hero's index.
-pub fn score_cluster<Id: Ord>(members: &[Candidate<'_, Id>]) -> (Vec<f64>, usize) {
+pub fn score_cluster<Id: Ord>(members: &[Candidate<'_, Id>]) -> (Vec<Score>, usize) {
     assert!(!members.is_empty(), "a cluster has at least one member");
     let dim = members[0].vector.len();
     let mut centre = vec![0f64; dim];
@@ -48,7 +67,7 @@ pub fn score_cluster<Id: Ord>(members: &[Candidate<'_, Id>]) -> (Vec<f64>, usize
         .max()
         .unwrap_or(1)
         .max(1) as f64;
-    let scores: Vec<f64> = members
+    let scores: Vec<Score> = members
         .iter()
         .map(|m| {
             let q = &m.quality;
@@ -75,17 +94,76 @@ pub fn score_cluster<Id: Ord>(members: &[Candidate<'_, Id>]) -> (Vec<f64>, usize
             } else {
                 1.0
             };
-            sharp * noise * f64::from(q.exposure.clamp(0.0, 1.0)) * res * cos.max(0.0).sqrt()
+            let exposure = f64::from(q.exposure.clamp(0.0, 1.0));
+            let centrality = cos.max(0.0).sqrt();
+            Score {
+                sharpness: sharp,
+                noise,
+                exposure,
+                resolution: res,
+                centrality,
+                total: sharp * noise * exposure * res * centrality,
+            }
         })
         .collect();
     let hero = (0..members.len())
         .max_by(|&a, &b| {
             scores[a]
-                .total_cmp(&scores[b])
+                .total
+                .total_cmp(&scores[b].total)
                 .then_with(|| members[b].id.cmp(&members[a].id))
         })
         .expect("non-empty");
     (scores, hero)
+}
+
+/// For each member, the best-scored other member it nearly duplicates (cosine distance at
+/// most `eps` and a better score, ties to the smaller id), if any: what a client can offer
+/// to archive, keeping the better shot. Quadratic in the cluster's size, which is the
+/// hero selector's cost already (the centre and scores are linear, this is the one pass over
+/// pairs).
+pub fn near_duplicates<Id: Ord + Copy>(
+    members: &[Candidate<'_, Id>],
+    scores: &[Score],
+    eps: f32,
+) -> Vec<Option<Id>> {
+    let norm = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    let norms: Vec<f64> = members.iter().map(|m| norm(m.vector)).collect();
+    let better = |a: usize, b: usize| {
+        scores[a]
+            .total
+            .total_cmp(&scores[b].total)
+            .then_with(|| members[b].id.cmp(&members[a].id))
+            .is_gt()
+    };
+    (0..members.len())
+        .map(|i| {
+            (0..members.len())
+                .filter(|&j| j != i && better(j, i))
+                .filter(|&j| {
+                    let dot: f64 = members[i]
+                        .vector
+                        .iter()
+                        .zip(members[j].vector)
+                        .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                        .sum();
+                    let cos = if norms[i] > 0.0 && norms[j] > 0.0 {
+                        dot / (norms[i] * norms[j])
+                    } else {
+                        0.0
+                    };
+                    1.0 - cos <= f64::from(eps)
+                })
+                .max_by(|&a, &b| {
+                    if better(a, b) {
+                        std::cmp::Ordering::Greater
+                    } else {
+                        std::cmp::Ordering::Less
+                    }
+                })
+                .map(|j| members[j].id)
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -123,11 +201,11 @@ mod tests {
         );
         for bad in 2..6 {
             assert!(
-                scores[bad] < scores[0],
+                scores[bad].total < scores[0].total,
                 "{} scored {} >= orig {}",
                 variants[bad].0,
-                scores[bad],
-                scores[0]
+                scores[bad].total,
+                scores[0].total
             );
         }
     }
@@ -183,5 +261,41 @@ mod tests {
             },
         ];
         assert_eq!(score_cluster(&members).1, 2);
+    }
+
+    #[test]
+    fn near_duplicates_point_at_the_better_shot() {
+        let q = |sharpness: f32| Quality {
+            sharpness,
+            noise: 0.0,
+            exposure: 1.0,
+            pixels: 100,
+        };
+        // 0 and 1 nearly the same look (1 sharper), 2 another look.
+        let (a, b, c) = ([1.0f32, 0.0], [0.999f32, 0.045], [0.6f32, 0.8]);
+        let members = [
+            Candidate {
+                id: 10,
+                vector: &a[..],
+                quality: q(0.5),
+            },
+            Candidate {
+                id: 11,
+                vector: &b[..],
+                quality: q(1.0),
+            },
+            Candidate {
+                id: 12,
+                vector: &c[..],
+                quality: q(1.0),
+            },
+        ];
+        let (scores, _) = score_cluster(&members);
+        let dups = near_duplicates(&members, &scores, 0.01);
+        assert_eq!(dups, vec![Some(11), None, None]);
+        assert_eq!(
+            near_duplicates(&members, &scores, 0.0),
+            vec![None, None, None]
+        );
     }
 }

@@ -2,10 +2,10 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
-use crate::algo::hero::{Candidate, score_cluster};
+use crate::algo::hero::{Candidate, NEAR_DUPLICATE_EPS, near_duplicates, score_cluster};
 use crate::algo::quality::Quality;
 use crate::error::PipelineError;
-use crate::ports::ClusterOut;
+use crate::ports::{ClusterOut, Member};
 use crate::runtime::{ActorKind, Request, SyncStage};
 
 /// Pick the hero of each cluster; indices refer to `ids`, `vectors` and `qualities`.
@@ -41,12 +41,18 @@ impl SyncStage for HeroSelector {
                     })
                     .collect();
                 let (scores, hero) = score_cluster(&candidates);
+                let dups = near_duplicates(&candidates, &scores, NEAR_DUPLICATE_EPS);
                 ClusterOut {
                     hero_image_id: candidates[hero].id,
                     members: candidates
                         .iter()
                         .zip(scores)
-                        .map(|(c, s)| (c.id, s))
+                        .zip(dups)
+                        .map(|((c, score), near_duplicate_of)| Member {
+                            image_id: c.id,
+                            score,
+                            near_duplicate_of,
+                        })
                         .collect(),
                 }
             })
