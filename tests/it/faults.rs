@@ -200,7 +200,12 @@ async fn sigterm_drains_in_flight_jobs_and_exits_zero() {
 #[actix_rt::test]
 async fn twenty_quick_uploads_for_one_pet_end_in_one_complete_clustering() {
     let env = ProcEnv::new(&[]).await;
-    let serve = env.spawn("serve", "serve", &[]);
+    // Every version is kept, so that their sequence can be checked.
+    let serve = env.spawn(
+        "serve",
+        "serve",
+        &[("MEDIA_CLUSTERING__CLUSTERING__KEEP_VERSIONS", "100")],
+    );
     let client = Client::new(&env, &serve.base);
     let mut jobs = Vec::new();
     for i in 0..20 {
