@@ -297,7 +297,7 @@ impl Application {
         let server = HttpServer::new(move || {
             App::new()
                 .wrap(prom.clone())
-                .wrap(TracingLogger::default())
+                .wrap(TracingLogger::<api::http_span::SemconvRootSpan>::new())
                 // Outermost: a made-up method is refused before a metric or span names it.
                 .wrap(actix_web::middleware::from_fn(api::standard_methods_only))
                 .app_data(state.clone())

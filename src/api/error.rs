@@ -67,9 +67,10 @@ pub enum ApiError {
     /// An image that cannot be decoded or is over the pixel limit.
     #[error("{0}")]
     Unprocessable(String),
-    /// A well-formed request the resource cannot take (e.g. a hero that is not a member).
+    /// A well-formed request that conflicts with the resource's state (e.g. a hero that is
+    /// not a member of the cluster).
     #[error("{message}")]
-    Invalid { code: &'static str, message: String },
+    Conflict { code: &'static str, message: String },
     /// The caller is over its `rate_limit`; it may retry after this many seconds.
     #[error("too many requests; retry after {0} s")]
     RateLimited(u64),
@@ -100,7 +101,7 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::Unprocessable(_) => "unprocessable_image",
-            ApiError::Invalid { code, .. } => code,
+            ApiError::Conflict { code, .. } => code,
             ApiError::RateLimited(_) => "rate_limited",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
@@ -119,9 +120,8 @@ impl ResponseError for ApiError {
             ApiError::RequestTimeout(_) | ApiError::UploadTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::Unprocessable(_) | ApiError::Invalid { .. } => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
+            ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,

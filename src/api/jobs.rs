@@ -111,7 +111,7 @@ struct PinHeroBody {
         (status = 403, response = super::openapi::Forbidden),
         (status = 404, description = "No such pet or cluster", body = ErrorBody),
         (status = 408, description = "The body stalled for longer than `server.request_timeout_ms`", body = ErrorBody),
-        (status = 422, description = "The photo is not a member of the cluster (code `not_a_member`)", body = ErrorBody),
+        (status = 409, description = "The photo is not a member of the cluster (code `not_a_member`)", body = ErrorBody),
         (status = 429, response = super::openapi::RateLimited),
         (status = 503, response = super::openapi::Unavailable),
     ),
@@ -158,7 +158,7 @@ pub async fn pin_hero(
             Ok(HttpResponse::Ok().json(cluster))
         }
         Err(postgres::PinRefused::NoCluster) => Err(missing()),
-        Err(postgres::PinRefused::NotAMember) => Err(ApiError::Invalid {
+        Err(postgres::PinRefused::NotAMember) => Err(ApiError::Conflict {
             code: "not_a_member",
             message: format!("image {image_id} is not a member of cluster {cluster_id}"),
         }),

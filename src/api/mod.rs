@@ -5,6 +5,7 @@ pub mod auth;
 mod body;
 pub mod error;
 mod health;
+pub mod http_span;
 mod images;
 mod internal;
 mod jobs;

@@ -119,8 +119,9 @@ pub struct HeroScore {
     pub total: f64,
 }
 
-/// `PUT /v1/pets/{pet_id}/clusters/{cluster_id}/hero`.
+/// `PUT /v1/pets/{pet_id}/clusters/{cluster_id}/hero` (no other field is accepted).
 #[derive(Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 #[allow(dead_code)]
 pub struct PinHero {
     /// A member of the cluster.

@@ -149,7 +149,7 @@ async fn members_carry_their_scores_and_a_pinned_hero_survives_reclustering() {
     .await;
     assert_eq!(
         (s, b["error"]["code"].as_str()),
-        (422, Some("not_a_member")),
+        (409, Some("not_a_member")),
         "{b}"
     );
     let ghost = uuid::Uuid::now_v7().to_string();

@@ -170,6 +170,32 @@ async fn one_unbroken_trace_per_upload_and_logs_joined_to_it() {
         );
     }
     assert!(attr(consumer, "messaging.client.id").is_some());
+    // The HTTP server span, by the current HTTP conventions (not the old `http.method`).
+    let server = spans
+        .iter()
+        .find(|s| s["kind"] == 2 && s["name"] == "POST /v1/pets/{pet_id}/images")
+        .unwrap();
+    for (k, v) in [
+        ("http.request.method", "POST"),
+        ("http.route", "/v1/pets/{pet_id}/images"),
+        ("url.path", "/v1/pets/traced/images"),
+        ("url.scheme", "http"),
+        ("network.protocol.version", "1.1"),
+    ] {
+        assert_eq!(
+            attr(server, k).map(|v| &v["stringValue"]),
+            Some(&Value::from(v)),
+            "{k}"
+        );
+    }
+    assert_eq!(
+        attr(server, "http.response.status_code").map(|v| &v["intValue"]),
+        Some(&Value::from("202")),
+        "{server}"
+    );
+    for old in ["http.method", "http.status_code", "http.target"] {
+        assert!(attr(server, old).is_none(), "old attribute {old}");
+    }
     // The producer span: operation, destination and the Redis server it sent to.
     let producer = spans.iter().find(|s| s["kind"] == 4).unwrap();
     for (k, v) in [
