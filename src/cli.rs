@@ -250,11 +250,14 @@ pub fn run() -> anyhow::Result<()> {
             .build()?
             .block_on(deadletter(&settings, command)),
         Command::Migrate => actix_rt::System::new().block_on(async {
-            let _telemetry = telemetry::init(&settings, &actors::metrics::Metrics::new())?;
+            let telemetry = telemetry::init(&settings, &actors::metrics::Metrics::new())?;
             let db = crate::adapters::postgres::pool(&settings.postgres)?;
-            migrate(&db).await?;
-            tracing::info!("Migrations applied.");
-            Ok(())
+            let result = migrate(&db).await;
+            if result.is_ok() {
+                tracing::info!("Migrations applied.");
+            }
+            telemetry.flush_off_runtime().await;
+            result
         }),
         Command::Serve => serve(settings, Mode::Serve),
         Command::Worker => serve(settings, Mode::Worker),
@@ -299,7 +302,7 @@ fn serve(settings: Settings, mode: Mode) -> anyhow::Result<()> {
     };
     actix_rt::System::new().block_on(async move {
         let metrics = actors::metrics::Metrics::new();
-        let mut telemetry = telemetry::init(&settings, &metrics).context("setting up telemetry")?;
+        let telemetry = telemetry::init(&settings, &metrics).context("setting up telemetry")?;
         let options = crate::startup::BuildOptions {
             metrics: Some(metrics),
             model: None,
@@ -316,7 +319,7 @@ fn serve(settings: Settings, mode: Mode) -> anyhow::Result<()> {
         if let Err(e) = &result {
             tracing::error!(error = format!("{e:#}"), "Stopped with an error.");
         }
-        telemetry.shutdown();
+        telemetry.flush_off_runtime().await;
         result
     })
 }

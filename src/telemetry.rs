@@ -58,6 +58,20 @@ impl TelemetryGuard {
             let _ = p.shutdown();
         }
     }
+
+    /// Flushes and shuts down on a blocking thread while this task's runtime keeps running:
+    /// the gRPC exporter's connection is driven by the runtime it was built on (a
+    /// current-thread one under actix), so flushing on that runtime's own thread would stall
+    /// the export it waits for, and the last spans would be lost.
+    pub async fn flush_off_runtime(mut self) {
+        if let Some(p) = self.provider.take() {
+            let _ = tokio::task::spawn_blocking(move || {
+                let _ = p.force_flush();
+                let _ = p.shutdown();
+            })
+            .await;
+        }
+    }
 }
 
 impl Drop for TelemetryGuard {

@@ -434,3 +434,70 @@ async fn spans_reach_a_grpc_collector_by_default_protocol() {
     drop(serve);
     env.cleanup().await;
 }
+
+/// The spans still queued when the service stops are exported by its shutdown, over gRPC
+/// too (whose connection runs on the runtime that is stopping): with a schedule delay longer
+/// than the test, only that flush can deliver them.
+#[actix_rt::test]
+async fn a_graceful_stop_exports_the_queued_spans_over_grpc() {
+    let env = ProcEnv::new(&[]).await;
+    let python = std::env::var("OTELTAP")
+        .map(|t| std::path::Path::new(&t).with_file_name("python"))
+        .unwrap_or_else(|_| {
+            concat!(env!("CARGO_MANIFEST_DIR"), "/target/pytools/bin/python").into()
+        });
+    let port = free_port();
+    let out = env.dir.path().join("grpc-stop.out");
+    let _receiver = KillOnDrop(
+        std::process::Command::new(&python)
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/it/grpc_receiver.py"
+            ))
+            .arg(port.to_string())
+            .stdout(std::fs::File::create(&out).unwrap())
+            .spawn()
+            .expect("python with grpcio (make test installs it)"),
+    );
+    eventually(30, "the gRPC receiver", async || {
+        std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .contains("listening")
+            .then_some(())
+    })
+    .await;
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let vars = [
+        ("TELEMETRY_ENABLED", "true"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "600000"),
+    ];
+    let mut serve = env.spawn("serve", "serve", &vars);
+    let client = Client::new(&env, &serve.base);
+    let trace_id = "6cf92f3577b34da6a3ce929d0e0e4738";
+    let up = client
+        .upload(
+            "stopping",
+            &photos(2),
+            Some(&format!("00-{trace_id}-00f067aa0ba902b7-01")),
+        )
+        .await;
+    assert_eq!(
+        client.wait_job(up["job_id"].as_str().unwrap()).await,
+        "succeeded"
+    );
+    serve.signal("TERM");
+    assert!(
+        serve.child.wait().unwrap().success(),
+        "{}",
+        serve.log_text()
+    );
+    let process = on_stream(&env, "process");
+    let text = std::fs::read_to_string(&out).unwrap_or_default();
+    assert!(
+        text.lines().any(|l| l == format!("{trace_id} {process}")),
+        "the job's spans were not exported at the stop:\n{text}"
+    );
+    env.cleanup().await;
+}
