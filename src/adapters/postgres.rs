@@ -81,15 +81,8 @@ pub struct MemberView {
     pub near_duplicate_of: Option<Uuid>,
 }
 
-#[derive(Debug, Serialize)]
-pub struct ScoreView {
-    pub sharpness: f64,
-    pub noise: f64,
-    pub exposure: f64,
-    pub resolution: f64,
-    pub centrality: f64,
-    pub total: f64,
-}
+/// The hero score as the pipeline computed it.
+pub use actors::algo::hero::Score as ScoreView;
 
 #[derive(Debug, Serialize)]
 pub struct ClusteringView {

@@ -373,17 +373,17 @@ async fn sample_rate_zero_exports_only_what_a_sampled_parent_asks_for() {
     env.cleanup().await;
 }
 
-#[actix_rt::test]
-async fn spans_reach_a_grpc_collector_by_default_protocol() {
-    let env = ProcEnv::new(&[]).await;
+/// tests/it/grpc_receiver.py on a free port, once it listens: the process, its output file
+/// (a `<trace id> <span name>` line per span) and the port.
+async fn grpc_receiver(env: &ProcEnv, name: &str) -> (KillOnDrop, std::path::PathBuf, u16) {
     let python = std::env::var("OTELTAP")
         .map(|t| std::path::Path::new(&t).with_file_name("python"))
         .unwrap_or_else(|_| {
             concat!(env!("CARGO_MANIFEST_DIR"), "/target/pytools/bin/python").into()
         });
     let port = free_port();
-    let out = env.dir.path().join("grpc.out");
-    let _receiver = KillOnDrop(
+    let out = env.dir.path().join(name);
+    let receiver = KillOnDrop(
         std::process::Command::new(&python)
             .arg(concat!(
                 env!("CARGO_MANIFEST_DIR"),
@@ -401,6 +401,13 @@ async fn spans_reach_a_grpc_collector_by_default_protocol() {
             .then_some(())
     })
     .await;
+    (receiver, out, port)
+}
+
+#[actix_rt::test]
+async fn spans_reach_a_grpc_collector_by_default_protocol() {
+    let env = ProcEnv::new(&[]).await;
+    let (_receiver, out, port) = grpc_receiver(&env, "grpc.out").await;
     let endpoint = format!("http://127.0.0.1:{port}");
     let vars = [
         ("TELEMETRY_ENABLED", "true"),
@@ -441,31 +448,7 @@ async fn spans_reach_a_grpc_collector_by_default_protocol() {
 #[actix_rt::test]
 async fn a_graceful_stop_exports_the_queued_spans_over_grpc() {
     let env = ProcEnv::new(&[]).await;
-    let python = std::env::var("OTELTAP")
-        .map(|t| std::path::Path::new(&t).with_file_name("python"))
-        .unwrap_or_else(|_| {
-            concat!(env!("CARGO_MANIFEST_DIR"), "/target/pytools/bin/python").into()
-        });
-    let port = free_port();
-    let out = env.dir.path().join("grpc-stop.out");
-    let _receiver = KillOnDrop(
-        std::process::Command::new(&python)
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/tests/it/grpc_receiver.py"
-            ))
-            .arg(port.to_string())
-            .stdout(std::fs::File::create(&out).unwrap())
-            .spawn()
-            .expect("python with grpcio (make test installs it)"),
-    );
-    eventually(30, "the gRPC receiver", async || {
-        std::fs::read_to_string(&out)
-            .unwrap_or_default()
-            .contains("listening")
-            .then_some(())
-    })
-    .await;
+    let (_receiver, out, port) = grpc_receiver(&env, "grpc-stop.out").await;
     let endpoint = format!("http://127.0.0.1:{port}");
     let vars = [
         ("TELEMETRY_ENABLED", "true"),

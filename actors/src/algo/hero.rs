@@ -35,7 +35,7 @@ pub struct Candidate<'a, Id> {
 }
 
 /// One member's hero score and its factors, each in `[0, 1]` (`total` is their product).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct Score {
     pub sharpness: f64,
     pub noise: f64,
