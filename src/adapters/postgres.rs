@@ -817,7 +817,7 @@ async fn commit(
         tracing::info!(job_id = %r.version_job, version, "A newer job already clustered this pet; coalesced.");
         return Ok(Committed::Version(version));
     }
-    let previous = previous_clusters(&mut tx, &r.pet_id).await?;
+    let (previous, previous_heroes) = previous_clusters(&mut tx, &r.pet_id).await?;
     let version: i64 = sqlx::query_scalar(
         "SELECT COALESCE(MAX(version), 0) + 1 FROM cluster_versions WHERE pet_id = $1",
     )
@@ -843,7 +843,7 @@ async fn commit(
         .map(|c| c.members.iter().map(|m| m.image_id).collect())
         .collect();
     let kept = match_clusters(&previous, &new_members);
-    let (previous_heroes, pins) = heroes_and_pins(&mut tx, &r.pet_id).await?;
+    let pins = hero_pins(&mut tx, &r.pet_id).await?;
     let mut pinned_ids: Vec<Uuid> = Vec::new();
     for (label, (c, kept)) in r.clusters.iter().zip(kept).enumerate() {
         let row_id = Uuid::now_v7();
@@ -954,33 +954,27 @@ fn choose_hero(c: &ClusterOut, pin: Option<Uuid>, previous: Option<Uuid>) -> (Uu
     (c.hero_image_id, false)
 }
 
-/// The previous version's hero of each cluster id, and the pet's pins.
-async fn heroes_and_pins(
+/// The pet's pinned heroes, by cluster id.
+async fn hero_pins(
     tx: &mut Transaction<'_, Postgres>,
     pet_id: &str,
-) -> Result<(HashMap<Uuid, Uuid>, HashMap<Uuid, Uuid>), sqlx::Error> {
-    let heroes: Vec<(Uuid, Uuid)> = sqlx::query_as(
-        "SELECT c.cluster_id, c.hero_image_id FROM clusters c
-         WHERE c.cluster_version_id = (SELECT id FROM cluster_versions WHERE pet_id = $1 ORDER BY version DESC OFFSET 1 LIMIT 1)",
-    )
-    .bind(pet_id)
-    .fetch_all(&mut **tx)
-    .await?;
+) -> Result<HashMap<Uuid, Uuid>, sqlx::Error> {
     let pins: Vec<(Uuid, Uuid)> =
         sqlx::query_as("SELECT cluster_id, image_id FROM hero_pins WHERE pet_id = $1")
             .bind(pet_id)
             .fetch_all(&mut **tx)
             .await?;
-    Ok((heroes.into_iter().collect(), pins.into_iter().collect()))
+    Ok(pins.into_iter().collect())
 }
 
-/// The previous version's clusters with their members, for identity matching.
+/// The previous version's clusters with their members, for identity matching, and the hero
+/// of each (by cluster id), for the hero's margin.
 async fn previous_clusters(
     tx: &mut Transaction<'_, Postgres>,
     pet_id: &str,
-) -> Result<Vec<(Uuid, Vec<Uuid>)>, sqlx::Error> {
+) -> Result<(Vec<(Uuid, Vec<Uuid>)>, HashMap<Uuid, Uuid>), sqlx::Error> {
     let rows = sqlx::query(
-        "SELECT c.cluster_id, m.image_id FROM clusters c
+        "SELECT c.cluster_id, c.hero_image_id, m.image_id FROM clusters c
          JOIN cluster_members m ON m.cluster = c.id
          WHERE c.cluster_version_id = (SELECT id FROM cluster_versions WHERE pet_id = $1 ORDER BY version DESC LIMIT 1)
          ORDER BY c.label",
@@ -990,17 +984,20 @@ async fn previous_clusters(
     .await?;
     let mut order: Vec<Uuid> = Vec::new();
     let mut members: HashMap<Uuid, Vec<Uuid>> = HashMap::new();
+    let mut heroes: HashMap<Uuid, Uuid> = HashMap::new();
     for r in rows {
         let c: Uuid = r.try_get("cluster_id")?;
         if !members.contains_key(&c) {
             order.push(c);
+            heroes.insert(c, r.try_get("hero_image_id")?);
         }
         members.entry(c).or_default().push(r.try_get("image_id")?);
     }
-    Ok(order
+    let clusters = order
         .into_iter()
         .map(|c| (c, members.remove(&c).unwrap_or_default()))
-        .collect())
+        .collect();
+    Ok((clusters, heroes))
 }
 
 #[cfg(test)]
