@@ -54,8 +54,7 @@ impl JobSucceeded<'_> {
         m.jobs
             .with_label_values(&[JobOutcome::Succeeded.as_str()])
             .inc();
-        m.processing
-            .with_label_values(&[self.model_version])
+        m.processing_for(self.model_version)
             .observe(self.elapsed.as_secs_f64());
     }
 }
@@ -128,8 +127,7 @@ pub struct PhotoEmbedded<'a> {
 impl PhotoEmbedded<'_> {
     pub fn emit(self, m: &Metrics) {
         tracing::debug!(image_id = %self.image_id, elapsed_ms = self.elapsed.as_secs_f64() * 1e3, "Photo embedded.");
-        m.embedding
-            .with_label_values(&[self.model_version])
+        m.embedding_for(self.model_version)
             .observe(self.elapsed.as_secs_f64());
     }
 }
@@ -161,8 +159,7 @@ impl PostgresWritten {
             elapsed_ms = self.elapsed.as_secs_f64() * 1e3,
             "Postgres operation done."
         );
-        m.postgres_write
-            .with_label_values(&[self.operation])
+        m.postgres_write_for(self.operation)
             .observe(self.elapsed.as_secs_f64());
     }
 }

@@ -12,12 +12,14 @@
 //! - [`ports`]: the traits through which the actors reach Redis, Postgres and storage.
 //! - [`job`]: the jobs-stream entry and its strict parser.
 //! - [`metrics`] and [`events`]: every metric, and the events that update them with a log line.
+//! - [`exemplars`]: trace ids of recent observations per histogram bucket, and the OpenMetrics encoder.
 //! - [`error`]: the pipeline's failure type: retryable, permanent or poison.
 
 pub mod algo;
 mod batch;
 pub mod error;
 pub mod events;
+pub mod exemplars;
 pub mod job;
 mod loops;
 pub mod metrics;

@@ -13,6 +13,7 @@ use prometheus::{
     Registry,
 };
 
+use crate::exemplars::{ExemplarStore, TracedHistogram};
 use crate::runtime::ActorKind;
 
 pub const JOBS_TOTAL: &str = "media_cluster_jobs_total";
@@ -35,6 +36,8 @@ pub const ACTOR_MESSAGES: &str = "media_cluster_actor_messages_total";
 pub const TELEMETRY_DROPPED_SPANS: &str = "media_cluster_telemetry_dropped_spans_total";
 pub const EMBEDDER_INPUTS: &str = "media_cluster_embedder_inputs_total";
 pub const TELEMETRY_SETUP_ERRORS: &str = "media_cluster_telemetry_setup_errors_total";
+pub const TELEMETRY_METRIC_EXPORT_FAILURES: &str =
+    "media_cluster_telemetry_metric_export_failures_total";
 /// What an embedder got for a photo: what the upload prepared, or the original to decode.
 pub const EMBEDDER_INPUT_KINDS: [&str; 2] = ["prepared", "original"];
 /// Namespace given to actix-web-prom, which records the two HTTP series below.
@@ -107,6 +110,9 @@ pub struct Metrics {
     pub dropped_spans: IntCounter,
     pub embedder_inputs: IntCounterVec,
     pub telemetry_setup_errors: IntCounter,
+    pub metric_export_failures: IntCounter,
+    /// Exemplars of the traced histograms (processing, embedding, Postgres, actor handling).
+    pub exemplars: ExemplarStore,
 }
 
 fn hist(name: &str, help: &str, labels: &[&str], buckets: &[f64]) -> HistogramVec {
@@ -235,6 +241,12 @@ impl Metrics {
                 "Telemetry settings that could not be used and exporters that could not be built, at start-up.",
             )
             .expect("valid counter"),
+            metric_export_failures: IntCounter::new(
+                TELEMETRY_METRIC_EXPORT_FAILURES,
+                "OTLP metric exports (OTEL_METRICS_EXPORTER=otlp) the collector did not accept.",
+            )
+            .expect("valid counter"),
+            exemplars: ExemplarStore::default(),
         };
         for i in EMBEDDER_INPUT_KINDS {
             m.embedder_inputs.with_label_values(&[i]);
@@ -255,7 +267,7 @@ impl Metrics {
             m.mailbox_capacity.with_label_values(&[a]);
             m.mailbox_wait.with_label_values(&[a]);
             m.send_blocked.with_label_values(&[a]);
-            m.handling.with_label_values(&[a]);
+            m.traced(&m.handling, ACTOR_HANDLING, a);
             m.restarts.with_label_values(&[a]);
             m.instances.with_label_values(&[a]);
             for outcome in MESSAGE_OUTCOMES {
@@ -263,15 +275,34 @@ impl Metrics {
             }
         }
         for op in POSTGRES_OPERATIONS {
-            m.postgres_write.with_label_values(&[op]);
+            m.postgres_write_for(op);
         }
         Arc::new(m)
     }
 
     /// Creates the series labelled with a model version, so rates see its first job too.
     pub fn register_model_version(&self, model_version: &str) {
-        self.processing.with_label_values(&[model_version]);
-        self.embedding.with_label_values(&[model_version]);
+        self.processing_for(model_version);
+        self.embedding_for(model_version);
+    }
+
+    fn traced(&self, vec: &HistogramVec, family: &str, label: &str) -> TracedHistogram {
+        TracedHistogram::of(&self.exemplars, vec, family, SECONDS_BUCKETS, &[label])
+    }
+
+    /// [`PROCESSING_DURATION`] of a model version, with exemplars.
+    pub fn processing_for(&self, model_version: &str) -> TracedHistogram {
+        self.traced(&self.processing, PROCESSING_DURATION, model_version)
+    }
+
+    /// [`EMBEDDING_DURATION`] of a model version, with exemplars.
+    pub fn embedding_for(&self, model_version: &str) -> TracedHistogram {
+        self.traced(&self.embedding, EMBEDDING_DURATION, model_version)
+    }
+
+    /// [`POSTGRES_WRITE`] of an operation, with exemplars.
+    pub fn postgres_write_for(&self, operation: &str) -> TracedHistogram {
+        self.traced(&self.postgres_write, POSTGRES_WRITE, operation)
     }
 
     /// The series of one actor kind, resolved once.
@@ -284,7 +315,7 @@ impl Metrics {
             capacity: self.mailbox_capacity.with_label_values(&[a]),
             wait: self.mailbox_wait.with_label_values(&[a]),
             send_blocked: self.send_blocked.with_label_values(&[a]),
-            handling: self.handling.with_label_values(&[a]),
+            handling: self.traced(&self.handling, ACTOR_HANDLING, a),
             restarts: self.restarts.with_label_values(&[a]),
             instances: self.instances.with_label_values(&[a]),
             ok: outcome("ok"),
@@ -316,6 +347,7 @@ impl Metrics {
         registry.register(Box::new(self.dropped_spans.clone()))?;
         registry.register(Box::new(self.embedder_inputs.clone()))?;
         registry.register(Box::new(self.telemetry_setup_errors.clone()))?;
+        registry.register(Box::new(self.metric_export_failures.clone()))?;
         Ok(())
     }
 }
@@ -329,7 +361,7 @@ pub struct ActorMetrics {
     pub capacity: IntGauge,
     pub wait: Histogram,
     pub send_blocked: Histogram,
-    pub handling: Histogram,
+    pub handling: TracedHistogram,
     pub restarts: IntCounter,
     pub instances: IntGauge,
     pub ok: IntCounter,

@@ -59,8 +59,14 @@ pub(crate) fn panic_message(p: &(dyn Any + Send)) -> String {
         .unwrap_or_else(|| "panic".into())
 }
 
-fn record<T>(m: &ActorMetrics, started: Instant, r: Option<&Result<T, PipelineError>>) {
-    m.handling.observe(started.elapsed().as_secs_f64());
+/// Counts a handled message; its span's trace becomes the handling bucket's exemplar.
+fn record<T>(
+    m: &ActorMetrics,
+    span: &tracing::Span,
+    started: Instant,
+    r: Option<&Result<T, PipelineError>>,
+) {
+    m.handling.observe_in(started.elapsed().as_secs_f64(), span);
     match r {
         Some(Ok(_)) => m.ok.inc(),
         Some(Err(_)) => m.error.inc(),
@@ -108,11 +114,11 @@ impl<S: SyncStage> Handler<Envelope<S::In>> for SyncWorker<S> {
         });
         match result {
             Ok(r) => {
-                record(&self.cx.metrics, started, Some(&r));
+                record(&self.cx.metrics, &span, started, Some(&r));
                 reply.send(r);
             }
             Err(p) => {
-                record::<()>(&self.cx.metrics, started, None);
+                record::<()>(&self.cx.metrics, &span, started, None);
                 let message = panic_message(p.as_ref());
                 reply.send(failed(S::KIND, &message));
                 // Down (this thread takes nothing) for as long as the supervisor says.
@@ -215,16 +221,20 @@ impl<S: AsyncStage> WorkerLoop<S> {
                 }))
             });
             let result = match fut {
-                Ok(fut) => AssertUnwindSafe(fut.instrument(span)).catch_unwind().await,
+                Ok(fut) => {
+                    AssertUnwindSafe(fut.instrument(span.clone()))
+                        .catch_unwind()
+                        .await
+                }
                 Err(p) => Err(p),
             };
             match result {
                 Ok(r) => {
-                    record(&self.cx.metrics, started, Some(&r));
+                    record(&self.cx.metrics, &span, started, Some(&r));
                     reply.send(r);
                 }
                 Err(p) => {
-                    record::<()>(&self.cx.metrics, started, None);
+                    record::<()>(&self.cx.metrics, &span, started, None);
                     let message = panic_message(p.as_ref());
                     reply.send(failed(S::KIND, &message));
                     running.take();
