@@ -140,7 +140,12 @@ export MEDIA_CLUSTERING__SERVER__BIND="127.0.0.1:$PORT"
 export MEDIA_CLUSTERING__EMBEDDER__MODEL_PATH="$ROOT/models/open-nsfw.onnx"
 export AUTH_JWT_SECRET="dash-jwt-secret-${rand}-0123456789abcdef"
 export INTERNAL_METRICS_TOKEN="$METRICS_TOKEN"
-export TELEMETRY_ENABLED=false
+# Traces on, so that histogram exemplars carry trace ids; the spans go to a closed port (the
+# export failures are counted, never fatal): this check reads trace ids from the jobs table.
+export TELEMETRY_ENABLED=true
+export OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:9"
+export OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf
+export TRACE_SAMPLE_RATE=1.0
 export LOG_LEVEL=warn
 
 # wait_until DESCRIPTION COMMAND...: poll every 0.5s for up to WAIT_SECS.
@@ -193,6 +198,7 @@ scrape_configs:
 EOF
 promtool check config "$TMP/prometheus.yml" >/dev/null || die "generated prometheus.yml is invalid"
 prometheus --config.file="$TMP/prometheus.yml" --storage.tsdb.path="$TMP/tsdb" \
+    --enable-feature=exemplar-storage \
     --web.listen-address="127.0.0.1:$PROM_PORT" >"$TMP/prometheus.log" 2>&1 &
 PROM_PID=$!
 
@@ -251,6 +257,35 @@ caught_up() { # prometheus holds the final succeeded count and the drained queue
 wait_until "prometheus to scrape the finished jobs" caught_up
 log "service reports $SUCCEEDED succeeded job(s); prometheus has scraped them"
 
+# --------------------------------------------------------------- exemplars
+
+# Prometheus scrapes OpenMetrics, keeps the exemplars, and the job's own trace is among them.
+JOB_TRACES="$(psql -h 127.0.0.1 -p 5432 -U postgres -d "$DB" -X -A -t -v ON_ERROR_STOP=1 \
+    -c "SELECT trace_id FROM jobs WHERE status = 'succeeded' AND trace_id IS NOT NULL")"
+[ -n "$JOB_TRACES" ] || die "no succeeded job has a trace id"
+# exemplar_traces METRIC: trace ids of the exemplars Prometheus holds for METRIC's buckets.
+exemplar_traces() {
+    curl -fsS --max-time 5 -G "$PROM/api/v1/query_exemplars" \
+        --data-urlencode "query=$1" --data-urlencode "start=$(($(date +%s) - 3600))" \
+        --data-urlencode "end=$(($(date +%s) + 60))" 2>/dev/null \
+        | python3 -c 'import json, sys
+for series in json.load(sys.stdin)["data"]:
+    for e in series["exemplars"]:
+        print(e["labels"].get("trace_id", ""))' 2>/dev/null
+}
+job_exemplar() { # an exemplar of METRIC is one of the jobs' traces
+    exemplar_traces "$1" | grep -qxF -f <(printf '%s\n' "$JOB_TRACES")
+}
+any_exemplar() { [ -n "$(exemplar_traces "$1")" ]; }
+for m in media_cluster_processing_duration_seconds_bucket media_cluster_embedding_duration_seconds_bucket; do
+    wait_until "an exemplar of $m with a job's trace id" job_exemplar "$m"
+    log "exemplar ok: $m links to a job's trace"
+done
+for m in media_cluster_postgres_write_seconds_bucket media_cluster_actor_handling_seconds_bucket; do
+    wait_until "an exemplar of $m" any_exemplar "$m"
+    log "exemplar ok: $m has trace ids"
+done
+
 # ------------------------------------------------------------------ checks
 
 # $__range: everything Prometheus has seen, plus a margin.
@@ -278,7 +313,8 @@ def all_panels(panels):
         yield from all_panels(p.get("panels", []))
 
 def is_prom(ds):
-    return isinstance(ds, dict) and ds.get("type") == "prometheus" and ds.get("uid") == "prometheus"
+    # The datasource variable, whose only choices are Prometheus datasources.
+    return isinstance(ds, dict) and ds.get("type") == "prometheus" and ds.get("uid") == "${datasource}"
 
 panels = list(all_panels(dash.get("panels", [])))
 ids = [p.get("id") for p in panels]
@@ -305,14 +341,18 @@ for p in panels:
         exprs.append((title, t.get("refId", "?"), t["expr"]))
 
 variables = {v.get("name"): v for v in dash.get("templating", {}).get("list", [])}
-actor = variables.get("actor")
-if not actor:
-    problems.append("no templating variable 'actor'")
-else:
-    if not (actor.get("multi") and actor.get("includeAll")):
-        problems.append("variable actor must be multi-value with 'All'")
-    if not is_prom(actor.get("datasource")):
-        problems.append("variable actor: datasource is not prometheus")
+ds = variables.get("datasource")
+if not ds or ds.get("type") != "datasource" or ds.get("query") != "prometheus":
+    problems.append("no templating variable 'datasource' of Prometheus datasources")
+for name in ("instance", "model_version", "actor"):
+    v = variables.get(name)
+    if not v:
+        problems.append(f"no templating variable {name!r}")
+        continue
+    if not (v.get("multi") and v.get("includeAll")):
+        problems.append(f"variable {name} must be multi-value with 'All'")
+    if not is_prom(v.get("datasource")):
+        problems.append(f"variable {name}: datasource is not the datasource variable")
 print(f"dashboard: {len(panels)} panels, {len(exprs)} expressions, structure "
       + ("ok" if not problems else "BROKEN"))
 
@@ -329,7 +369,7 @@ def query(expr):
     return body["data"]
 
 def substitute(expr):
-    e = re.sub(r"\$\{actor(:[a-z]+)?\}|\$actor\b", ".*", expr)
+    e = re.sub(r"\$\{(actor|instance|model_version)(:[a-z]+)?\}|\$(actor|instance|model_version)\b", ".*", expr)
     e = e.replace("$__rate_interval", rate_interval).replace("${__rate_interval}", rate_interval)
     e = re.sub(r"\$\{?__range\}?(?![_a-z])", range_, e)
     e = re.sub(r"\$\{?__interval\}?(?![_a-z])", "15s", e)
@@ -364,15 +404,23 @@ for title, ref, expr in exprs:
         failed += 1
     print(f"{status:<5} {title} [{ref}] {detail}: {e}")
 
-# The actor variable: label_values(media_cluster_actor_instances, actor).
+# The query variables, as Grafana resolves label_values(METRIC{...}, LABEL).
 want = {"supervisor", "stream_reader", "pet_scheduler", "embedder", "clusterer", "hero_selector", "postgres_writer"}
-url = f"{prom}/api/v1/label/actor/values?" + urllib.parse.urlencode({"match[]": "media_cluster_actor_instances"})
-with urllib.request.urlopen(url, timeout=30) as r:
-    got = set(json.load(r)["data"])
-status = "ok" if want <= got else "EMPTY"
-if status != "ok":
-    failed += 1
-print(f"{status:<5} variable actor: label_values(media_cluster_actor_instances, actor) = {sorted(got)}")
+for name in ("instance", "model_version", "actor"):
+    v = variables.get(name) or {}
+    m = re.fullmatch(r"label_values\((.+), *(\w+)\)", (v.get("query") or {}).get("query", ""))
+    if not m:
+        failed += 1
+        print(f"ERROR variable {name}: query is not label_values(SELECTOR, LABEL)")
+        continue
+    selector, label = substitute(m.group(1)), m.group(2)
+    url = f"{prom}/api/v1/label/{label}/values?" + urllib.parse.urlencode({"match[]": selector})
+    with urllib.request.urlopen(url, timeout=30) as r:
+        got = set(json.load(r)["data"])
+    ok = want <= got if name == "actor" else bool(got)
+    if not ok:
+        failed += 1
+    print(f"{'ok' if ok else 'EMPTY':<5} variable {name}: label_values({selector}, {label}) = {sorted(got)}")
 
 for p in problems:
     print(f"BROKEN {p}")
