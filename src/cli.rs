@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use tracing::Instrument;
 
 use crate::api::auth::{Jwt, SCOPE_READ, SCOPE_WRITE};
 use crate::config::Settings;
@@ -248,7 +249,21 @@ pub fn run() -> anyhow::Result<()> {
         Command::Deadletter { command } => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?
-            .block_on(deadletter(&settings, command)),
+            .block_on(async {
+                // A replay is a new `send`: its span is the root of the replay's trace.
+                let telemetry = match command {
+                    DeadletterCommand::Replay { .. } => Some(telemetry::init(
+                        &settings,
+                        &actors::metrics::Metrics::new(),
+                    )?),
+                    _ => None,
+                };
+                let result = deadletter(&settings, command).await;
+                if let Some(t) = telemetry {
+                    t.flush_off_runtime().await;
+                }
+                result
+            }),
         Command::Migrate => actix_rt::System::new().block_on(async {
             let telemetry = telemetry::init(&settings, &actors::metrics::Metrics::new())?;
             let db = crate::adapters::postgres::pool(&settings.postgres)?;
@@ -370,6 +385,24 @@ fn telemetry_check(settings: &Settings) -> anyhow::Result<()> {
     if let Some(why) = &plan.off {
         println!("note:     export is off ({why}), so the service exports nothing");
     }
+    let metrics_plan = telemetry::ExportPlan::resolve_signal(settings, telemetry::Signal::Metrics);
+    match &metrics_plan.off {
+        Some(why) => println!("metrics:  not exported by OTLP ({why})"),
+        None => println!(
+            "metrics:  OTLP to {} ({}, gzip {}) every {} ms",
+            metrics_plan.endpoint,
+            metrics_plan.protocol.as_str(),
+            metrics_plan.gzip,
+            metrics_plan.interval.as_millis()
+        ),
+    }
+    for p in metrics_plan
+        .problems
+        .iter()
+        .filter(|p| !plan.problems.contains(p))
+    {
+        println!("problem:  {p}");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -436,32 +469,52 @@ async fn deadletter(settings: &Settings, command: DeadletterCommand) -> anyhow::
                     .map(|t| t.to_rfc3339())
                     .unwrap_or_else(|| "-".into());
                 println!(
-                    "{id}  job {}  pet {}  deliveries {}  failed {failed_at}  source {}\n    error: {}",
+                    "{id}  job {}  pet {}  deliveries {}  failed {failed_at}  source {}  trace {}\n    error: {}",
                     get("job_id"),
                     get("pet_id"),
                     get("deliveries"),
                     get("source_id"),
+                    get("trace_id"),
                     get("error"),
                 );
             }
         }
         DeadletterCommand::Replay { id } => {
-            let Some(fields) = queue.dead_letter_original(&id).await? else {
+            let Some(mut fields) = queue.dead_letter_original(&id).await? else {
                 anyhow::bail!("no dead-letter entry {id} in {}", queue.deadletter);
             };
-            // The job row first: a worker may read the new entry at once.
             let job = fields
                 .iter()
                 .find(|(k, _)| k == "job_id")
                 .and_then(|(_, v)| uuid::Uuid::parse_str(v).ok());
+            let span = replay_span(&queue, &id, job, &mut fields);
+            let trace_id = {
+                use opentelemetry::trace::TraceContextExt;
+                use tracing_opentelemetry::OpenTelemetrySpanExt;
+                let sc = span.context().span().span_context().clone();
+                sc.is_valid().then(|| sc.trace_id().to_string())
+            };
+            // The job row first: a worker may read the new entry at once.
             if let Some(job) = job {
                 let db = crate::adapters::postgres::pool(&settings.postgres)?;
-                if crate::adapters::postgres::requeue_for_replay(&db, job).await? == 0 {
+                let reset =
+                    crate::adapters::postgres::requeue_for_replay(&db, job, trace_id.as_deref())
+                        .instrument(span.clone())
+                        .await?;
+                if reset == 0 {
                     println!("note: job {job} has no failed or dead-lettered row to reset");
                 }
             }
-            let new_id = queue.replay_dead_letter(&id, &fields).await?;
-            println!("replayed {id} as {new_id} on {}", queue.stream);
+            let new_id = queue
+                .replay_dead_letter(&id, &fields)
+                .instrument(span.clone())
+                .await?;
+            span.record("messaging.message.id", new_id.as_str());
+            println!(
+                "replayed {id} as {new_id} on {} (trace {})",
+                queue.stream,
+                trace_id.as_deref().unwrap_or("-")
+            );
         }
         DeadletterCommand::Purge { yes } => {
             if !yes {
@@ -490,4 +543,55 @@ async fn healthcheck(settings: &Settings) -> anyhow::Result<()> {
         }
     }
     anyhow::bail!("unhealthy: {}", tried.join("; "))
+}
+
+/// The PRODUCER span of a dead-letter replay: the root of a new trace, linked to the trace the
+/// entry was first sent in (whose `traceparent` it carried), so the replay's processing is not
+/// mixed into the original's. The new context replaces the entry's `traceparent`/`tracestate`.
+fn replay_span(
+    queue: &crate::adapters::redis_queue::RedisQueue,
+    dead_letter_id: &str,
+    job: Option<uuid::Uuid>,
+    fields: &mut Vec<(String, String)>,
+) -> tracing::Span {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let carrier: std::collections::HashMap<String, String> = fields
+        .iter()
+        .filter(|(k, _)| k == "traceparent" || k == "tracestate")
+        .cloned()
+        .collect();
+    fields.retain(|(k, _)| k != "traceparent" && k != "tracestate");
+    let original = opentelemetry::global::get_text_map_propagator(|p| p.extract(&carrier));
+    let original = original.span().span_context().clone();
+    let span = tracing::info_span!(
+        "send",
+        otel.name = %format_args!("send {}", queue.stream),
+        otel.kind = "producer",
+        messaging.system = "redis",
+        messaging.operation.type = "send",
+        messaging.operation.name = "send",
+        messaging.destination.name = %queue.stream,
+        server.address = %queue.address,
+        server.port = i64::from(queue.port),
+        messaging.message.id = tracing::field::Empty,
+        media_clustering.replay_of = %dead_letter_id,
+        job_id = job.map(|j| j.to_string()),
+    );
+    // A new root: no parent, whatever span is current.
+    let _ = span.set_parent(opentelemetry::Context::new());
+    if original.is_valid() {
+        span.add_link(original);
+    }
+    let mut injected = std::collections::HashMap::new();
+    opentelemetry::global::get_text_map_propagator(|p| {
+        p.inject_context(&span.context(), &mut injected)
+    });
+    for k in ["traceparent", "tracestate"] {
+        if let Some(v) = injected.remove(k).filter(|v| !v.is_empty()) {
+            fields.push((k.to_owned(), v));
+        }
+    }
+    fields.sort();
+    span
 }

@@ -7,6 +7,7 @@
 //! - [`api`]: the HTTP API, auth and the JSON errors.
 //! - [`adapters`]: Postgres, Redis Streams and object storage behind the actors' ports.
 //! - [`telemetry`]: JSON logs joined to traces, and the OTLP exporter.
+//! - [`otlp_metrics`]: the optional OTLP export of the metrics registry.
 //! - [`client`]: the bulk upload client.
 //! - [`reembed`]: embeds photos ahead of jobs after a model change.
 //! - [`bench`]: the CPU bound of `media-clustering bench cpu-bound`.
@@ -19,6 +20,7 @@ pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod otlp_metrics;
 pub mod reembed;
 pub mod startup;
 pub mod telemetry;

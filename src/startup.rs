@@ -105,6 +105,8 @@ pub struct Application {
     health: Arc<Health>,
     shutdown_timeout: Duration,
     unready_grace: Duration,
+    /// OTLP metrics export, when asked for; dropped last, so its final export sees the drain.
+    metrics_export: Option<crate::otlp_metrics::MetricsExporter>,
 }
 
 /// What a process shares with its application beyond the settings.
@@ -255,6 +257,8 @@ impl Application {
             .mask_unmatched_patterns("UNKNOWN")
             .build()
             .map_err(|e| anyhow::anyhow!("registering HTTP metrics: {e}"))?;
+        let metrics_export =
+            crate::otlp_metrics::start(&settings, registry.clone(), metrics.clone());
         let model = match (mode, options.model) {
             (Mode::Api, _) => None,
             (_, Some(m)) => Some(m),
@@ -341,6 +345,7 @@ impl Application {
             health,
             shutdown_timeout: Duration::from_millis(settings.actors.shutdown_timeout_ms),
             unready_grace: Duration::from_millis(settings.server.unready_grace_ms),
+            metrics_export,
         })
     }
 
@@ -385,6 +390,8 @@ impl Application {
             futures::join!(http.stop(true), drain);
         }
         server.await??;
+        // One last export with the drained pipeline's counts.
+        drop(self.metrics_export);
         match escalated {
             // Non-zero, so that the orchestrator replaces the process.
             Some(reason) => anyhow::bail!("the pipeline gave up: {reason}"),

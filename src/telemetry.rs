@@ -143,7 +143,7 @@ impl<E: SpanExporter> SpanExporter for CountingExporter<E> {
     }
 }
 
-fn resource(settings: &Settings) -> Resource {
+pub(crate) fn resource(settings: &Settings) -> Resource {
     let env = match settings.env {
         crate::config::AppEnv::Development => "development",
         crate::config::AppEnv::Production => "production",
@@ -180,9 +180,35 @@ pub enum Propagator {
     Baggage,
 }
 
-/// The trace export the settings and the standard OpenTelemetry variables ask for.
+/// What an export plan sends: its variables are `OTEL_EXPORTER_OTLP_<SIGNAL>_*`, falling back
+/// to the general `OTEL_EXPORTER_OTLP_*`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    Traces,
+    Metrics,
+}
+
+impl Signal {
+    fn upper(self) -> &'static str {
+        match self {
+            Signal::Traces => "TRACES",
+            Signal::Metrics => "METRICS",
+        }
+    }
+
+    /// The path a general HTTP endpoint gets for this signal.
+    fn http_path(self) -> &'static str {
+        match self {
+            Signal::Traces => "/v1/traces",
+            Signal::Metrics => "/v1/metrics",
+        }
+    }
+}
+
+/// The export the settings and the standard OpenTelemetry variables ask for, of one signal.
 #[derive(Debug, Clone)]
 pub struct ExportPlan {
+    pub signal: Signal,
     /// Why nothing is exported, when nothing is (spans are then not even recorded).
     pub off: Option<String>,
     pub endpoint: String,
@@ -199,17 +225,34 @@ pub struct ExportPlan {
     pub propagators: Vec<Propagator>,
     /// Spans waiting for export; past it they are dropped and counted.
     pub queue_size: usize,
+    /// `OTEL_EXPORTER_OTLP_<SIGNAL>_HEADERS` or `_HEADERS` (`k=v,k2=v2`, values percent-decoded).
+    /// The trace exporter reads them itself; the metrics exporter sends these.
+    pub headers: Vec<(String, String)>,
+    /// `OTEL_METRIC_EXPORT_INTERVAL` (metrics only).
+    pub interval: Duration,
     /// Values that could not be used, each with what is done instead.
     pub problems: Vec<String>,
 }
 
 const DEFAULT_QUEUE_SIZE: usize = 2048;
 
+/// PEM bytes of the private CA and of the client certificate and key.
+struct TlsMaterial {
+    ca: Option<Vec<u8>>,
+    identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
 impl ExportPlan {
     /// Resolves the plan. A `_TRACES_` variable wins over its general one, which wins over
     /// the service's key (`telemetry.*`, which `OTEL_EXPORTER_OTLP_ENDPOINT` and
     /// `_PROTOCOL` also set). Nothing here fails: what cannot be used is a problem.
     pub fn resolve(settings: &Settings) -> Self {
+        Self::resolve_signal(settings, Signal::Traces)
+    }
+
+    /// [`ExportPlan::resolve`] for `signal`. Metrics are exported only with
+    /// `OTEL_METRICS_EXPORTER=otlp` (they are always served at `/internal/metrics`).
+    pub fn resolve_signal(settings: &Settings, signal_kind: Signal) -> Self {
         let t = &settings.telemetry;
         let mut problems = t.problems.clone();
         let var = |k: &str| {
@@ -218,8 +261,9 @@ impl ExportPlan {
                 .map(|v| v.trim().to_owned())
                 .filter(|v| !v.is_empty())
         };
+        let own = signal_kind.upper();
         let signal = |name: &str| {
-            let traces = format!("OTEL_EXPORTER_OTLP_TRACES_{name}");
+            let traces = format!("OTEL_EXPORTER_OTLP_{own}_{name}");
             var(&traces).map(|v| (traces, v)).or_else(|| {
                 let general = format!("OTEL_EXPORTER_OTLP_{name}");
                 var(&general).map(|v| (general, v))
@@ -240,15 +284,36 @@ impl ExportPlan {
             )),
             None => {}
         }
-        match var("OTEL_TRACES_EXPORTER").map(|v| v.to_ascii_lowercase()) {
-            Some(v) if v == "none" => {
-                off.get_or_insert_with(|| "OTEL_TRACES_EXPORTER=none".to_owned());
+        match (
+            signal_kind,
+            var(&format!("OTEL_{own}_EXPORTER")).map(|v| v.to_ascii_lowercase()),
+        ) {
+            (_, Some(v)) if v == "none" => {
+                off.get_or_insert_with(|| format!("OTEL_{own}_EXPORTER=none"));
             }
-            Some(v) if v == "otlp" => {}
-            Some(v) => problems.push(format!(
+            (_, Some(v)) if v == "otlp" => {}
+            (Signal::Traces, Some(v)) => problems.push(format!(
                 "OTEL_TRACES_EXPORTER=`{v}` is not supported (otlp or none); exporting by OTLP"
             )),
-            None => {}
+            (Signal::Metrics, Some(v)) if v == "prometheus" => {
+                off.get_or_insert_with(|| {
+                    "OTEL_METRICS_EXPORTER=prometheus (scraped at /internal/metrics)".to_owned()
+                });
+            }
+            (Signal::Metrics, Some(v)) => {
+                problems.push(format!(
+                    "OTEL_METRICS_EXPORTER=`{v}` is not supported (otlp, prometheus or none); \
+                     metrics are only scraped"
+                ));
+                off.get_or_insert_with(|| format!("OTEL_METRICS_EXPORTER=`{v}`"));
+            }
+            (Signal::Traces, None) => {}
+            (Signal::Metrics, None) => {
+                off.get_or_insert_with(|| {
+                    "OTEL_METRICS_EXPORTER is not otlp (metrics are scraped at /internal/metrics)"
+                        .to_owned()
+                });
+            }
         }
 
         let (protocol_from, protocol) = signal("PROTOCOL").unwrap_or_else(|| {
@@ -269,12 +334,13 @@ impl ExportPlan {
         };
         // A signal's own endpoint is used as given; the general one gets the signal's path
         // for HTTP (the OTLP exporter specification).
-        let endpoint = match var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
+        let endpoint = match var(&format!("OTEL_EXPORTER_OTLP_{own}_ENDPOINT")) {
             Some(e) => e,
             None => {
                 let base = t.otlp_endpoint.trim_end_matches('/');
-                if protocol == ExportProtocol::HttpProtobuf && !base.ends_with("/v1/traces") {
-                    format!("{base}/v1/traces")
+                let path = signal_kind.http_path();
+                if protocol == ExportProtocol::HttpProtobuf && !base.ends_with(path) {
+                    format!("{base}{path}")
                 } else {
                     base.to_owned()
                 }
@@ -363,7 +429,26 @@ impl ExportPlan {
             },
             None => DEFAULT_QUEUE_SIZE,
         };
+        let headers = signal("HEADERS")
+            .map(|(name, v)| parse_headers(&name, &v, &mut problems))
+            .unwrap_or_default();
+        let interval = match var("OTEL_METRIC_EXPORT_INTERVAL") {
+            Some(v) => match v.parse::<u64>() {
+                Ok(ms) if ms > 0 => Duration::from_millis(ms),
+                _ => {
+                    if signal_kind == Signal::Metrics {
+                        problems.push(format!(
+                            "OTEL_METRIC_EXPORT_INTERVAL=`{v}` is not a positive number of \
+                             milliseconds; using 60000"
+                        ));
+                    }
+                    Duration::from_secs(60)
+                }
+            },
+            None => Duration::from_secs(60),
+        };
         ExportPlan {
+            signal: signal_kind,
             off,
             endpoint,
             protocol,
@@ -375,6 +460,8 @@ impl ExportPlan {
             sampler_name,
             propagators,
             queue_size,
+            headers,
+            interval,
             problems,
         }
     }
@@ -394,8 +481,8 @@ impl ExportPlan {
         TextMapCompositePropagator::new(parts)
     }
 
-    /// Builds the exporter (gRPC needs a Tokio runtime when it is built).
-    pub fn exporter(&self) -> anyhow::Result<opentelemetry_otlp::SpanExporter> {
+    /// The private CA and the client identity (certificate, key) the plan names, read.
+    fn tls_material(&self) -> anyhow::Result<TlsMaterial> {
         use anyhow::Context as _;
         let read = |p: &PathBuf, what: &str| {
             std::fs::read(p).with_context(|| format!("reading the {what} `{}`", p.display()))
@@ -418,33 +505,66 @@ impl ExportPlan {
                 ))
             })
             .transpose()?;
+        Ok(TlsMaterial { ca, identity })
+    }
+
+    /// The HTTP/protobuf transport's client: system roots (the platform verifier), the
+    /// private CA and the client identity. Built on a thread of its own, as a blocking client
+    /// must not be built on an async runtime's thread.
+    pub(crate) fn http_client(&self) -> anyhow::Result<reqwest13::blocking::Client> {
+        use anyhow::Context as _;
+        let TlsMaterial { ca, identity } = self.tls_material()?;
+        let mut client = reqwest13::blocking::Client::builder().timeout(self.timeout);
+        if let Some(pem) = &ca {
+            for cert in reqwest13::Certificate::from_pem_bundle(pem)
+                .context("parsing OTEL_EXPORTER_OTLP_CERTIFICATE")?
+            {
+                client = client.add_root_certificate(cert);
+            }
+        }
+        if let Some((cert, key)) = &identity {
+            let mut pem = cert.clone();
+            pem.extend_from_slice(b"\n");
+            pem.extend_from_slice(key);
+            client = client.identity(
+                reqwest13::Identity::from_pem(&pem)
+                    .context("parsing the client certificate and key")?,
+            );
+        }
+        std::thread::spawn(move || client.build())
+            .join()
+            .map_err(|_| anyhow::anyhow!("building the HTTP client panicked"))?
+            .context("building the HTTP client")
+    }
+
+    /// The gRPC transport's TLS: system roots, the private CA and the client identity; `None`
+    /// for an `http://` endpoint.
+    pub(crate) fn grpc_tls(
+        &self,
+    ) -> anyhow::Result<Option<opentelemetry_otlp::tonic_types::transport::ClientTlsConfig>> {
+        use opentelemetry_otlp::tonic_types::transport::{Certificate, ClientTlsConfig, Identity};
+        if !self.endpoint.starts_with("https://") {
+            return Ok(None);
+        }
+        let TlsMaterial { ca, identity } = self.tls_material()?;
+        let mut tls = ClientTlsConfig::new().with_native_roots();
+        if let Some(pem) = &ca {
+            tls = tls.ca_certificate(Certificate::from_pem(pem));
+        }
+        if let Some((cert, key)) = &identity {
+            tls = tls.identity(Identity::from_pem(cert, key));
+        }
+        Ok(Some(tls))
+    }
+
+    /// Builds the span exporter (gRPC needs a Tokio runtime when it is built).
+    pub fn exporter(&self) -> anyhow::Result<opentelemetry_otlp::SpanExporter> {
         let compression = self.gzip.then_some(Compression::Gzip);
         Ok(match self.protocol {
             ExportProtocol::HttpProtobuf => {
                 // A client of our own: the exporter's default one has no private CA or
-                // client identity. System roots come from the platform verifier.
-                let mut client = reqwest13::blocking::Client::builder().timeout(self.timeout);
-                if let Some(pem) = &ca {
-                    for cert in reqwest13::Certificate::from_pem_bundle(pem)
-                        .context("parsing OTEL_EXPORTER_OTLP_CERTIFICATE")?
-                    {
-                        client = client.add_root_certificate(cert);
-                    }
-                }
-                if let Some((cert, key)) = &identity {
-                    let mut pem = cert.clone();
-                    pem.extend_from_slice(b"\n");
-                    pem.extend_from_slice(key);
-                    client = client.identity(
-                        reqwest13::Identity::from_pem(&pem)
-                            .context("parsing the client certificate and key")?,
-                    );
-                }
-                // A blocking client must not be built on an async runtime's thread.
-                let client = std::thread::spawn(move || client.build())
-                    .join()
-                    .map_err(|_| anyhow::anyhow!("building the HTTP client panicked"))?
-                    .context("building the HTTP client")?;
+                // client identity.
+                let client = self.http_client()?;
                 let mut b = opentelemetry_otlp::SpanExporter::builder()
                     .with_http()
                     .with_protocol(Protocol::HttpBinary)
@@ -457,21 +577,11 @@ impl ExportPlan {
                 b.build()?
             }
             ExportProtocol::Grpc => {
-                use opentelemetry_otlp::tonic_types::transport::{
-                    Certificate, ClientTlsConfig, Identity,
-                };
                 let mut b = opentelemetry_otlp::SpanExporter::builder()
                     .with_tonic()
                     .with_timeout(self.timeout)
                     .with_endpoint(self.endpoint.clone());
-                if self.endpoint.starts_with("https://") {
-                    let mut tls = ClientTlsConfig::new().with_native_roots();
-                    if let Some(pem) = &ca {
-                        tls = tls.ca_certificate(Certificate::from_pem(pem));
-                    }
-                    if let Some((cert, key)) = &identity {
-                        tls = tls.identity(Identity::from_pem(cert, key));
-                    }
+                if let Some(tls) = self.grpc_tls()? {
                     b = b.with_tls_config(tls);
                 }
                 if let Some(c) = compression {
@@ -873,4 +983,24 @@ pub fn take_compression_vars() {
             };
         }
     }
+}
+
+/// `k=v,k2=v2` with percent-encoded values (the OTLP exporter specification); a pair without
+/// `=` or with an empty key is a problem and left out.
+fn parse_headers(name: &str, list: &str, problems: &mut Vec<String>) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for pair in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => {
+                let v = percent_encoding::percent_decode_str(v.trim()).decode_utf8_lossy();
+                out.push((k.trim().to_ascii_lowercase(), v.into_owned()));
+            }
+            // Never the text itself: a header is usually a credential.
+            _ => problems.push(format!(
+                "{name}: an entry of {} characters is not a key=value pair; left out",
+                pair.chars().count()
+            )),
+        }
+    }
+    out
 }

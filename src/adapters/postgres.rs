@@ -320,13 +320,20 @@ pub async fn insert_embedding<'e>(
     Ok(())
 }
 
-/// Puts a dead-lettered or failed job back to `queued` for a replay; returns rows changed.
-pub async fn requeue_for_replay(pool: &PgPool, job_id: Uuid) -> Result<u64, sqlx::Error> {
+/// Puts a dead-lettered or failed job back to `queued` for a replay, with the replay's trace
+/// (when it has one) as the job's; returns rows changed.
+pub async fn requeue_for_replay(
+    pool: &PgPool,
+    job_id: Uuid,
+    trace_id: Option<&str>,
+) -> Result<u64, sqlx::Error> {
     let r = sqlx::query(
-        "UPDATE jobs SET status = 'queued', error = NULL, finished_at = NULL
+        "UPDATE jobs SET status = 'queued', error = NULL, finished_at = NULL,
+             trace_id = COALESCE($2, trace_id)
          WHERE id = $1 AND status IN ('dead_lettered', 'failed')",
     )
     .bind(job_id)
+    .bind(trace_id)
     .execute(pool)
     .await?;
     Ok(r.rows_affected())

@@ -302,7 +302,17 @@ impl RedisQueue {
 }
 
 /// Fields the dead-letter stream adds to an entry's own.
-const DEAD_LETTER_FIELDS: [&str; 4] = ["error", "deliveries", "failed_at", "source_id"];
+const DEAD_LETTER_FIELDS: [&str; 5] = ["error", "deliveries", "failed_at", "source_id", "trace_id"];
+
+/// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`), if it is one.
+fn trace_id_of(traceparent: &str) -> Option<&str> {
+    let mut parts = traceparent.split('-');
+    let (_version, trace) = (parts.next()?, parts.next()?);
+    (trace.len() == 32
+        && trace.bytes().all(|b| b.is_ascii_hexdigit())
+        && trace != "00000000000000000000000000000000")
+        .then_some(trace)
+}
 
 /// The id just after `id` (`ms-seq` with the sequence raised by one).
 fn next_id(id: &str) -> Option<String> {
@@ -405,6 +415,10 @@ impl JobQueue for RedisQueue {
         extra.insert("deliveries", d.deliveries.to_string());
         extra.insert("failed_at", now_ms().to_string());
         extra.insert("source_id", d.stream_id.clone());
+        // The trace the entry was sent in, for `deadletter list` and a search in the backend.
+        if let Some(trace_id) = d.fields.get("traceparent").and_then(|tp| trace_id_of(tp)) {
+            extra.insert("trace_id", trace_id.to_owned());
+        }
         let mut add = redis::cmd("XADD");
         // Capped; the depth loop warns well before the cap is reached.
         add.arg(&self.deadletter)

@@ -190,6 +190,21 @@ impl Receiver {
             .filter(|v| v.get("spanId").is_some())
             .collect()
     }
+
+    /// Every metric received, as OTLP/JSON (`name`, and `sum`, `gauge` or `histogram`).
+    pub fn metrics(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.out)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| {
+                v.get("name").is_some()
+                    && ["sum", "gauge", "histogram"]
+                        .iter()
+                        .any(|k| v.get(*k).is_some_and(|d| !d.is_null()))
+            })
+            .collect()
+    }
 }
 
 impl Drop for Receiver {

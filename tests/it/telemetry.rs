@@ -188,22 +188,34 @@ async fn spans_reach_a_tls_grpc_collector_with_a_private_ca_and_the_configured_h
         ("OTEL_EXPORTER_OTLP_CERTIFICATE", ca.as_str()),
         ("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip"),
         ("OTEL_EXPORTER_OTLP_HEADERS", "api-key=grpc-secret-1"),
+        // Metrics too, by the same rules.
+        ("OTEL_METRICS_EXPORTER", "otlp"),
+        ("OTEL_METRIC_EXPORT_INTERVAL", "300"),
     ];
     let serve = env.spawn("serve", "serve", &vars);
     let client = Client::new(&env, &serve.base);
     let trace_id = "6bf92f3577b34da6a3ce929d0e0e4731";
     traced_job(&client, "tls-grpc", trace_id).await;
-    received(&out, "the job's spans over TLS", |t| {
+    received(&out, "the job's spans and metrics over TLS", |t| {
         t.lines().any(|l| l.starts_with(trace_id))
+            && t.lines().any(|l| l == "metric media_cluster_jobs_total")
     })
     .await;
-    // grpcio hides a request's grpc-encoding from the servicer, so compression is checked
-    // over HTTP (the next test) and here only as the plan `telemetry check` reports.
     let text = std::fs::read_to_string(&out).unwrap();
     let requests: Vec<&str> = text.lines().filter(|l| l.starts_with("request ")).collect();
     assert!(!requests.is_empty());
     for r in &requests {
         assert!(r.ends_with(" api-key=grpc-secret-1 client=-"), "{text}");
+    }
+    // Every message arrived compressed (the flag of gRPC's length prefix, read off the wire
+    // by the receiver's TLS end).
+    let messages: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("grpc-message "))
+        .collect();
+    assert!(!messages.is_empty(), "{text}");
+    for m in &messages {
+        assert_eq!(*m, "grpc-message compressed=1", "{text}");
     }
     let check = env.command("telemetry check", &vars).output().unwrap();
     let stdout = String::from_utf8_lossy(&check.stdout);
@@ -428,5 +440,49 @@ async fn the_sampler_propagator_and_sdk_variables_do_what_they_say() {
         before,
         "spans exported with the SDK disabled"
     );
+    env.cleanup().await;
+}
+
+/// Bad metric-export values: the service runs and scrapes as ever, each value is counted once
+/// and named, `telemetry check` lists them, and no header value is ever printed.
+#[actix_rt::test]
+async fn no_metrics_export_value_stops_start_up() {
+    let env = ProcEnv::new(&[]).await;
+    let bad = [
+        ("OTEL_METRICS_EXPORTER", "statsd"),
+        ("OTEL_METRIC_EXPORT_INTERVAL", "often"),
+        (
+            "OTEL_EXPORTER_OTLP_METRICS_HEADERS",
+            "secret-token-without-a-key",
+        ),
+    ];
+    let serve = env.spawn("serve", "serve", &bad);
+    let client = Client::new(&env, &serve.base);
+    let up = client.upload("metrics-unbothered", &photos(1), None).await;
+    assert_eq!(
+        client.wait_job(up["job_id"].as_str().unwrap()).await,
+        "succeeded"
+    );
+    let metrics = client.scrape("dev-internal-token").await;
+    assert_eq!(
+        sample(&metrics, "media_cluster_telemetry_setup_errors_total"),
+        bad.len() as f64,
+        "one per bad value"
+    );
+    let log = serve.log_text();
+    for (var, _) in &bad {
+        assert!(log.contains(var), "{var} not named in the log:\n{log}");
+    }
+    let check = env.command("telemetry check", &bad).output().unwrap();
+    let stdout = String::from_utf8_lossy(&check.stdout);
+    assert_eq!(stdout.matches("problem:").count(), bad.len(), "{stdout}");
+    assert!(
+        stdout.contains("metrics:  not exported by OTLP ("),
+        "{stdout}"
+    );
+    for text in [log.as_str(), stdout.as_ref()] {
+        assert!(!text.contains("secret-token-without-a-key"), "{text}");
+    }
+    drop(serve);
     env.cleanup().await;
 }

@@ -483,3 +483,232 @@ async fn a_graceful_stop_exports_the_queued_spans_over_grpc() {
     );
     env.cleanup().await;
 }
+
+/// A real worker dead-letters a traced job (its attempts fail by injected panics); the entry
+/// names the upload's trace, and `deadletter replay` starts a new trace, linked to it, that
+/// the job row then names and the replayed processing continues.
+#[actix_rt::test]
+async fn a_dead_letter_names_its_trace_and_a_replay_is_a_new_trace_linked_to_it() {
+    let env = ProcEnv::new(&[("MEDIA_CLUSTERING__REDIS__MAX_DELIVERIES", "2")]).await;
+    let tap = Receiver::start(env.dir.path());
+    let vars = otlp_vars(tap.port);
+    let mut serve_vars = as_refs(&vars);
+    // The first two attempts panic; the job is dead-lettered after its second delivery.
+    serve_vars.push(("MEDIA_CLUSTERING_FAULTS", "job=2"));
+    let serve = env.spawn("serve", "serve", &serve_vars);
+    let client = Client::new(&env, &serve.base);
+
+    let original = "5bf92f3577b34da6a3ce929d0e0e4737";
+    let up = client
+        .upload(
+            "replayed",
+            &photos(1),
+            Some(&format!("00-{original}-00f067aa0ba902b7-01")),
+        )
+        .await;
+    let job_id = up["job_id"].as_str().unwrap().to_owned();
+    assert_eq!(client.wait_job(&job_id).await, "dead_lettered");
+
+    let mut r = redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let dl = &env.vars["MEDIA_CLUSTERING__REDIS__DEADLETTER_STREAM"];
+    let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(dl)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert_eq!(entries.ids.len(), 1);
+    let entry = &entries.ids[0];
+    assert_eq!(
+        entry.get::<String>("trace_id").as_deref(),
+        Some(original),
+        "{:?}",
+        entry.map
+    );
+    let out = env.command("deadletter list", &[]).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!("trace {original}")),
+        "{out:?}"
+    );
+
+    let out = env
+        .command(&format!("deadletter replay {}", entry.id), &as_refs(&vars))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(client.wait_job(&job_id).await, "succeeded");
+    let job: Value = test_http_client()
+        .get(format!("{}/v1/jobs/{job_id}", serve.base))
+        .bearer_auth(&client.token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let replay = job["trace_id"].as_str().unwrap().to_owned();
+    assert_eq!(replay.len(), 32, "{job}");
+    assert_ne!(replay, original, "the replay continued the original trace");
+
+    let (send, process) = (on_stream(&env, "send"), on_stream(&env, "process"));
+    let spans = eventually(60, "the replay's spans", async || {
+        let s: Vec<Value> = tap
+            .spans()
+            .into_iter()
+            .filter(|s| s["traceId"] == replay.as_str())
+            .collect();
+        let done = s.iter().any(|x| x["name"] == COMMIT_SPAN)
+            && s.iter().any(|x| x["name"] == send.as_str());
+        done.then_some(s)
+    })
+    .await;
+    // The replay's send is the new trace's root, linked to the original trace.
+    let root = spans.iter().find(|s| s["name"] == send.as_str()).unwrap();
+    assert_eq!(root["kind"], 4, "{root}");
+    assert_eq!(root["parentSpanId"].as_str().unwrap_or(""), "", "{root}");
+    let links = root["links"].as_array().cloned().unwrap_or_default();
+    assert!(
+        links.iter().any(|l| l["traceId"] == original),
+        "no link to the original trace: {root}"
+    );
+    assert_strings(
+        root,
+        &[
+            ("messaging.operation.type", "send"),
+            ("media_clustering.replay_of", entry.id.as_str()),
+            ("job_id", job_id.as_str()),
+        ],
+    );
+    // The replayed processing is in the new trace, under the send.
+    let consumer = spans
+        .iter()
+        .find(|s| s["name"] == process.as_str())
+        .unwrap();
+    assert_eq!(consumer["parentSpanId"], root["spanId"], "{consumer}");
+    // And the original trace got nothing of the replay.
+    let late: Vec<Value> = tap
+        .spans()
+        .into_iter()
+        .filter(|s| s["traceId"] == original && s["name"] == COMMIT_SPAN)
+        .collect();
+    assert!(late.is_empty(), "the original trace has a commit: {late:?}");
+    drop(serve);
+    env.cleanup().await;
+}
+
+/// `OTEL_METRICS_EXPORTER=otlp`: the registry reaches an OTLP receiver with the scrape's
+/// names, counters as cumulative monotonic sums, and histogram exemplars naming the job's
+/// trace; the scrape itself serves the same exemplar in OpenMetrics when asked.
+#[actix_rt::test]
+async fn metrics_go_by_otlp_and_openmetrics_with_exemplars_of_the_jobs_trace() {
+    let env = ProcEnv::new(&[]).await;
+    let tap = Receiver::start(env.dir.path());
+    let mut vars = otlp_vars(tap.port);
+    vars.push(("OTEL_METRICS_EXPORTER", "otlp".into()));
+    vars.push(("OTEL_METRIC_EXPORT_INTERVAL", "300".into()));
+    let serve = env.spawn("serve", "serve", &as_refs(&vars));
+    let client = Client::new(&env, &serve.base);
+    let trace_id = "6bf92f3577b34da6a3ce929d0e0e4738";
+    let up = client
+        .upload(
+            "exemplars",
+            &photos(2),
+            Some(&format!("00-{trace_id}-00f067aa0ba902b7-01")),
+        )
+        .await;
+    let job_id = up["job_id"].as_str().unwrap().to_owned();
+    assert_eq!(client.wait_job(&job_id).await, "succeeded");
+
+    // OpenMetrics, as Prometheus asks for it.
+    let om = test_http_client()
+        .get(format!("{}/internal/metrics", serve.base))
+        .bearer_auth("dev-internal-token")
+        .header(
+            "accept",
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        om.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text"),
+        "{:?}",
+        om.headers()
+    );
+    let text = om.text().await.unwrap();
+    assert!(text.ends_with("# EOF\n"));
+    for family in [
+        "media_cluster_processing_duration_seconds_bucket",
+        "media_cluster_embedding_duration_seconds_bucket",
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(family)
+                    && l.contains(&format!("# {{trace_id=\"{trace_id}\"}}"))),
+            "no exemplar of {family} with the job's trace:\n{text}"
+        );
+    }
+    // The plain format stays the default.
+    let plain = client.scrape("dev-internal-token").await;
+    assert!(!plain.contains("# EOF") && !plain.contains("trace_id"));
+
+    let metrics = eventually(60, "the job's metrics by OTLP", async || {
+        let all = tap.metrics();
+        let jobs = all
+            .iter()
+            .rev()
+            .find(|m| m["name"] == "media_cluster_jobs_total")?;
+        let succeeded = jobs["sum"]["dataPoints"].as_array()?.iter().any(|p| {
+            p["attributes"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|kv| kv["value"]["stringValue"] == "succeeded"))
+                && p["asDouble"].as_f64().is_some_and(|v| v >= 1.0)
+        });
+        let processing = all
+            .iter()
+            .rev()
+            .find(|m| m["name"] == "media_cluster_processing_duration_seconds")?;
+        let linked = processing["histogram"]["dataPoints"]
+            .as_array()?
+            .iter()
+            .flat_map(|p| p["exemplars"].as_array().cloned().unwrap_or_default())
+            .any(|e| e["traceId"] == trace_id);
+        (succeeded && linked).then_some(all)
+    })
+    .await;
+    let jobs = metrics
+        .iter()
+        .find(|m| m["name"] == "media_cluster_jobs_total")
+        .unwrap();
+    assert_eq!(jobs["sum"]["isMonotonic"], true);
+    // AGGREGATION_TEMPORALITY_CUMULATIVE
+    assert_eq!(jobs["sum"]["aggregationTemporality"], 2);
+    for name in [
+        "media_cluster_actor_mailbox_depth",
+        "media_cluster_actor_handling_seconds",
+        "media_cluster_http_requests_total",
+    ] {
+        assert!(
+            metrics.iter().any(|m| m["name"] == name),
+            "{name} was not exported"
+        );
+    }
+    let scrape = client.scrape("dev-internal-token").await;
+    assert_eq!(
+        sample(
+            &scrape,
+            "media_cluster_telemetry_metric_export_failures_total"
+        ),
+        0.0
+    );
+    drop(serve);
+    env.cleanup().await;
+}
