@@ -437,6 +437,37 @@ pub struct ClusteringSettings {
     /// Cluster versions kept per pet; older ones are deleted as new ones are written.
     #[serde(default = "default_keep_versions")]
     pub keep_versions: i64,
+    /// Capture time as a second signal (`[clustering.capture_time]`).
+    #[serde(default)]
+    pub capture_time: CaptureTimeSettings,
+}
+
+/// `[clustering.capture_time]`: shots seconds apart with a similar look are one burst; shots
+/// days apart need a closer look. Applies to pairs of photos that both have an EXIF time.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaptureTimeSettings {
+    pub enabled: bool,
+    /// Shots at most this far apart are a burst.
+    pub burst_seconds: f64,
+    /// Cosine distance within which a burst joins (at least `clustering.eps`).
+    pub burst_eps: f32,
+    /// Shots at least this far apart need `apart_eps`.
+    pub apart_hours: f64,
+    /// Cosine distance within which shots far apart join (at most `clustering.eps`).
+    pub apart_eps: f32,
+}
+
+impl Default for CaptureTimeSettings {
+    fn default() -> Self {
+        CaptureTimeSettings {
+            enabled: true,
+            burst_seconds: 10.0,
+            burst_eps: 0.25,
+            apart_hours: 72.0,
+            apart_eps: 0.14,
+        }
+    }
 }
 
 fn default_keep_versions() -> i64 {
@@ -449,6 +480,17 @@ impl ClusteringSettings {
             eps: self.eps,
             min_points: self.min_points,
         }
+    }
+
+    /// The capture-time rule, `None` when it is switched off.
+    pub fn time_rule(&self) -> Option<actors::algo::cluster::TimeRule> {
+        let t = &self.capture_time;
+        t.enabled.then_some(actors::algo::cluster::TimeRule {
+            burst_ms: (t.burst_seconds * 1000.0) as i64,
+            burst_eps: t.burst_eps,
+            apart_ms: (t.apart_hours * 3_600_000.0) as i64,
+            apart_eps: t.apart_eps,
+        })
     }
 }
 
@@ -784,6 +826,25 @@ impl Settings {
         }
         if self.clustering.keep_versions < 1 {
             return Err(invalid("clustering.keep_versions", "must be at least 1"));
+        }
+        let t = &self.clustering.capture_time;
+        if !(t.burst_seconds >= 0.0 && t.apart_hours * 3600.0 > t.burst_seconds) {
+            return Err(invalid(
+                "clustering.capture_time",
+                "burst_seconds must be at least 0 and below apart_hours",
+            ));
+        }
+        if !(t.burst_eps >= self.clustering.eps && t.burst_eps <= 2.0) {
+            return Err(invalid(
+                "clustering.capture_time.burst_eps",
+                "must be between clustering.eps and 2",
+            ));
+        }
+        if !(t.apart_eps > 0.0 && t.apart_eps <= self.clustering.eps) {
+            return Err(invalid(
+                "clustering.capture_time.apart_eps",
+                "must be above 0 and at most clustering.eps",
+            ));
         }
         let a = &self.actors;
         for (key, n) in [

@@ -448,6 +448,7 @@ pub fn start_pipeline(
         sweep_interval: Duration::from_millis(settings.storage.sweep_interval_ms),
         orphan_grace: Duration::from_millis(settings.storage.orphan_grace_ms),
         params: settings.clustering.params(),
+        time_rule: settings.clustering.time_rule(),
         limits: settings.server.decode_limits(),
     };
     tracing::info!(consumer = %ps.consumer, stream = %ps.stream, group = %ps.group, "Starting the pipeline.");

@@ -338,6 +338,7 @@ async fn run_jobs(core: &Arc<Core>, g: &mut BatchGuard) -> Result<(), PipelineEr
     let mut ids = Vec::with_capacity(images.len());
     let mut vectors = Vec::with_capacity(images.len());
     let mut qualities = Vec::with_capacity(images.len());
+    let mut times = Vec::with_capacity(images.len());
     for (i, img) in images.into_iter().enumerate() {
         let (v, q) = match (img.cached, fresh.get(&i)) {
             (Some(c), _) => c,
@@ -345,6 +346,7 @@ async fn run_jobs(core: &Arc<Core>, g: &mut BatchGuard) -> Result<(), PipelineEr
             (None, _) => continue, // quarantined
         };
         ids.push(img.image_id);
+        times.push(img.captured_at_ms);
         vectors.push(v);
         qualities.push(q);
     }
@@ -356,7 +358,9 @@ async fn run_jobs(core: &Arc<Core>, g: &mut BatchGuard) -> Result<(), PipelineEr
             .clusterers
             .send(ClusterVectors {
                 vectors: vectors.clone(),
+                times: Arc::new(times),
                 params: core.settings.params,
+                time_rule: core.settings.time_rule,
             })
             .await?;
         core.heroes

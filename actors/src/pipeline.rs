@@ -82,6 +82,8 @@ pub struct PipelineSettings {
     pub sweep_interval: Duration,
     pub orphan_grace: Duration,
     pub params: ClusterParams,
+    /// Capture time as a second clustering signal (`clustering.capture_time`); `None`: off.
+    pub time_rule: Option<crate::algo::cluster::TimeRule>,
     pub limits: DecodeLimits,
 }
 

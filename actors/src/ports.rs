@@ -148,6 +148,8 @@ pub struct PetImage {
     pub image_id: Uuid,
     pub storage_key: String,
     pub cached: Option<(Vec<f32>, Quality)>,
+    /// EXIF capture time, Unix ms ([`crate::algo::capture`]), when the upload had one.
+    pub captured_at_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone)]

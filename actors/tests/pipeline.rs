@@ -594,3 +594,37 @@ async fn a_job_past_its_deadline_gives_up_its_slot_and_is_retried() {
         .await;
     h.stop().await;
 }
+
+/// Capture times reach the clusterer: a red and a blue photo are two clusters, until their
+/// capture times a second apart make them a burst (a rule wide enough for any two photos).
+#[actix_rt::test]
+async fn capture_times_from_the_store_reach_the_clusterer() {
+    let mut s = settings(1, 16, 5);
+    s.time_rule = Some(actors::algo::cluster::TimeRule {
+        burst_ms: 10_000,
+        burst_eps: 2.0,
+        apart_ms: 3_600_000,
+        apart_eps: s.params.eps,
+    });
+    let mut h = Harness::start(s, FakeStore::default(), Duration::ZERO);
+    let undated = h.add_photos("undated", &[RED, BLUE]);
+    let (_, sid) = h.enqueue_job("undated", undated);
+    h.wait_acked(&sid).await;
+    let burst = h.add_photos("burst", &[RED, BLUE]);
+    h.set_captured_at(burst[0], 1_717_245_005_000);
+    h.set_captured_at(burst[1], 1_717_245_006_000);
+    let (_, sid) = h.enqueue_job("burst", burst);
+    h.wait_acked(&sid).await;
+    let commits = h.store.commits.lock().unwrap().clone();
+    let of = |pet: &str| {
+        commits
+            .iter()
+            .find(|c| c.pet_id == pet)
+            .unwrap()
+            .clusters
+            .len()
+    };
+    assert_eq!(of("undated"), 2);
+    assert_eq!(of("burst"), 1);
+    h.stop().await;
+}

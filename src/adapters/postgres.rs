@@ -123,6 +123,8 @@ pub struct NewImage {
     pub width: i32,
     pub height: i32,
     pub storage_key: String,
+    /// EXIF capture time, Unix ms ([`actors::algo::capture`]).
+    pub captured_at_ms: Option<i64>,
 }
 
 /// The photos a pet already has among these contents: sha256 → image id.
@@ -159,11 +161,18 @@ pub async fn insert_images(
     let sizes: Vec<i64> = sorted.iter().map(|i| i.byte_size).collect();
     let widths: Vec<i32> = sorted.iter().map(|i| i.width).collect();
     let heights: Vec<i32> = sorted.iter().map(|i| i.height).collect();
+    let captured: Vec<Option<chrono::DateTime<chrono::Utc>>> = sorted
+        .iter()
+        .map(|i| {
+            i.captured_at_ms
+                .and_then(chrono::DateTime::from_timestamp_millis)
+        })
+        .collect();
     let inserted: Vec<(String, Uuid)> = sqlx::query_as(
-        "INSERT INTO images (id, pet_id, sha256, content_type, byte_size, width, height, storage_key)
-         SELECT u.id, $1, u.sha, u.ct, u.size, u.w, u.h, u.key
-         FROM UNNEST($2::uuid[], $3::text[], $4::text[], $5::bigint[], $6::int[], $7::int[], $8::text[])
-              WITH ORDINALITY AS u(id, sha, ct, size, w, h, key, n)
+        "INSERT INTO images (id, pet_id, sha256, content_type, byte_size, width, height, storage_key, captured_at)
+         SELECT u.id, $1, u.sha, u.ct, u.size, u.w, u.h, u.key, u.taken
+         FROM UNNEST($2::uuid[], $3::text[], $4::text[], $5::bigint[], $6::int[], $7::int[], $8::text[], $9::timestamptz[])
+              WITH ORDINALITY AS u(id, sha, ct, size, w, h, key, taken, n)
          ORDER BY u.n
          ON CONFLICT (pet_id, sha256) DO NOTHING RETURNING sha256, id",
     )
@@ -175,6 +184,7 @@ pub async fn insert_images(
     .bind(&widths)
     .bind(&heights)
     .bind(&keys)
+    .bind(&captured)
     .fetch_all(&mut **tx)
     .await?;
     let mut out: HashMap<String, (Uuid, bool)> = inserted
@@ -588,7 +598,7 @@ impl Store for PgStore {
         model_version: &str,
     ) -> Result<Vec<PetImage>, PipelineError> {
         let rows = sqlx::query(
-            "SELECT i.id, i.storage_key, e.vector, e.sharpness, e.noise, e.exposure, e.pixels
+            "SELECT i.id, i.storage_key, i.captured_at, e.vector, e.sharpness, e.noise, e.exposure, e.pixels
              FROM images i
              LEFT JOIN image_embeddings e ON e.image_id = i.id AND e.model_version = $2
              WHERE i.pet_id = $1 AND i.error IS NULL ORDER BY i.created_at, i.id",
@@ -617,6 +627,9 @@ impl Store for PgStore {
                     image_id: r.try_get("id")?,
                     storage_key: r.try_get("storage_key")?,
                     cached,
+                    captured_at_ms: r
+                        .try_get::<Option<chrono::DateTime<chrono::Utc>>, _>("captured_at")?
+                        .map(|t| t.timestamp_millis()),
                 })
             })
             .collect::<Result<_, sqlx::Error>>()

@@ -202,6 +202,8 @@ struct CheckedImage {
     format: Format,
     width: u32,
     height: u32,
+    /// EXIF capture time, Unix ms, when the file states one.
+    captured_at_ms: Option<i64>,
     /// What the embedder needs of it ([`actors::algo::prepared`]), when this process's
     /// embedders can use it.
     prepared: Option<Prepared>,
@@ -241,6 +243,7 @@ fn check_images(
             match checked {
                 Ok((format, width, height, prepared)) => Ok(CheckedImage {
                     sha256: hex::encode(Sha256::digest(&bytes)),
+                    captured_at_ms: actors::algo::capture::capture_time_ms(&bytes),
                     bytes,
                     format,
                     width,
@@ -495,6 +498,7 @@ async fn accept_upload(
             width: img.width as i32,
             height: img.height as i32,
             storage_key: image_key(id),
+            captured_at_ms: img.captured_at_ms,
         });
     }
     let mut written = WrittenObjects {

@@ -3,6 +3,7 @@
 
 mod api;
 mod auth;
+mod capture;
 mod chaos;
 mod deadletter;
 mod faults;

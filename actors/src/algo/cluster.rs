@@ -67,6 +67,122 @@ pub fn cluster_with<N: NearestNeighbour>(
     out
 }
 
+/// How capture time moves the threshold of a pair of photos that both have one (EXIF
+/// `DateTimeOriginal`, see [`super::capture`]): shots seconds apart with a similar look are one
+/// burst, shots days apart need a closer look to be one scene.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TimeRule {
+    /// Shots at most this many milliseconds apart join at [`TimeRule::burst_eps`].
+    pub burst_ms: i64,
+    /// Cosine distance for a burst; at least the general eps.
+    pub burst_eps: f32,
+    /// Shots at least this many milliseconds apart join only at [`TimeRule::apart_eps`].
+    pub apart_ms: i64,
+    /// Cosine distance for shots far apart in time; at most the general eps.
+    pub apart_eps: f32,
+}
+
+impl TimeRule {
+    /// The threshold of one pair.
+    pub fn eps_for(&self, eps: f32, a: Option<i64>, b: Option<i64>) -> f32 {
+        match (a, b) {
+            (Some(a), Some(b)) => {
+                let dt = a.abs_diff(b);
+                if dt <= self.burst_ms.unsigned_abs() {
+                    self.burst_eps
+                } else if dt >= self.apart_ms.unsigned_abs() {
+                    self.apart_eps
+                } else {
+                    eps
+                }
+            }
+            _ => eps,
+        }
+    }
+}
+
+/// [`cluster`] with capture times (`times[i]` of `vectors[i]`, Unix ms): each pair's threshold
+/// is [`TimeRule::eps_for`]. With no rule, or fewer than two photos with a time, it is
+/// [`cluster`] itself, so photos without EXIF cluster exactly as before.
+///
+/// Otherwise DBSCAN runs here over exact neighbour lists: [`GramSearch`] finds every pair
+/// within the widest threshold, each pair is kept if it is within its own, and clusters grow
+/// from core points (at least `min_points` neighbours, the point included) as in linfa's
+/// DBSCAN; noise points are singletons.
+pub fn cluster_timed(
+    vectors: &[Vec<f32>],
+    times: &[Option<i64>],
+    params: &ClusterParams,
+    rule: Option<&TimeRule>,
+) -> Vec<Vec<usize>> {
+    let Some(rule) = rule else {
+        return cluster(vectors, params);
+    };
+    if vectors.len() != times.len() || times.iter().filter(|t| t.is_some()).count() < 2 {
+        return cluster(vectors, params);
+    }
+    let n = vectors.len();
+    let dim = vectors[0].len();
+    let flat: Vec<f32> = vectors.iter().flat_map(|v| v.iter().copied()).collect();
+    let records = Array2::from_shape_vec((n, dim), flat).expect("vectors share one length");
+    let widest = params.eps.max(rule.burst_eps).max(rule.apart_eps);
+    let index = GramSearch::new()
+        .from_batch(&records, L2Dist)
+        .expect("a batch of vectors indexes");
+    let dot = |i: usize, j: usize| -> f32 {
+        vectors[i].iter().zip(&vectors[j]).map(|(a, b)| a * b).sum()
+    };
+    let neighbours: Vec<Vec<usize>> = (0..n)
+        .map(|i| {
+            let mut near: Vec<usize> = index
+                .within_range(records.row(i), l2_for_cosine(widest))
+                .expect("a row of the batch")
+                .into_iter()
+                .map(|(_, j)| j)
+                .filter(|&j| {
+                    j == i || 1.0 - dot(i, j) <= rule.eps_for(params.eps, times[i], times[j])
+                })
+                .collect();
+            near.sort_unstable();
+            near
+        })
+        .collect();
+    let min_points = params.min_points.max(2);
+    let mut label: Vec<Option<usize>> = vec![None; n];
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    for start in 0..n {
+        if label[start].is_some() || neighbours[start].len() < min_points {
+            continue;
+        }
+        let c = groups.len();
+        groups.push(Vec::new());
+        let mut queue = vec![start];
+        label[start] = Some(c);
+        while let Some(p) = queue.pop() {
+            groups[c].push(p);
+            if neighbours[p].len() < min_points {
+                continue; // a border point: in the cluster, but it does not extend it
+            }
+            for &q in &neighbours[p] {
+                if label[q].is_none() {
+                    label[q] = Some(c);
+                    queue.push(q);
+                }
+            }
+        }
+    }
+    let mut out: Vec<Vec<usize>> = groups
+        .into_iter()
+        .map(|mut g| {
+            g.sort_unstable();
+            g
+        })
+        .collect();
+    out.extend((0..n).filter(|&i| label[i].is_none()).map(|i| vec![i]));
+    out.sort_by_key(|c| c[0]);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -200,5 +316,93 @@ mod tests {
             min_points: 2,
         };
         assert_eq!(cluster(&v, &one), cluster(&v, &two));
+    }
+
+    const RULE: TimeRule = TimeRule {
+        burst_ms: 10_000,
+        burst_eps: 0.25,
+        apart_ms: 72 * 3600 * 1000,
+        apart_eps: 0.12,
+    };
+
+    /// Two unit vectors (in 8 dimensions) at cosine distance `d`.
+    fn pair_at(d: f32) -> Vec<Vec<f32>> {
+        let c = 1.0 - d;
+        let mut a = vec![0.0; 8];
+        a[0] = 1.0;
+        let mut b = vec![0.0; 8];
+        b[0] = c;
+        b[1] = (1.0 - c * c).sqrt();
+        vec![a, b]
+    }
+
+    #[test]
+    fn without_times_or_between_the_windows_it_is_plain_dbscan() {
+        let params = ClusterParams {
+            eps: 0.18,
+            min_points: 2,
+        };
+        for seed in 0..4 {
+            let v = clustered_with_noise(300, 32, seed);
+            let plain = cluster(&v, &params);
+            assert_eq!(
+                cluster_timed(&v, &vec![None; v.len()], &params, Some(&RULE)),
+                plain
+            );
+            // Every photo dated, ten minutes apart each (at most 50 hours in all): no pair is a
+            // burst or days apart, so the hand-run DBSCAN must give linfa's partition.
+            let hourly: Vec<Option<i64>> = (0..v.len() as i64).map(|i| Some(i * 600_000)).collect();
+            assert_eq!(
+                cluster_timed(&v, &hourly, &params, Some(&RULE)),
+                plain,
+                "seed {seed}"
+            );
+            assert_eq!(cluster_timed(&v, &hourly, &params, None), plain);
+        }
+    }
+
+    #[test]
+    fn a_burst_joins_at_the_wider_threshold_and_days_apart_need_the_closer_one() {
+        let params = ClusterParams {
+            eps: 0.18,
+            min_points: 2,
+        };
+        let t0 = 1_717_245_005_000;
+        // 0.22 apart: beyond eps, within the burst threshold.
+        let v = pair_at(0.22);
+        assert_eq!(cluster(&v, &params).len(), 2);
+        assert_eq!(
+            cluster_timed(&v, &[Some(t0), Some(t0 + 2_000)], &params, Some(&RULE)).len(),
+            1
+        );
+        assert_eq!(
+            cluster_timed(&v, &[Some(t0), Some(t0 + 60_000)], &params, Some(&RULE)).len(),
+            2
+        );
+        assert_eq!(
+            cluster_timed(&v, &[Some(t0), None], &params, Some(&RULE)).len(),
+            2
+        );
+        // 0.15 apart: within eps, beyond the threshold for shots days apart.
+        let v = pair_at(0.15);
+        assert_eq!(cluster(&v, &params).len(), 1);
+        let day = 24 * 3_600_000;
+        assert_eq!(
+            cluster_timed(&v, &[Some(t0), Some(t0 + 10 * day)], &params, Some(&RULE)).len(),
+            2
+        );
+        assert_eq!(
+            cluster_timed(&v, &[Some(t0 + 10 * day), Some(t0)], &params, Some(&RULE)).len(),
+            2
+        );
+        assert_eq!(
+            cluster_timed(&v, &[Some(t0), Some(t0 + day)], &params, Some(&RULE)).len(),
+            1
+        );
+        // Switched off, times change nothing.
+        assert_eq!(
+            cluster_timed(&v, &[Some(t0), Some(t0 + 10 * day)], &params, None).len(),
+            1
+        );
     }
 }

@@ -2,6 +2,7 @@
 //! photo quality, clustering and the hero score. Each is unit-tested here.
 
 pub mod budget;
+pub mod capture;
 pub mod cluster;
 pub mod decode;
 pub mod embed;

@@ -127,6 +127,7 @@ pub struct Photo {
     pub id: Uuid,
     pub embedding: Option<(Vec<f32>, Quality)>,
     pub error: Option<String>,
+    pub captured_at_ms: Option<i64>,
 }
 
 /// Called with each result a commit is about to write.
@@ -212,6 +213,7 @@ impl Store for FakeStore {
                         image_id: p.id,
                         storage_key: actors::ports::image_key(p.id),
                         cached: p.embedding.clone(),
+                        captured_at_ms: p.captured_at_ms,
                     })
                     .collect()
             })
@@ -455,6 +457,7 @@ pub fn settings(embedders: usize, capacity: usize, max_deliveries: u32) -> Pipel
         relay_grace: Duration::ZERO,
         sweep_interval: Duration::from_millis(20),
         orphan_grace: Duration::from_millis(50),
+        time_rule: None,
         params: ClusterParams {
             eps: 0.01,
             min_points: 2,
@@ -546,8 +549,18 @@ impl Harness {
                 id: *id,
                 embedding: None,
                 error: None,
+                captured_at_ms: None,
             }));
         ids
+    }
+
+    /// Sets the capture time of a photo.
+    pub fn set_captured_at(&self, id: Uuid, ms: i64) {
+        for p in self.store.photos.lock().unwrap().values_mut().flatten() {
+            if p.id == id {
+                p.captured_at_ms = Some(ms);
+            }
+        }
     }
 
     /// Adds a pet's photos and enqueues its job; returns the job id and stream id.
