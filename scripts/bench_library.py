@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""Per-job cost against library size: a pet with N clustered photos already embedded gets a
+job adding K new photos; reports the job's time (delivery to commit, from the jobs table),
+the service's peak resident memory and the rows the commit wrote.
+
+Usage (from the repo root): python3 scripts/bench_library.py [N ...] [--add K ...]
+  (default N: 1000 10000, K: 1 10)
+Env: BIN (default target/release/media-clustering). Needs Redis and Postgres (make services)
+and the model (make model).
+
+The N photos are synthetic rows: 1024-d unit vectors in groups of 8 around random centres
+(made in SQL), with quality figures, stored under the service's model version so nothing is
+re-embedded; the K new photos are real fixture photos uploaded through the API. Every job
+re-clusters the whole pet (the design does today), so the time grows with N^2.
+"""
+import os, re, socket, subprocess, sys, tempfile, time, urllib.request, uuid
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.chdir(ROOT)
+BIN = os.environ.get("BIN", "target/release/media-clustering")
+args = sys.argv[1:]
+adds = [int(a) for a in args[args.index("--add") + 1:]] if "--add" in args else [1, 10]
+sizes = [int(a) for a in (args[:args.index("--add")] if "--add" in args else args)] or [1000, 10000]
+PHOTOS = sorted(os.path.join("tests/fixtures/photos", f) for f in os.listdir("tests/fixtures/photos")
+                if f.endswith((".png", ".jpg")))
+
+
+def free_port():
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); return p
+
+
+def psql(db, sql):
+    r = subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", db, "-X", "-q", "-A", "-t",
+                        "-v", "ON_ERROR_STOP=1", "-c", sql], check=True, capture_output=True, text=True)
+    return r.stdout.strip()
+
+
+SEED = """
+CREATE TEMP TABLE centres AS
+  SELECT g AS cid, ARRAY(SELECT (random() - 0.5 + 0 * g)::real FROM generate_series(1, 1024)) AS v
+  FROM generate_series(0, {groups} - 1) g;
+CREATE TEMP TABLE raw AS
+  SELECT gen_random_uuid() AS id, i,
+         ARRAY(SELECT (c.v[k] + (random() - 0.5) * 0.12)::real FROM generate_series(1, 1024) k) AS v
+  FROM generate_series(0, {n} - 1) i JOIN centres c ON c.cid = i % {groups};
+INSERT INTO images (id, pet_id, sha256, content_type, byte_size, width, height, storage_key, created_at)
+  SELECT id, 'library', md5(id::text) || md5(i::text), 'image/jpeg', 100000, 640, 480,
+         'images/' || id || '.jpg', now() - interval '1 day' + i * interval '1 millisecond'
+  FROM raw;
+INSERT INTO image_embeddings (image_id, model_version, vector, sharpness, noise, exposure, pixels)
+  SELECT id, '{model}',
+         ARRAY(SELECT (x / sqrt((SELECT sum(y * y) FROM unnest(v) y)))::real FROM unnest(v) x),
+         10 + random() * 10, 2 + random() * 3, 0.5 + random() * 0.5, 307200
+  FROM raw;
+"""
+
+
+def peak_rss_mib(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def run(n, k, tmp):
+    db = "bench_lib_" + uuid.uuid4().hex[:10]
+    psql("postgres", f"CREATE DATABASE {db}")
+    port = free_port()
+    env = dict(os.environ,
+               DATABASE_URL=f"postgres://postgres:postgres@127.0.0.1:5432/{db}", REDIS_URL="redis://127.0.0.1:6379/0",
+               MEDIA_CLUSTERING__REDIS__STREAM=f"bench:{db}:jobs", MEDIA_CLUSTERING__REDIS__DEADLETTER_STREAM=f"bench:{db}:dl",
+               MEDIA_CLUSTERING__STORAGE__URL=f"file://{tmp}/{db}", MEDIA_CLUSTERING__SERVER__BIND=f"127.0.0.1:{port}",
+               MEDIA_CLUSTERING__EMBEDDER__MODEL_PATH=os.path.join(ROOT, "models/open-nsfw.onnx"),
+               MEDIA_CLUSTERING__ACTORS__JOB_TIMEOUT_MS="3600000", LOG_LEVEL="warn", TELEMETRY_ENABLED="false")
+    subprocess.run([BIN, "migrate"], env=env, check=True, capture_output=True)
+    serve = subprocess.Popen([BIN, "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(base + "/healthz", timeout=1); break
+            except Exception:
+                time.sleep(0.1)
+        # One real photo first, for the model version (and a warm process).
+        subprocess.run([BIN, "upload", "--server", base, "--pet", "warm", PHOTOS[0]], env=env, check=True, capture_output=True)
+        model = psql(db, "SELECT model_version FROM image_embeddings LIMIT 1")
+        t0 = time.monotonic()
+        psql(db, SEED.format(n=n, groups=max(1, n // 8), model=model))
+        seeded = time.monotonic() - t0
+        # The library's first clustering, so the measured job is a job on a clustered pet.
+        subprocess.run([BIN, "upload", "--server", base, "--pet", "library", "--timeout", "3600", PHOTOS[1]],
+                       env=env, check=True, capture_output=True)
+        rows_before = int(psql(db, "SELECT count(*) FROM cluster_members"))
+        new = PHOTOS[2:2 + k]
+        subprocess.run([BIN, "upload", "--server", base, "--pet", "library", "--batch", str(k), "--timeout", "3600", *new],
+                       env=env, check=True, capture_output=True)
+        job = psql(db, "SELECT extract(epoch FROM finished_at - started_at) FROM jobs "
+                       "WHERE pet_id = 'library' AND status = 'succeeded' ORDER BY finished_at DESC LIMIT 1")
+        rows_after = int(psql(db, "SELECT count(*) FROM cluster_members"))
+        return float(job), peak_rss_mib(serve.pid), seeded, rows_after - rows_before
+    finally:
+        serve.terminate(); serve.wait(timeout=120)
+        psql("postgres", f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+        subprocess.run(["redis-cli", "DEL", f"bench:{db}:jobs", f"bench:{db}:dl"], capture_output=True)
+
+
+def main():
+    tmp = tempfile.mkdtemp(prefix="bench-lib-")
+    print(f"binary {BIN}; full re-cluster per job")
+    print(f"{'photos in the pet':>18} {'added':>6} {'job (start to commit)':>22} {'peak RSS':>10} {'member rows written':>20}")
+    for n in sizes:
+        for k in adds:
+            job, rss, seeded, rows = run(n, k, tmp)
+            print(f"{n:>18} {k:>6} {job:>20.2f} s {rss:>7.0f} MiB {rows:>20}   (seeded in {seeded:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
