@@ -488,12 +488,7 @@ async fn deadletter(settings: &Settings, command: DeadletterCommand) -> anyhow::
                 .find(|(k, _)| k == "job_id")
                 .and_then(|(_, v)| uuid::Uuid::parse_str(v).ok());
             let span = replay_span(&queue, &id, job, &mut fields);
-            let trace_id = {
-                use opentelemetry::trace::TraceContextExt;
-                use tracing_opentelemetry::OpenTelemetrySpanExt;
-                let sc = span.context().span().span_context().clone();
-                sc.is_valid().then(|| sc.trace_id().to_string())
-            };
+            let trace_id = telemetry::trace_id(&span);
             // The job row first: a worker may read the new entry at once.
             if let Some(job) = job {
                 let db = crate::adapters::postgres::pool(&settings.postgres)?;

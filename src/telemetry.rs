@@ -1004,3 +1004,11 @@ fn parse_headers(name: &str, list: &str, problems: &mut Vec<String>) -> Vec<(Str
     }
     out
 }
+
+/// The trace id of `span`'s OpenTelemetry context, if it has a valid one (hex, 32 digits).
+pub fn trace_id(span: &tracing::Span) -> Option<String> {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let cx = span.context();
+    let sc = cx.span().span_context().clone();
+    sc.is_valid().then(|| sc.trace_id().to_string())
+}

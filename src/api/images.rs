@@ -11,7 +11,6 @@ use actors::algo::photo;
 use actors::job::{JobEntry, JobKind, valid_pet_id};
 use bytes::{Bytes, BytesMut};
 use futures::{StreamExt, TryStreamExt};
-use opentelemetry::trace::TraceContextExt;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tracing::{Instrument, field};
@@ -264,9 +263,7 @@ fn check_images(
 }
 
 fn current_trace_id() -> Option<String> {
-    let cx = tracing::Span::current().context();
-    let sc = cx.span().span_context().clone();
-    sc.is_valid().then(|| sc.trace_id().to_string())
+    crate::telemetry::trace_id(&tracing::Span::current())
 }
 
 /// XADDs the job in a PRODUCER span whose context travels in the entry's `traceparent`.
