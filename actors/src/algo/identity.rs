@@ -6,18 +6,30 @@
 //! given at most once, best overlaps first; split and merged groups, whose
 //! overlap with any one old group is too small, get new ids.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 
 use uuid::Uuid;
 
 /// For each new cluster (a list of image ids), the previous `cluster_id` it keeps, if any.
+///
+/// Linear in the number of photos: each photo's previous cluster is looked up once, so only
+/// pairs of clusters that share photos are compared.
 pub fn match_clusters(previous: &[(Uuid, Vec<Uuid>)], new: &[Vec<Uuid>]) -> Vec<Option<Uuid>> {
-    let prev_sets: Vec<HashSet<&Uuid>> = previous.iter().map(|(_, m)| m.iter().collect()).collect();
+    let owner: HashMap<&Uuid, usize> = previous
+        .iter()
+        .enumerate()
+        .flat_map(|(pi, (_, m))| m.iter().map(move |id| (id, pi)))
+        .collect();
     let mut pairs = Vec::new();
     for (ni, members) in new.iter().enumerate() {
-        for (pi, set) in prev_sets.iter().enumerate() {
-            let overlap = members.iter().filter(|m| set.contains(m)).count();
-            if 2 * overlap > members.len() && 2 * overlap > set.len() {
+        let mut overlaps: HashMap<usize, usize> = HashMap::new();
+        for m in members {
+            if let Some(&pi) = owner.get(m) {
+                *overlaps.entry(pi).or_default() += 1;
+            }
+        }
+        for (pi, overlap) in overlaps {
+            if 2 * overlap > members.len() && 2 * overlap > previous[pi].1.len() {
                 pairs.push((overlap, ni, pi));
             }
         }
