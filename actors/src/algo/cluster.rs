@@ -102,97 +102,35 @@ impl TimeRule {
 }
 
 /// [`cluster`] with capture times (`times[i]` of `vectors[i]`, Unix ms): each pair's threshold
-/// is [`TimeRule::eps_for`]. With no rule, or fewer than two photos with a time, it is
-/// [`cluster`] itself, so photos without EXIF cluster exactly as before.
+/// is [`TimeRule::eps_for`]. With no rule, or fewer than two photos with a time, the partition
+/// is [`cluster`]'s, so photos without EXIF cluster exactly as before.
 ///
-/// Otherwise DBSCAN runs here over exact neighbour lists: [`GramSearch`] finds every pair
-/// within the widest threshold, each pair is kept if it is within its own, and clusters grow
-/// from core points (at least `min_points` neighbours, the point included) as in linfa's
-/// DBSCAN; noise points are singletons.
+/// DBSCAN runs over exact neighbour lists ([`super::dbscan::Clustering::full`]): every pair
+/// within the widest threshold, kept if within its own, expanded in linfa's order.
 pub fn cluster_timed(
     vectors: &[Vec<f32>],
     times: &[Option<i64>],
     params: &ClusterParams,
     rule: Option<&TimeRule>,
 ) -> Vec<Vec<usize>> {
-    let Some(rule) = rule else {
-        return cluster(vectors, params);
-    };
-    if vectors.len() != times.len() || times.iter().filter(|t| t.is_some()).count() < 2 {
-        return cluster(vectors, params);
+    if vectors.is_empty() {
+        return Vec::new();
     }
-    let n = vectors.len();
-    let dim = vectors[0].len();
     let flat: Vec<f32> = vectors.iter().flat_map(|v| v.iter().copied()).collect();
-    let records = Array2::from_shape_vec((n, dim), flat).expect("vectors share one length");
-    let widest = params.eps.max(rule.burst_eps).max(rule.apart_eps);
-    let index = GramSearch::new()
-        .from_batch(&records, L2Dist)
-        .expect("a batch of vectors indexes");
-    let dot = |i: usize, j: usize| -> f32 {
-        vectors[i].iter().zip(&vectors[j]).map(|(a, b)| a * b).sum()
-    };
-    let neighbours: Vec<Vec<usize>> = (0..n)
-        .map(|i| {
-            let mut near: Vec<usize> = index
-                .within_range(records.row(i), l2_for_cosine(widest))
-                .expect("a row of the batch")
-                .into_iter()
-                .map(|(_, j)| j)
-                .filter(|&j| {
-                    j == i || 1.0 - dot(i, j) <= rule.eps_for(params.eps, times[i], times[j])
-                })
-                .collect();
-            near.sort_unstable();
-            near
-        })
-        .collect();
-    let min_points = params.min_points.max(2);
-    let mut label: Vec<Option<usize>> = vec![None; n];
-    let mut groups: Vec<Vec<usize>> = Vec::new();
-    for start in 0..n {
-        if label[start].is_some() || neighbours[start].len() < min_points {
-            continue;
-        }
-        let c = groups.len();
-        groups.push(Vec::new());
-        let mut queue = vec![start];
-        label[start] = Some(c);
-        while let Some(p) = queue.pop() {
-            groups[c].push(p);
-            if neighbours[p].len() < min_points {
-                continue; // a border point: in the cluster, but it does not extend it
-            }
-            for &q in &neighbours[p] {
-                if label[q].is_none() {
-                    label[q] = Some(c);
-                    queue.push(q);
-                }
-            }
-        }
-    }
-    let mut out: Vec<Vec<usize>> = groups
-        .into_iter()
-        .map(|mut g| {
-            g.sort_unstable();
-            g
-        })
-        .collect();
-    out.extend((0..n).filter(|&i| label[i].is_none()).map(|i| vec![i]));
-    out.sort_by_key(|c| c[0]);
-    out
+    let records = Array2::from_shape_vec((vectors.len(), vectors[0].len()), flat)
+        .expect("vectors share one length");
+    super::dbscan::Clustering::full(records, times.to_vec(), *params, rule.copied()).groups()
 }
 
+/// Seeded test data shared by the clustering tests.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use linfa_nn::CommonNearestNeighbour;
+pub(crate) mod testdata {
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
     /// Seeded embeddings like the pipeline's: tight groups of 3–30 around random unit centres
     /// (angular spread varying per group, some wider than eps), plus ~15% noise points.
-    fn clustered_with_noise(n: usize, dim: usize, seed: u64) -> Vec<Vec<f32>> {
+    pub(crate) fn clustered_with_noise(n: usize, dim: usize, seed: u64) -> Vec<Vec<f32>> {
         let mut rng = StdRng::seed_from_u64(seed);
         let random_unit = |rng: &mut StdRng| -> Vec<f32> {
             unit(
@@ -220,10 +158,17 @@ mod tests {
         out
     }
 
-    fn unit(v: &[f32]) -> Vec<f32> {
+    pub(crate) fn unit(v: &[f32]) -> Vec<f32> {
         let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
         v.iter().map(|x| x / n).collect()
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testdata::{clustered_with_noise, unit};
+    use super::*;
+    use linfa_nn::CommonNearestNeighbour;
 
     #[test]
     fn groups_close_vectors_and_keeps_noise_as_singletons() {

@@ -4,6 +4,7 @@
 pub mod budget;
 pub mod capture;
 pub mod cluster;
+pub mod dbscan;
 pub mod decode;
 pub mod embed;
 pub mod hero;

@@ -257,6 +257,44 @@ impl<'a, F: Float, D: Distance<F>> GramSearchIndex<'a, F, D> {
             .collect()
     }
 
+    /// Neighbours of a few rows of the batch within `range`, each list ascending: one matrix
+    /// product `X · X[rows]ᵀ` (the rows' columns of the Gram matrix), never the whole table, so
+    /// the work is `O(rows · n · d)`. Exact, as every query here: the same neighbours a row
+    /// query or the linear scan gives. Points that are not rows of the batch are out of its
+    /// scope; the distance function must be Euclidean (else it scans linearly per row).
+    pub fn rows_within(&self, rows: &[usize], range: F) -> Vec<Vec<usize>> {
+        let rdist = self.dist_fn.dist_to_rdist(range);
+        if self.linear.is_some() {
+            return rows
+                .iter()
+                .map(|&i| {
+                    (0..self.data.nrows())
+                        .filter(|&j| {
+                            self.dist_fn.rdistance(self.data.row(i), self.data.row(j)) < rdist
+                        })
+                        .collect()
+                })
+                .collect();
+        }
+        let mut out = Vec::with_capacity(rows.len());
+        let n = self.data.nrows();
+        // Columns in chunks, so the product buffer stays bounded (n × 64 values).
+        for chunk in rows.chunks(64) {
+            let picked = self.data.select(Axis(0), chunk);
+            let mut dots = Array2::<F>::zeros((n, chunk.len()));
+            general_mat_mul(F::one(), &self.data, &picked.t(), F::zero(), &mut dots);
+            for (c, &i) in chunk.iter().enumerate() {
+                let column = dots.column(c);
+                out.push(
+                    (0..n)
+                        .filter(|&j| self.pair_within(i, j, column[j], rdist))
+                        .collect(),
+                );
+            }
+        }
+        out
+    }
+
     /// The neighbour table for `range`, building it on first use. `None` when the table holds
     /// another range or is over budget.
     fn table_for(&self, range: F) -> Option<&Csr> {
@@ -598,6 +636,26 @@ mod tests {
         let data = unit_vectors(200, 48, 11);
         // A budget too small for any table: every query is answered on its own.
         assert_same_ranges(&data, GramSearch::new().max_cached_neighbours(10));
+    }
+
+    #[test]
+    fn a_few_rows_match_linear_search_without_building_the_table() {
+        let data = unit_vectors(300, 40, 21);
+        let index = GramSearchIndex::new(&data, L2Dist, GramSearch::new()).unwrap();
+        let linear = LinearSearch.from_batch(&data, L2Dist).unwrap();
+        // More rows than one product chunk (64), in no particular order, with a repeat.
+        let rows: Vec<usize> = (0..100).map(|i| (i * 37) % 300).chain([5]).collect();
+        for range in [0.3, 0.9, 1.4] {
+            let lists = index.rows_within(&rows, range);
+            for (&i, list) in rows.iter().zip(&lists) {
+                assert!(list.windows(2).all(|w| w[0] < w[1]), "ascending");
+                assert_eq!(
+                    *list,
+                    sorted_ids(linear.within_range(data.row(i), range).unwrap())
+                );
+            }
+        }
+        assert!(index.table.get().is_none(), "no table was built");
     }
 
     #[test]

@@ -1,0 +1,719 @@
+//! A pet's clustering kept between jobs, and DBSCAN run over exact neighbour lists, so that a
+//! job adding `k` photos to a pet of `n` assigns them in `O(k · n · d)` instead of
+//! re-clustering all `n` (`O(n² · d)`).
+//!
+//! [`Clustering`] holds the vectors (one contiguous `n × d` matrix), their capture times, each
+//! point's cluster and its neighbour count (the point included). [`Clustering::full`] is
+//! DBSCAN as linfa-clustering runs it (same visiting order, same neighbour lists from
+//! [`GramSearch`], so the same labels as [`super::cluster::cluster`]), keeping the counts.
+//!
+//! [`Clustering::insert`] is the incremental rule of Ester et al. (*Incremental Clustering for
+//! Mining in a Data Warehousing Environment*, VLDB 1998): inserting points only adds edges and
+//! core points, so clusters never split. The new points' neighbour lists come from one matrix
+//! product against the held matrix; each neighbour's count grows; points that become core
+//! (new ones, and held ones that reach `min_points`) get their own lists; clusters joined by a
+//! core–core edge through one of those points merge (union–find); non-core points next to
+//! exactly one cluster's cores join it as border points. A non-core point next to cores of two
+//! clusters is where DBSCAN's answer depends on visiting order: the insertion is then
+//! *ambiguous* and the whole pet is re-clustered, as it is when photos leave, when the time
+//! rule starts to apply, and on a `recluster` job. With `min_points = 2` (the default) every
+//! non-noise point is core, nothing is ambiguous and the result is exactly a full run's.
+
+use std::collections::VecDeque;
+
+use linfa_nn::distance::L2Dist;
+use ndarray::{Array2, ArrayView2, Axis};
+
+use super::cluster::{ClusterParams, TimeRule, l2_for_cosine};
+use super::neighbours::{GramSearch, GramSearchIndex};
+
+/// How the latest change was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Assigned {
+    /// New points assigned to the held clusters.
+    Incremental,
+    /// Everything re-clustered, and why.
+    Full(FullReason),
+}
+
+/// Why a change re-clustered every point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FullReason {
+    /// Nothing was held for the pet (first job in this process, evicted, or parameters changed).
+    NotHeld,
+    /// A `recluster` job asked for it.
+    Asked,
+    /// A non-core point reached cores of two clusters.
+    Ambiguous,
+    /// Photos left the pet (quarantined or removed).
+    Removed,
+    /// The capture-time rule started (or stopped) to apply: two photos have a time now.
+    TimeRule,
+}
+
+impl Assigned {
+    /// Label value for metrics and logs.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Assigned::Incremental => "incremental",
+            Assigned::Full(FullReason::NotHeld) => "full_not_held",
+            Assigned::Full(FullReason::Asked) => "full_asked",
+            Assigned::Full(FullReason::Ambiguous) => "full_ambiguous",
+            Assigned::Full(FullReason::Removed) => "full_removed",
+            Assigned::Full(FullReason::TimeRule) => "full_time_rule",
+        }
+    }
+
+    /// Every label value, for publishing the series up front.
+    pub const ALL: [Assigned; 6] = [
+        Assigned::Incremental,
+        Assigned::Full(FullReason::NotHeld),
+        Assigned::Full(FullReason::Asked),
+        Assigned::Full(FullReason::Ambiguous),
+        Assigned::Full(FullReason::Removed),
+        Assigned::Full(FullReason::TimeRule),
+    ];
+}
+
+/// When two points are neighbours: within `eps`, or, with a time rule and at least two dated
+/// points, within the pair's own threshold ([`TimeRule::eps_for`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct PairRule {
+    params: ClusterParams,
+    time_rule: Option<TimeRule>,
+}
+
+impl PairRule {
+    /// The range the neighbour search uses: every pair within it is a candidate.
+    fn widest(&self, timed: bool) -> f32 {
+        match (&self.time_rule, timed) {
+            (Some(r), true) => self.params.eps.max(r.burst_eps).max(r.apart_eps),
+            _ => self.params.eps,
+        }
+    }
+}
+
+/// A pet's points with their clusters and neighbour counts; see the module documentation.
+#[derive(Debug, Clone)]
+pub struct Clustering {
+    rule: PairRule,
+    vectors: Array2<f32>,
+    times: Vec<Option<i64>>,
+    /// Whether the time rule applies (a rule is set and at least two points have a time).
+    timed: bool,
+    /// Cluster of each point; `None`: noise (a singleton).
+    labels: Vec<Option<u32>>,
+    /// Neighbours of each point under the pair rule, the point included.
+    counts: Vec<u32>,
+}
+
+impl Clustering {
+    /// DBSCAN over every point (`vectors`: one L2-normalised point per row; `times[i]` its
+    /// capture time in Unix ms, where known).
+    pub fn full(
+        vectors: Array2<f32>,
+        times: Vec<Option<i64>>,
+        params: ClusterParams,
+        time_rule: Option<TimeRule>,
+    ) -> Self {
+        assert_eq!(vectors.nrows(), times.len(), "one time per vector");
+        let mut c = Clustering {
+            rule: PairRule { params, time_rule },
+            timed: false,
+            labels: Vec::new(),
+            counts: Vec::new(),
+            vectors,
+            times,
+        };
+        c.recluster();
+        c
+    }
+
+    pub fn len(&self) -> usize {
+        self.vectors.nrows()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Dimensions of the vectors.
+    pub fn dim(&self) -> usize {
+        self.vectors.ncols()
+    }
+
+    /// The vector of point `i`.
+    pub fn vector(&self, i: usize) -> &[f32] {
+        self.vectors
+            .row(i)
+            .to_slice()
+            .expect("rows of a standard-layout matrix are contiguous")
+    }
+
+    /// Whether this clustering was made with these parameters (else it must be rebuilt).
+    pub fn made_with(&self, params: &ClusterParams, time_rule: Option<&TimeRule>) -> bool {
+        self.rule.params == *params && self.rule.time_rule.as_ref() == time_rule
+    }
+
+    /// Memory held, in bytes (for the cache's budget).
+    pub fn bytes(&self) -> usize {
+        self.vectors.len() * size_of::<f32>()
+            + self.times.capacity() * size_of::<Option<i64>>()
+            + self.labels.capacity() * size_of::<Option<u32>>()
+            + self.counts.capacity() * size_of::<u32>()
+    }
+
+    /// Clusters as lists of point indices, each ascending, ordered by their first index; noise
+    /// points are singletons (as [`super::cluster::cluster`] returns them).
+    pub fn groups(&self) -> Vec<Vec<usize>> {
+        let mut by_label: std::collections::HashMap<u32, usize> = Default::default();
+        let mut out: Vec<Vec<usize>> = Vec::new();
+        for (i, l) in self.labels.iter().enumerate() {
+            match l {
+                Some(l) => {
+                    let g = *by_label.entry(*l).or_insert_with(|| {
+                        out.push(Vec::new());
+                        out.len() - 1
+                    });
+                    out[g].push(i);
+                }
+                None => out.push(vec![i]),
+            }
+        }
+        out
+    }
+
+    /// The vectors and times, for a rebuild.
+    pub fn into_parts(self) -> (Array2<f32>, Vec<Option<i64>>) {
+        (self.vectors, self.times)
+    }
+
+    /// Keeps only the points at `keep` (ascending indices) and re-clusters them.
+    pub fn retain(&mut self, keep: &[usize]) {
+        self.vectors = self.vectors.select(Axis(0), keep);
+        self.times = keep.iter().map(|&i| self.times[i]).collect();
+        self.recluster();
+    }
+
+    /// Adds points (rows of `vectors`, with their `times`) and assigns them; see the module
+    /// documentation. Points keep their indices; the new ones follow.
+    pub fn insert(&mut self, vectors: ArrayView2<'_, f32>, times: &[Option<i64>]) -> Assigned {
+        assert_eq!(vectors.nrows(), times.len(), "one time per vector");
+        let n0 = self.len();
+        let k = vectors.nrows();
+        if k == 0 {
+            return Assigned::Incremental;
+        }
+        if n0 == 0 {
+            self.vectors = vectors.to_owned();
+        } else {
+            self.vectors
+                .append(Axis(0), vectors)
+                .expect("new vectors have the pet's dimension");
+        }
+        self.times.extend_from_slice(times);
+        if self.timed != self.should_be_timed() {
+            self.recluster();
+            return Assigned::Full(FullReason::TimeRule);
+        }
+        if self.assign(n0) {
+            Assigned::Incremental
+        } else {
+            self.recluster();
+            Assigned::Full(FullReason::Ambiguous)
+        }
+    }
+
+    /// Re-clusters every point from scratch.
+    pub fn recluster(&mut self) {
+        self.timed = self.should_be_timed();
+        let lists = self.neighbour_lists(None);
+        self.counts = lists.iter().map(|l| l.len() as u32).collect();
+        self.labels = expand(&lists, self.min_points());
+    }
+
+    fn min_points(&self) -> usize {
+        // As in `cluster`: linfa rejects 1, and with noise as singletons 1 and 2 agree.
+        self.rule.params.min_points.max(2)
+    }
+
+    fn should_be_timed(&self) -> bool {
+        self.rule.time_rule.is_some() && self.times.iter().filter(|t| t.is_some()).count() >= 2
+    }
+
+    /// Neighbour lists (ascending, the point included) of `rows`, or of every point.
+    fn neighbour_lists(&self, rows: Option<&[usize]>) -> Vec<Vec<usize>> {
+        let n = self.len();
+        if n == 0 {
+            return Vec::new();
+        }
+        let range = l2_for_cosine(self.rule.widest(self.timed));
+        let index = GramSearchIndex::new(&self.vectors, L2Dist, GramSearch::new())
+            .expect("vectors have dimensions");
+        let mut lists = match rows {
+            Some(rows) => index.rows_within(rows, range),
+            None => {
+                use linfa_nn::NearestNeighbourIndex;
+                // A row query builds the whole table once; the others are look-ups.
+                (0..n)
+                    .map(|i| {
+                        index
+                            .within_range(self.vectors.row(i), range)
+                            .expect("a row of the batch")
+                            .into_iter()
+                            .map(|(_, j)| j)
+                            .collect::<Vec<usize>>()
+                    })
+                    .collect()
+            }
+        };
+        let asked: Vec<usize> = rows.map_or_else(|| (0..n).collect(), <[usize]>::to_vec);
+        for (list, &i) in lists.iter_mut().zip(&asked) {
+            if self.timed {
+                let rule = self.rule.time_rule.expect("timed implies a rule");
+                let eps = self.rule.params.eps;
+                list.retain(|&j| {
+                    j == i
+                        || 1.0 - pair_dot(self.vector(i), self.vector(j))
+                            <= rule.eps_for(eps, self.times[i], self.times[j])
+                });
+            }
+            list.sort_unstable();
+        }
+        lists
+    }
+
+    /// Assigns points `n0..` to the clusters of points `..n0`; false if ambiguous (the state
+    /// is then inconsistent and must be re-clustered).
+    fn assign(&mut self, n0: usize) -> bool {
+        let n = self.len();
+        let m = self.min_points() as u32;
+        let new: Vec<usize> = (n0..n).collect();
+        let new_lists = self.neighbour_lists(Some(&new));
+        let old_counts = self.counts.clone();
+        self.counts.resize(n, 0);
+        self.labels.resize(n, None);
+        for (p, list) in new.iter().zip(&new_lists) {
+            self.counts[*p] = list.len() as u32;
+            for &q in list.iter().filter(|&&q| q < n0) {
+                self.counts[q] += 1;
+            }
+        }
+        let core = |counts: &[u32], i: usize| counts[i] >= m;
+        // Points that are core now and were not (or are new): their edges are the new ones.
+        let mut risen: Vec<usize> = Vec::new();
+        let mut touched: Vec<usize> = new_lists.iter().flatten().copied().collect();
+        touched.sort_unstable();
+        touched.dedup();
+        for &q in &touched {
+            if q < n0 && old_counts[q] < m && core(&self.counts, q) {
+                risen.push(q);
+            }
+        }
+        let risen_lists = self.neighbour_lists(Some(&risen));
+        let mut lists: std::collections::HashMap<usize, &Vec<usize>> = Default::default();
+        for (p, l) in new.iter().zip(&new_lists) {
+            lists.insert(*p, l);
+        }
+        for (q, l) in risen.iter().zip(&risen_lists) {
+            lists.insert(*q, l);
+        }
+        let grown: Vec<usize> = new
+            .iter()
+            .copied()
+            .filter(|&p| core(&self.counts, p))
+            .chain(risen.iter().copied())
+            .collect();
+
+        let mut sets = LabelSets::new(&self.labels);
+        for &c in &grown {
+            let sc = sets.of(&mut self.labels[c]);
+            for &x in lists[&c] {
+                if core(&self.counts, x) {
+                    let sx = sets.of(&mut self.labels[x]);
+                    sets.union(sc, sx);
+                }
+            }
+        }
+        // Non-core points whose neighbourhood changed: new ones, and held ones next to a point
+        // that became core. Each joins the one cluster whose cores it reaches.
+        let mut reach: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
+        for &c in &grown {
+            for &x in lists[&c] {
+                if !core(&self.counts, x) {
+                    reach.entry(x).or_default().push(c);
+                }
+            }
+        }
+        for (p, list) in new.iter().zip(&new_lists) {
+            if !core(&self.counts, *p) {
+                let cores = list.iter().copied().filter(|&x| core(&self.counts, x));
+                reach.entry(*p).or_default().extend(cores);
+            }
+        }
+        for (b, cores) in reach {
+            let mut roots: Vec<usize> = cores
+                .iter()
+                .map(|&c| {
+                    let s = sets.of(&mut self.labels[c]);
+                    sets.find(s)
+                })
+                .collect();
+            if self.labels[b].is_some() {
+                // A held border point stays next to its own cluster's cores.
+                let s = sets.of(&mut self.labels[b]);
+                roots.push(sets.find(s));
+            }
+            roots.sort_unstable();
+            roots.dedup();
+            match roots.len() {
+                0 => {}
+                1 => self.labels[b] = self.labels[cores[0]],
+                _ => return false,
+            }
+        }
+        // Merged clusters take one label, the smallest of their set.
+        let rename = sets.renames();
+        if !rename.is_empty() {
+            for l in self.labels.iter_mut().flatten() {
+                if let Some(r) = rename.get(l) {
+                    *l = *r;
+                }
+            }
+        }
+        true
+    }
+}
+
+/// The dot product as the time rule's pair check computes it (one sequential sum), so the
+/// full and the incremental runs decide every pair alike.
+pub(crate) fn pair_dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(a, b)| a * b).sum()
+}
+
+/// DBSCAN's expansion over neighbour lists (ascending, the point included), in linfa's order:
+/// points visited by index, a cluster grown breadth-first from its first core point, a border
+/// point taking the first cluster that reaches it.
+pub(crate) fn expand(lists: &[Vec<usize>], min_points: usize) -> Vec<Option<u32>> {
+    let n = lists.len();
+    let mut label: Vec<Option<u32>> = vec![None; n];
+    let mut queued = vec![false; n];
+    let mut queue = VecDeque::new();
+    let mut next = 0u32;
+    let unlabelled = |label: &[Option<u32>], i: usize, j: usize| label[j].is_none() && j != i;
+    for i in 0..n {
+        if label[i].is_some() || lists[i].len() < min_points {
+            continue;
+        }
+        for &j in &lists[i] {
+            if unlabelled(&label, i, j) {
+                queued[j] = true;
+                queue.push_back(j);
+            }
+        }
+        label[i] = Some(next);
+        while let Some(c) = queue.pop_front() {
+            queued[c] = false;
+            let grow: Vec<usize> = lists[c]
+                .iter()
+                .copied()
+                .filter(|&j| unlabelled(&label, c, j))
+                .collect();
+            label[c] = Some(next);
+            if lists[c].len() >= min_points {
+                for j in grow {
+                    if !queued[j] {
+                        queued[j] = true;
+                        queue.push_back(j);
+                    }
+                }
+            }
+        }
+        next += 1;
+    }
+    label
+}
+
+/// Disjoint sets of the cluster labels an insertion touches (union–find with path halving;
+/// written out because it is a dozen lines and this is its only use). Points without a label
+/// get a fresh one when they first take part.
+struct LabelSets {
+    parent: Vec<usize>,
+    by_label: std::collections::HashMap<u32, usize>,
+    fresh: u32,
+}
+
+impl LabelSets {
+    fn new(labels: &[Option<u32>]) -> Self {
+        LabelSets {
+            parent: Vec::new(),
+            by_label: Default::default(),
+            fresh: labels.iter().flatten().copied().max().map_or(0, |l| l + 1),
+        }
+    }
+
+    /// The set of a point's label, labelling it first if it has none.
+    fn of(&mut self, label: &mut Option<u32>) -> usize {
+        let l = *label.get_or_insert_with(|| {
+            self.fresh += 1;
+            self.fresh - 1
+        });
+        *self.by_label.entry(l).or_insert_with(|| {
+            self.parent.push(self.parent.len());
+            self.parent.len() - 1
+        })
+    }
+
+    /// For each touched label whose set was merged into another's, the set's smallest label.
+    fn renames(&mut self) -> std::collections::HashMap<u32, u32> {
+        let pairs: Vec<(u32, usize)> = self.by_label.iter().map(|(l, s)| (*l, *s)).collect();
+        let mut smallest: std::collections::HashMap<usize, u32> = Default::default();
+        for &(l, s) in &pairs {
+            let r = self.find(s);
+            let e = smallest.entry(r).or_insert(l);
+            *e = (*e).min(l);
+        }
+        pairs
+            .into_iter()
+            .filter_map(|(l, s)| {
+                let to = smallest[&self.find(s)];
+                (to != l).then_some((l, to))
+            })
+            .collect()
+    }
+
+    fn find(&mut self, mut x: usize) -> usize {
+        while self.parent[x] != x {
+            self.parent[x] = self.parent[self.parent[x]];
+            x = self.parent[x];
+        }
+        x
+    }
+
+    fn union(&mut self, a: usize, b: usize) {
+        let (a, b) = (self.find(a), self.find(b));
+        if a != b {
+            self.parent[a.max(b)] = a.min(b);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::algo::cluster::testdata::{clustered_with_noise, unit};
+    use crate::algo::cluster::{ClusterParams, TimeRule, cluster};
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    fn matrix(v: &[Vec<f32>]) -> Array2<f32> {
+        let flat: Vec<f32> = v.iter().flatten().copied().collect();
+        Array2::from_shape_vec((v.len(), v[0].len()), flat).unwrap()
+    }
+
+    /// Adjusted Rand index of two partitions of `0..n` (lists of indices).
+    fn ari(a: &[Vec<usize>], b: &[Vec<usize>], n: usize) -> f64 {
+        let label = |p: &[Vec<usize>]| {
+            let mut l = vec![0usize; n];
+            for (c, g) in p.iter().enumerate() {
+                for &i in g {
+                    l[i] = c;
+                }
+            }
+            l
+        };
+        let (la, lb) = (label(a), label(b));
+        let pairs = |x: f64| x * (x - 1.0) / 2.0;
+        let mut table: std::collections::HashMap<(usize, usize), f64> = Default::default();
+        for i in 0..n {
+            *table.entry((la[i], lb[i])).or_default() += 1.0;
+        }
+        let index: f64 = table.values().map(|&c| pairs(c)).sum();
+        let sa: f64 = a.iter().map(|g| pairs(g.len() as f64)).sum();
+        let sb: f64 = b.iter().map(|g| pairs(g.len() as f64)).sum();
+        let expected = sa * sb / pairs(n as f64);
+        let max = (sa + sb) / 2.0;
+        if max == expected {
+            1.0
+        } else {
+            (index - expected) / (max - expected)
+        }
+    }
+
+    #[test]
+    fn a_full_run_is_linfas_dbscan() {
+        for (seed, dim) in [(11, 32), (12, 128)] {
+            let v = clustered_with_noise(300, dim, seed);
+            for eps in [0.01, 0.05, 0.1, 0.3] {
+                for min_points in [1, 2, 3, 5] {
+                    let params = ClusterParams { eps, min_points };
+                    let full = Clustering::full(matrix(&v), vec![None; v.len()], params, None);
+                    assert_eq!(
+                        full.groups(),
+                        cluster(&v, &params),
+                        "seed {seed}, eps {eps}, min {min_points}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Builds a clustering of the first `base` points, inserts the rest `step` at a time, and
+    /// after each insertion compares with a full run over the same points. Returns the modes.
+    fn insert_and_compare(
+        v: &[Vec<f32>],
+        times: &[Option<i64>],
+        params: ClusterParams,
+        rule: Option<TimeRule>,
+        base: usize,
+        step: usize,
+        min_ari: f64,
+    ) -> Vec<Assigned> {
+        let mut inc = Clustering::full(matrix(&v[..base]), times[..base].to_vec(), params, rule);
+        let mut modes = Vec::new();
+        let mut at = base;
+        while at < v.len() {
+            let to = (at + step).min(v.len());
+            modes.push(inc.insert(matrix(&v[at..to]).view(), &times[at..to]));
+            at = to;
+            let full = Clustering::full(matrix(&v[..at]), times[..at].to_vec(), params, rule);
+            let (a, b) = (inc.groups(), full.groups());
+            if min_ari >= 1.0 {
+                assert_eq!(a, b, "after {at} points ({:?})", modes.last());
+            } else {
+                let r = ari(&a, &b, at);
+                assert!(r >= min_ari, "ARI {r} after {at} points");
+            }
+            assert_eq!(
+                inc.counts, full.counts,
+                "neighbour counts after {at} points"
+            );
+        }
+        modes
+    }
+
+    #[test]
+    fn inserting_equals_a_full_run_and_is_incremental_with_two_min_points() {
+        for (seed, step) in [(21, 1), (22, 10), (23, 37)] {
+            let v = clustered_with_noise(400, 64, seed);
+            let params = ClusterParams {
+                eps: 0.1,
+                min_points: 2,
+            };
+            let modes = insert_and_compare(&v, &vec![None; v.len()], params, None, 200, step, 1.0);
+            // Nothing is ambiguous with two min points: every insertion is incremental.
+            assert!(
+                modes.iter().all(|m| *m == Assigned::Incremental),
+                "seed {seed}: {modes:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn inserting_with_more_min_points_agrees_with_a_full_run() {
+        for (seed, min_points) in [(31, 3), (32, 5)] {
+            let v = clustered_with_noise(400, 64, seed);
+            let params = ClusterParams {
+                eps: 0.1,
+                min_points,
+            };
+            let modes = insert_and_compare(&v, &vec![None; v.len()], params, None, 100, 5, 0.99);
+            let incremental = modes
+                .iter()
+                .filter(|m| **m == Assigned::Incremental)
+                .count();
+            assert!(
+                incremental * 2 > modes.len(),
+                "most insertions are incremental: {modes:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn inserting_with_capture_times_equals_a_full_run() {
+        let rule = TimeRule {
+            burst_ms: 10_000,
+            burst_eps: 0.25,
+            apart_ms: 72 * 3600 * 1000,
+            apart_eps: 0.05,
+        };
+        let v = clustered_with_noise(300, 32, 41);
+        let mut rng = StdRng::seed_from_u64(41);
+        // Some undated, the rest within a few days, so that bursts and far-apart pairs occur.
+        let times: Vec<Option<i64>> = (0..v.len())
+            .map(|_| {
+                rng.random_bool(0.8)
+                    .then(|| 1_700_000_000_000 + rng.random_range(0..5 * 86_400_000i64))
+            })
+            .collect();
+        let params = ClusterParams {
+            eps: 0.1,
+            min_points: 2,
+        };
+        let modes = insert_and_compare(&v, &times, params, Some(rule), 150, 10, 1.0);
+        assert!(
+            modes.iter().all(|m| *m == Assigned::Incremental),
+            "{modes:?}"
+        );
+        // From one dated photo to two, the rule starts to apply: a full run.
+        let mut one = Clustering::full(
+            matrix(&v[..3]),
+            vec![None, Some(0), None],
+            params,
+            Some(rule),
+        );
+        assert_eq!(
+            one.insert(matrix(&v[3..4]).view(), &[Some(1_000)]),
+            Assigned::Full(FullReason::TimeRule)
+        );
+    }
+
+    #[test]
+    fn a_bridge_merges_two_clusters_and_a_lone_point_stays_noise() {
+        let params = ClusterParams {
+            eps: 0.02,
+            min_points: 2,
+        };
+        let at = |deg: f32| unit(&[deg.to_radians().cos(), deg.to_radians().sin(), 0.0]);
+        // cos distance of 10° ≈ 0.015: neighbours; 20° ≈ 0.06: not.
+        let v = vec![at(0.0), at(10.0), at(30.0), at(40.0)];
+        let mut c = Clustering::full(matrix(&v), vec![None; 4], params, None);
+        assert_eq!(c.groups(), vec![vec![0, 1], vec![2, 3]]);
+        assert_eq!(
+            c.insert(
+                matrix(&[at(20.0), unit(&[0.0, 0.0, 1.0])]).view(),
+                &[None, None]
+            ),
+            Assigned::Incremental
+        );
+        assert_eq!(c.groups(), vec![vec![0, 1, 2, 3, 4], vec![5]]);
+        c.retain(&[0, 1, 2, 3]);
+        assert_eq!(c.groups(), vec![vec![0, 1], vec![2, 3]]);
+    }
+
+    #[test]
+    fn a_border_point_between_two_clusters_is_ambiguous_and_reclusters() {
+        let params = ClusterParams {
+            eps: 0.02,
+            min_points: 4,
+        };
+        let at = |deg: f32| unit(&[deg.to_radians().cos(), deg.to_radians().sin(), 0.0]);
+        // eps 0.02 is about 11.48°. Two dense groups 22° apart; a point midway reaches one core
+        // of each (11° away) and nothing else: three neighbours with itself, fewer than four,
+        // so it is a border point either cluster could take.
+        let v: Vec<Vec<f32>> = [0.0, 0.5, 1.0, 1.5, 23.5, 24.0, 24.5, 25.0]
+            .into_iter()
+            .map(at)
+            .collect();
+        let mut c = Clustering::full(matrix(&v), vec![None; 8], params, None);
+        assert_eq!(c.groups(), vec![vec![0, 1, 2, 3], vec![4, 5, 6, 7]]);
+        assert_eq!(
+            c.insert(matrix(&[at(12.5)]).view(), &[None]),
+            Assigned::Full(FullReason::Ambiguous)
+        );
+        let all = [v.clone(), vec![at(12.5)]].concat();
+        let full = Clustering::full(matrix(&all), vec![None; 9], params, None);
+
+        assert_eq!(c.groups(), full.groups());
+    }
+}
