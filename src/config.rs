@@ -437,6 +437,10 @@ pub struct ClusteringSettings {
     /// Cluster versions kept per pet; older ones are deleted as new ones are written.
     #[serde(default = "default_keep_versions")]
     pub keep_versions: i64,
+    /// MiB of pets' clusterings (vectors, clusters, neighbour counts) a worker keeps between
+    /// jobs, so a job adding photos assigns them instead of re-clustering the pet; 0: off.
+    #[serde(default = "default_cache_mib")]
+    pub cache_mib: usize,
     /// Capture time as a second signal (`[clustering.capture_time]`).
     #[serde(default)]
     pub capture_time: CaptureTimeSettings,
@@ -472,6 +476,10 @@ impl Default for CaptureTimeSettings {
 
 fn default_keep_versions() -> i64 {
     10
+}
+
+fn default_cache_mib() -> usize {
+    512
 }
 
 impl ClusteringSettings {

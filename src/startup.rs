@@ -449,6 +449,8 @@ pub fn start_pipeline(
         orphan_grace: Duration::from_millis(settings.storage.orphan_grace_ms),
         params: settings.clustering.params(),
         time_rule: settings.clustering.time_rule(),
+        cluster_cache_bytes: settings.clustering.cache_mib << 20,
+
         limits: settings.server.decode_limits(),
     };
     tracing::info!(consumer = %ps.consumer, stream = %ps.stream, group = %ps.group, "Starting the pipeline.");

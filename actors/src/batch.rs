@@ -12,7 +12,7 @@
 //! whatever happens (success, failure, panic, cancellation) its `Drop` hands them back to
 //! the scheduler with the outcome.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
@@ -21,8 +21,11 @@ use tracing::{Instrument, field};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use uuid::Uuid;
 
+use crate::algo::dbscan::Clustering;
 use crate::error::{FailureClass, PipelineError};
 use crate::events::{EntryDeadLettered, JobFailed, JobSucceeded, PhotoQuarantined};
+use crate::job::JobKind;
+use crate::pet_cache::PetClustering;
 use crate::pipeline::{Core, Held, PetLease};
 use crate::ports::{ClusteringResult, Delivery, FinalStatus, JobStart, PetImage};
 use crate::runtime::faults::FaultPoint;
@@ -321,11 +324,22 @@ async fn run_jobs(core: &Arc<Core>, g: &mut BatchGuard) -> Result<(), PipelineEr
     }
 
     let model_version = core.model_version.clone();
+    let settings = &core.settings;
+    let recluster = g.entries.iter().any(|h| h.entry.kind == JobKind::Recluster);
+    // The pet's clustering as this process last left it: only the photos it lacks are read
+    // and assigned (incremental clustering).
+    let held = core.clusterings.take(
+        &g.pet_id,
+        &model_version,
+        &settings.params,
+        settings.time_rule.as_ref(),
+    );
     let images = match db(
         core,
         DbOp::LoadPet {
             pet_id: g.pet_id.clone(),
             model_version: model_version.clone(),
+            held: held.as_ref().map(|h| h.ids.clone()).unwrap_or_default(),
         },
     )
     .await?
@@ -335,42 +349,102 @@ async fn run_jobs(core: &Arc<Core>, g: &mut BatchGuard) -> Result<(), PipelineEr
     };
     let fresh = embed_missing(core, &images).await?;
 
-    let mut ids = Vec::with_capacity(images.len());
-    let mut vectors = Vec::with_capacity(images.len());
-    let mut qualities = Vec::with_capacity(images.len());
-    let mut times = Vec::with_capacity(images.len());
+    let still: HashSet<Uuid> = images
+        .iter()
+        .filter(|i| i.held)
+        .map(|i| i.image_id)
+        .collect();
+    let mut add_ids = Vec::new();
+    let mut add_vectors: Vec<f32> = Vec::new();
+    let mut add_qualities = Vec::new();
+    let mut add_times = Vec::new();
     for (i, img) in images.into_iter().enumerate() {
         let (v, q) = match (img.cached, fresh.get(&i)) {
+            _ if img.held => continue,
             (Some(c), _) => c,
             (None, Some(Some(e))) => (e.vector.clone(), e.quality),
             (None, _) => continue, // quarantined
         };
-        ids.push(img.image_id);
-        times.push(img.captured_at_ms);
-        vectors.push(v);
-        qualities.push(q);
+        add_ids.push(img.image_id);
+        add_times.push(img.captured_at_ms);
+        add_vectors.extend_from_slice(&v);
+        add_qualities.push(q);
     }
-    let clusters = if vectors.is_empty() {
+    // Held photos still the pet's; `keep` lists them when some left.
+    let (held_clustering, keep, mut ids, mut qualities) = match held {
+        Some(h) => {
+            let kept: Vec<usize> = (0..h.ids.len())
+                .filter(|&i| still.contains(&h.ids[i]))
+                .collect();
+            if kept.len() == h.ids.len() {
+                (Some(h.clustering), None, h.ids, h.qualities)
+            } else {
+                let ids = kept.iter().map(|&i| h.ids[i]).collect();
+                let qualities = kept.iter().map(|&i| h.qualities[i]).collect();
+                (Some(h.clustering), Some(kept), ids, qualities)
+            }
+        }
+        None => (None, None, Vec::new(), Vec::new()),
+    };
+    let dim = held_clustering
+        .as_ref()
+        .map(Clustering::dim)
+        .filter(|_| add_ids.is_empty())
+        .unwrap_or_else(|| add_vectors.len() / add_ids.len().max(1));
+    ids.extend(add_ids.iter().copied());
+    qualities.extend(add_qualities);
+    let n_images = ids.len();
+    let clusters = if ids.is_empty() {
         Vec::new()
     } else {
-        let vectors = Arc::new(vectors);
-        let groups = core
+        let add = ndarray::Array2::from_shape_vec((add_ids.len(), dim), add_vectors)
+            .map_err(|e| PipelineError::permanent(format!("embeddings of one length: {e}")))?;
+        let (clustering, assigned) = core
             .clusterers
             .send(ClusterVectors {
-                vectors: vectors.clone(),
-                times: Arc::new(times),
-                params: core.settings.params,
-                time_rule: core.settings.time_rule,
+                held: held_clustering,
+                keep,
+                add,
+                add_times,
+                recluster,
+                params: settings.params,
+                time_rule: settings.time_rule,
             })
             .await?;
-        core.heroes
+        core.metrics
+            .clusterings
+            .with_label_values(&[assigned.as_str()])
+            .inc();
+        let groups = clustering.groups();
+        let clustering = Arc::new(clustering);
+        let ids = Arc::new(ids);
+        let qualities = Arc::new(qualities);
+        let clusters = core
+            .heroes
             .send(PickHeroes {
-                ids: Arc::new(ids.clone()),
-                vectors,
-                qualities: Arc::new(qualities),
+                ids: ids.clone(),
+                clustering: clustering.clone(),
+                qualities: qualities.clone(),
                 clusters: groups,
             })
-            .await?
+            .await?;
+        // The hero selector has let go of its references: keep the clustering for the next job.
+        if let (Ok(clustering), Ok(ids), Ok(qualities)) = (
+            Arc::try_unwrap(clustering),
+            Arc::try_unwrap(ids),
+            Arc::try_unwrap(qualities),
+        ) {
+            core.clusterings.put(
+                g.pet_id.clone(),
+                PetClustering {
+                    model_version: model_version.clone(),
+                    ids,
+                    qualities,
+                    clustering,
+                },
+            );
+        }
+        clusters
     };
     let n_clusters = clusters.len();
     let newest = g
@@ -410,7 +484,7 @@ async fn run_jobs(core: &Arc<Core>, g: &mut BatchGuard) -> Result<(), PipelineEr
             version,
             batch: settled.len(),
             clusters: n_clusters,
-            images: ids.len(),
+            images: n_images,
             elapsed: h.received.elapsed(),
         }
         .emit(&core.metrics);
@@ -433,7 +507,7 @@ async fn embed_missing(
         images
             .iter()
             .enumerate()
-            .filter(|(_, i)| i.cached.is_none()),
+            .filter(|(_, i)| i.cached.is_none() && !i.held),
     )
     .map(|(i, img)| async move {
         let slot = core.embedders.reserve().await?;

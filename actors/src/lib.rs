@@ -6,6 +6,7 @@
 //! - `scheduler`: the pet scheduler (a queue per pet, one batch per pet at a time).
 //! - `batch`: one batch of a pet's jobs through the stages, and the guard that releases it.
 //! - `loops`: the read, keep-alive and depth loops the supervisor runs.
+//! - `pet_cache`: pets' clusterings kept between jobs (incremental clustering), under a budget.
 //! - [`pipeline`]: wires all of it and gives the handle that drains it.
 //! - [`algo`]: decoding, embedding, quality, clustering and hero score, as plain functions.
 //! - [`ort_encoder`]: the ONNX Runtime embedder backend, loaded at run time.
@@ -24,6 +25,7 @@ pub mod job;
 mod loops;
 pub mod metrics;
 pub mod ort_encoder;
+mod pet_cache;
 pub mod pipeline;
 pub mod ports;
 pub mod runtime;

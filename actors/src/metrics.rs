@@ -35,6 +35,8 @@ pub const ACTOR_INSTANCES: &str = "media_cluster_actor_instances";
 pub const ACTOR_MESSAGES: &str = "media_cluster_actor_messages_total";
 pub const TELEMETRY_DROPPED_SPANS: &str = "media_cluster_telemetry_dropped_spans_total";
 pub const EMBEDDER_INPUTS: &str = "media_cluster_embedder_inputs_total";
+pub const CLUSTERINGS: &str = "media_cluster_clusterings_total";
+pub const CLUSTERINGS_HELD: &str = "media_cluster_clusterings_held";
 pub const TELEMETRY_SETUP_ERRORS: &str = "media_cluster_telemetry_setup_errors_total";
 pub const TELEMETRY_METRIC_EXPORT_FAILURES: &str =
     "media_cluster_telemetry_metric_export_failures_total";
@@ -109,6 +111,8 @@ pub struct Metrics {
     pub messages: IntCounterVec,
     pub dropped_spans: IntCounter,
     pub embedder_inputs: IntCounterVec,
+    pub clusterings: IntCounterVec,
+    pub clusterings_held: IntGaugeVec,
     pub telemetry_setup_errors: IntCounter,
     pub metric_export_failures: IntCounter,
     /// Exemplars of the traced histograms (processing, embedding, Postgres, actor handling).
@@ -236,6 +240,16 @@ impl Metrics {
                 "Photos given to an embedder, by input: prepared at upload, or the original.",
                 &["input"],
             ),
+            clusterings: counter_vec(
+                CLUSTERINGS,
+                "Pet clusterings, by how they were made: incremental, or full with the reason (not_held, asked, ambiguous, removed, time_rule).",
+                &["assigned"],
+            ),
+            clusterings_held: gauge_vec(
+                CLUSTERINGS_HELD,
+                "Pet clusterings this worker keeps between jobs: pets, and bytes (at most clustering.cache_mib).",
+                &["measure"],
+            ),
             telemetry_setup_errors: IntCounter::new(
                 TELEMETRY_SETUP_ERRORS,
                 "Telemetry settings that could not be used and exporters that could not be built, at start-up.",
@@ -250,6 +264,12 @@ impl Metrics {
         };
         for i in EMBEDDER_INPUT_KINDS {
             m.embedder_inputs.with_label_values(&[i]);
+        }
+        for a in crate::algo::dbscan::Assigned::ALL {
+            m.clusterings.with_label_values(&[a.as_str()]);
+        }
+        for s in ["pets", "bytes"] {
+            m.clusterings_held.with_label_values(&[s]);
         }
         for s in [
             JobOutcome::Succeeded,
@@ -346,6 +366,8 @@ impl Metrics {
         registry.register(Box::new(self.messages.clone()))?;
         registry.register(Box::new(self.dropped_spans.clone()))?;
         registry.register(Box::new(self.embedder_inputs.clone()))?;
+        registry.register(Box::new(self.clusterings.clone()))?;
+        registry.register(Box::new(self.clusterings_held.clone()))?;
         registry.register(Box::new(self.telemetry_setup_errors.clone()))?;
         registry.register(Box::new(self.metric_export_failures.clone()))?;
         Ok(())

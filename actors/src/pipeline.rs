@@ -84,6 +84,9 @@ pub struct PipelineSettings {
     pub params: ClusterParams,
     /// Capture time as a second clustering signal (`clustering.capture_time`); `None`: off.
     pub time_rule: Option<crate::algo::cluster::TimeRule>,
+    /// Bytes of pets' clusterings kept between jobs (`clustering.cache_mib`); 0: none, every
+    /// job re-clusters its pet.
+    pub cluster_cache_bytes: usize,
     pub limits: DecodeLimits,
 }
 
@@ -115,6 +118,8 @@ pub(crate) struct Core {
     pub embedders: Pool<EmbedPhoto>,
     pub clusterers: Pool<ClusterVectors>,
     pub heroes: Pool<PickHeroes>,
+    /// Pets' clusterings kept between jobs.
+    pub clusterings: crate::pet_cache::PetClusterings,
     pub blobs: Arc<dyn BlobStore>,
     pub tracked: Arc<Tracked>,
     pub faults: Arc<Faults>,
@@ -390,6 +395,7 @@ pub fn start(
         model_version: model.model_version().to_owned(),
         crop_preprocess: model.crop_preprocess().cloned(),
         held: Arc::new(Semaphore::new(settings.max_queued_jobs.max(1))),
+        clusterings: crate::pet_cache::PetClusterings::new(settings.cluster_cache_bytes, &metrics),
         settings,
         metrics: metrics.clone(),
         readers,

@@ -147,7 +147,10 @@ pub enum JobStart {
 pub struct PetImage {
     pub image_id: Uuid,
     pub storage_key: String,
+    /// Its stored embedding, unless the caller said it holds it (`held`).
     pub cached: Option<(Vec<f32>, Quality)>,
+    /// The caller holds this photo's embedding ([`Store::pet_images`]'s `held`): not read.
+    pub held: bool,
     /// EXIF capture time, Unix ms ([`crate::algo::capture`]), when the upload had one.
     pub captured_at_ms: Option<i64>,
 }
@@ -189,12 +192,14 @@ pub trait Store: Send + Sync + 'static {
     /// Marks each job `running` (counting the attempt) unless it already finished; answers
     /// in the order asked. `jobs` are `(job id, stream id)`.
     async fn start_jobs(&self, jobs: &[(Uuid, String)]) -> Result<Vec<JobStart>, PipelineError>;
-    /// Every photo of the pet that is not quarantined, with embeddings cached for
-    /// `model_version`.
+    /// Every photo of the pet that is not quarantined, oldest first, with embeddings cached
+    /// for `model_version`, except those of `held` (photos whose embedding the caller already
+    /// holds), which come back marked `held` without it.
     async fn pet_images(
         &self,
         pet_id: &str,
         model_version: &str,
+        held: &[Uuid],
     ) -> Result<Vec<PetImage>, PipelineError>;
     /// Stores one photo's embedding and quality measures (kept if already there).
     async fn store_embedding(

@@ -1,6 +1,6 @@
 //! Postgres: the API's reads and writes, and the pipeline's [`Store`] port.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use actors::algo::hero::HERO_MARGIN;
@@ -9,7 +9,7 @@ use actors::algo::quality::Quality;
 use actors::error::PipelineError;
 use actors::job::{JobEntry, JobKind};
 use actors::ports::{
-    ClusterOut, ClusteringResult, FinalStatus, JobStart, Member, OutboxJob, PetImage, Store,
+    ClusterOut, ClusteringResult, FinalStatus, JobStart, OutboxJob, PetImage, Store,
 };
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -397,32 +397,36 @@ pub async fn latest_clusters(
     else {
         return Ok(None);
     };
-    let version_row: i64 = v.try_get("id")?;
-    let clusters = clusters_of_version(pool, version_row, None).await?;
+    let version: i64 = v.try_get("version")?;
+    let clusters = clusters_of_version(pool, pet_id, version, None).await?;
     Ok(Some(ClusteringView {
         pet_id: pet_id.to_owned(),
-        version: v.try_get("version")?,
+        version,
         model_version: v.try_get("model_version")?,
         clusters,
         unprocessable: unprocessable(pool, pet_id, None).await?,
     }))
 }
 
-/// The clusters of one version row (only `cluster_id` when given), biggest first, members
+/// The clusters of a pet's version (only `cluster_id` when given), biggest first, members
 /// best-scored first.
 async fn clusters_of_version(
     db: impl sqlx::PgExecutor<'_>,
-    version_row: i64,
+    pet_id: &str,
+    version: i64,
     cluster_id: Option<Uuid>,
 ) -> Result<Vec<ClusterView>, sqlx::Error> {
     let rows = sqlx::query(
         "SELECT c.cluster_id, c.hero_image_id, c.hero_pinned, c.size, m.image_id, m.score,
                 m.sharpness, m.noise, m.exposure, m.resolution, m.centrality, m.near_duplicate_of
          FROM clusters c JOIN cluster_members m ON m.cluster = c.id
-         WHERE c.cluster_version_id = $1 AND ($2::uuid IS NULL OR c.cluster_id = $2)
-         ORDER BY c.size DESC, c.label, m.score DESC, m.image_id",
+         WHERE c.pet_id = $1 AND c.first_version <= $2
+           AND (c.until_version IS NULL OR c.until_version > $2)
+           AND ($3::uuid IS NULL OR c.cluster_id = $3)
+         ORDER BY c.size DESC, c.first_version, c.label, m.score DESC, m.image_id",
     )
-    .bind(version_row)
+    .bind(pet_id)
+    .bind(version)
     .bind(cluster_id)
     .fetch_all(db)
     .await?;
@@ -495,8 +499,8 @@ pub async fn pin_hero(
         .bind(pet_id)
         .execute(&mut **tx)
         .await?;
-    let Some(version_row): Option<i64> = sqlx::query_scalar(
-        "SELECT id FROM cluster_versions WHERE pet_id = $1 ORDER BY version DESC LIMIT 1",
+    let Some(version): Option<i64> = sqlx::query_scalar(
+        "SELECT version FROM cluster_versions WHERE pet_id = $1 ORDER BY version DESC LIMIT 1",
     )
     .bind(pet_id)
     .fetch_optional(&mut **tx)
@@ -506,9 +510,9 @@ pub async fn pin_hero(
     };
     let row: Option<(Uuid, bool)> = sqlx::query_as(
         "SELECT c.id, EXISTS (SELECT 1 FROM cluster_members m WHERE m.cluster = c.id AND m.image_id = $3)
-         FROM clusters c WHERE c.cluster_version_id = $1 AND c.cluster_id = $2",
+         FROM clusters c WHERE c.pet_id = $1 AND c.cluster_id = $2 AND c.until_version IS NULL",
     )
-    .bind(version_row)
+    .bind(pet_id)
     .bind(cluster_id)
     .bind(image_id)
     .fetch_optional(&mut **tx)
@@ -532,7 +536,7 @@ pub async fn pin_hero(
         .bind(image_id)
         .execute(&mut **tx)
         .await?;
-    let mut view = clusters_of_version(&mut **tx, version_row, Some(cluster_id)).await?;
+    let mut view = clusters_of_version(&mut **tx, pet_id, version, Some(cluster_id)).await?;
     Ok(Ok(view.remove(0)))
 }
 
@@ -596,9 +600,55 @@ impl Store for PgStore {
         &self,
         pet_id: &str,
         model_version: &str,
+        held: &[Uuid],
     ) -> Result<Vec<PetImage>, PipelineError> {
+        let quality = |r: &sqlx::postgres::PgRow| -> Result<Quality, sqlx::Error> {
+            Ok(Quality {
+                sharpness: r.try_get("sharpness")?,
+                noise: r.try_get("noise")?,
+                exposure: r.try_get("exposure")?,
+                pixels: r.try_get::<i64, _>("pixels")? as u64,
+            })
+        };
+        let captured = |r: &sqlx::postgres::PgRow| -> Result<Option<i64>, sqlx::Error> {
+            Ok(r.try_get::<Option<DateTime<Utc>>, _>("captured_at")?
+                .map(|t| t.timestamp_millis()))
+        };
+        if held.is_empty() {
+            let rows = sqlx::query(
+                "SELECT i.id, i.storage_key, i.captured_at, e.vector, e.sharpness, e.noise, e.exposure, e.pixels
+                 FROM images i
+                 LEFT JOIN image_embeddings e ON e.image_id = i.id AND e.model_version = $2
+                 WHERE i.pet_id = $1 AND i.error IS NULL ORDER BY i.created_at, i.id",
+            )
+            .bind(pet_id)
+            .bind(model_version)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+            return rows
+                .into_iter()
+                .map(|r| {
+                    let vector: Option<Vec<f32>> = r.try_get("vector")?;
+                    Ok(PetImage {
+                        image_id: r.try_get("id")?,
+                        storage_key: r.try_get("storage_key")?,
+                        cached: match vector {
+                            Some(v) => Some((v, quality(&r)?)),
+                            None => None,
+                        },
+                        held: false,
+                        captured_at_ms: captured(&r)?,
+                    })
+                })
+                .collect::<Result<_, sqlx::Error>>()
+                .map_err(unavailable);
+        }
+        // The caller holds most vectors: list the photos without any, then read the vectors
+        // of the others only.
+        let held: HashSet<Uuid> = held.iter().copied().collect();
         let rows = sqlx::query(
-            "SELECT i.id, i.storage_key, i.captured_at, e.vector, e.sharpness, e.noise, e.exposure, e.pixels
+            "SELECT i.id, i.storage_key, i.captured_at, e.image_id IS NOT NULL AS embedded
              FROM images i
              LEFT JOIN image_embeddings e ON e.image_id = i.id AND e.model_version = $2
              WHERE i.pet_id = $1 AND i.error IS NULL ORDER BY i.created_at, i.id",
@@ -608,32 +658,45 @@ impl Store for PgStore {
         .fetch_all(&self.pool)
         .await
         .map_err(unavailable)?;
-        rows.into_iter()
-            .map(|r| {
-                let vector: Option<Vec<f32>> = r.try_get("vector")?;
-                let cached = match vector {
-                    Some(v) => Some((
-                        v,
-                        Quality {
-                            sharpness: r.try_get("sharpness")?,
-                            noise: r.try_get("noise")?,
-                            exposure: r.try_get("exposure")?,
-                            pixels: r.try_get::<i64, _>("pixels")? as u64,
-                        },
-                    )),
-                    None => None,
-                };
-                Ok(PetImage {
-                    image_id: r.try_get("id")?,
-                    storage_key: r.try_get("storage_key")?,
-                    cached,
-                    captured_at_ms: r
-                        .try_get::<Option<chrono::DateTime<chrono::Utc>>, _>("captured_at")?
-                        .map(|t| t.timestamp_millis()),
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(unavailable)
+        let mut images = Vec::with_capacity(rows.len());
+        let mut wanted = Vec::new();
+        for r in rows {
+            let image_id: Uuid = r.try_get("id").map_err(unavailable)?;
+            let is_held = held.contains(&image_id);
+            if !is_held && r.try_get::<bool, _>("embedded").map_err(unavailable)? {
+                wanted.push(image_id);
+            }
+            images.push(PetImage {
+                image_id,
+                storage_key: r.try_get("storage_key").map_err(unavailable)?,
+                cached: None,
+                held: is_held,
+                captured_at_ms: captured(&r).map_err(unavailable)?,
+            });
+        }
+        if !wanted.is_empty() {
+            let rows = sqlx::query(
+                "SELECT image_id, vector, sharpness, noise, exposure, pixels FROM image_embeddings
+                 WHERE model_version = $2 AND image_id = ANY($1)",
+            )
+            .bind(&wanted)
+            .bind(model_version)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+            let mut found: HashMap<Uuid, (Vec<f32>, Quality)> = HashMap::with_capacity(rows.len());
+            for r in rows {
+                let q = quality(&r).map_err(unavailable)?;
+                found.insert(
+                    r.try_get("image_id").map_err(unavailable)?,
+                    (r.try_get("vector").map_err(unavailable)?, q),
+                );
+            }
+            for img in images.iter_mut().filter(|i| !i.held) {
+                img.cached = found.remove(&img.image_id);
+            }
+        }
+        Ok(images)
     }
 
     async fn store_embedding(
@@ -837,7 +900,7 @@ async fn commit(
         tracing::info!(job_id = %r.version_job, version, "A newer job already clustered this pet; coalesced.");
         return Ok(Committed::Version(version));
     }
-    let (previous, previous_heroes) = previous_clusters(&mut tx, &r.pet_id).await?;
+    let previous = previous_clusters(&mut tx, &r.pet_id).await?;
     let version: i64 = sqlx::query_scalar(
         "SELECT COALESCE(MAX(version), 0) + 1 FROM cluster_versions WHERE pet_id = $1",
     )
@@ -846,73 +909,64 @@ async fn commit(
     .await?;
     let params =
         serde_json::json!({ "eps_cosine": r.params.eps, "min_points": r.params.min_points });
-    let version_id: i64 = sqlx::query_scalar(
+    sqlx::query(
         "INSERT INTO cluster_versions (pet_id, version, job_id, model_version, algorithm, params)
-         VALUES ($1, $2, $3, $4, 'dbscan', $5) RETURNING id",
+         VALUES ($1, $2, $3, $4, 'dbscan', $5)",
     )
     .bind(&r.pet_id)
     .bind(version)
     .bind(r.version_job)
     .bind(&r.model_version)
     .bind(params)
-    .fetch_one(&mut *tx)
+    .execute(&mut *tx)
     .await?;
     let new_members: Vec<Vec<Uuid>> = r
         .clusters
         .iter()
         .map(|c| c.members.iter().map(|m| m.image_id).collect())
         .collect();
-    let kept = match_clusters(&previous, &new_members);
+    let identities: Vec<(Uuid, Vec<Uuid>)> = previous
+        .iter()
+        .map(|p| (p.cluster_id, p.members.iter().map(|m| m.0).collect()))
+        .collect();
+    let kept = match_clusters(&identities, &new_members);
+    let by_id: HashMap<Uuid, &PreviousCluster> =
+        previous.iter().map(|p| (p.cluster_id, p)).collect();
     let pins = hero_pins(&mut tx, &r.pet_id).await?;
     let mut pinned_ids: Vec<Uuid> = Vec::new();
+    // Clusters whose current row stays as it is (same members, scores and hero); every other
+    // current row ends at this version and the changed clusters get new rows.
+    let mut unchanged: Vec<Uuid> = Vec::new();
+    let mut rows = ClusterRows::default();
     for (label, (c, kept)) in r.clusters.iter().zip(kept).enumerate() {
-        let row_id = Uuid::now_v7();
         let cluster_id = kept.unwrap_or_else(Uuid::now_v7);
+        let previous = kept.and_then(|k| by_id.get(&k).copied());
         let (hero, pinned) = choose_hero(
             c,
             kept.and_then(|k| pins.get(&k)).copied(),
-            kept.and_then(|k| previous_heroes.get(&k)).copied(),
+            previous.map(|p| p.hero),
         );
         if pinned {
             pinned_ids.push(cluster_id);
         }
-        sqlx::query(
-            "INSERT INTO clusters (id, cluster_version_id, cluster_id, label, hero_image_id, size, hero_pinned)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(row_id)
-        .bind(version_id)
-        .bind(cluster_id)
-        .bind(label as i32)
-        .bind(hero)
-        .bind(c.members.len() as i32)
-        .bind(pinned)
-        .execute(&mut *tx)
-        .await?;
-        let col = |f: fn(&Member) -> f64| c.members.iter().map(f).collect::<Vec<f64>>();
-        sqlx::query(
-            "INSERT INTO cluster_members
-                 (cluster, image_id, score, sharpness, noise, exposure, resolution, centrality, near_duplicate_of)
-             SELECT $1, * FROM UNNEST($2::uuid[], $3::float8[], $4::float8[], $5::float8[],
-                                      $6::float8[], $7::float8[], $8::float8[], $9::uuid[])",
-        )
-        .bind(row_id)
-        .bind(c.members.iter().map(|m| m.image_id).collect::<Vec<_>>())
-        .bind(col(|m| m.score.total))
-        .bind(col(|m| m.score.sharpness))
-        .bind(col(|m| m.score.noise))
-        .bind(col(|m| m.score.exposure))
-        .bind(col(|m| m.score.resolution))
-        .bind(col(|m| m.score.centrality))
-        .bind(
-            c.members
-                .iter()
-                .map(|m| m.near_duplicate_of)
-                .collect::<Vec<Option<Uuid>>>(),
-        )
-        .execute(&mut *tx)
-        .await?;
+        if previous.is_some_and(|p| p.is_same(c, hero, pinned)) {
+            unchanged.push(cluster_id);
+            continue;
+        }
+        rows.push(cluster_id, label, hero, pinned, c);
     }
+    let unchanged: HashSet<Uuid> = unchanged.into_iter().collect();
+    let retired: Vec<Uuid> = previous
+        .iter()
+        .filter(|p| !unchanged.contains(&p.cluster_id))
+        .map(|p| p.row)
+        .collect();
+    sqlx::query("UPDATE clusters SET until_version = $2 WHERE id = ANY($1)")
+        .bind(&retired)
+        .bind(version)
+        .execute(&mut *tx)
+        .await?;
+    rows.insert(&mut tx, &r.pet_id, version).await?;
     // A pin lapses when its photo left the cluster, or the cluster id is gone.
     sqlx::query("DELETE FROM hero_pins WHERE pet_id = $1 AND NOT (cluster_id = ANY($2))")
         .bind(&r.pet_id)
@@ -920,12 +974,19 @@ async fn commit(
         .execute(&mut *tx)
         .await?;
     mark_succeeded(&mut tx, &r.job_ids, version).await?;
-    // Storage grows with the library, not with the jobs: versions older than the last
-    // `keep_versions` go, with their clusters and members (ON DELETE CASCADE). Jobs keep
-    // the number of the version that completed them.
-    sqlx::query("DELETE FROM cluster_versions WHERE pet_id = $1 AND version <= $2")
+    // Storage grows with the library and what changes, not with the jobs: versions older
+    // than the last `keep_versions` go, and so do the cluster rows (with their members, ON
+    // DELETE CASCADE) that no kept version sees. Jobs keep the number of the version that
+    // completed them.
+    let oldest_kept = version - keep_versions.max(1) + 1;
+    sqlx::query("DELETE FROM cluster_versions WHERE pet_id = $1 AND version < $2")
         .bind(&r.pet_id)
-        .bind(version - keep_versions.max(1))
+        .bind(oldest_kept)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("DELETE FROM clusters WHERE pet_id = $1 AND until_version <= $2")
+        .bind(&r.pet_id)
+        .bind(oldest_kept)
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
@@ -987,43 +1048,166 @@ async fn hero_pins(
     Ok(pins.into_iter().collect())
 }
 
-/// The previous version's clusters with their members, for identity matching, and the hero
-/// of each (by cluster id), for the hero's margin.
+/// A current cluster row: what the next commit compares a new cluster with.
+struct PreviousCluster {
+    /// The row's own id.
+    row: Uuid,
+    cluster_id: Uuid,
+    hero: Uuid,
+    pinned: bool,
+    /// `(image id, score, near-duplicate of)`, ordered by image id.
+    members: Vec<(Uuid, f64, Option<Uuid>)>,
+}
+
+impl PreviousCluster {
+    /// Whether the new cluster would write this very row again.
+    fn is_same(&self, c: &ClusterOut, hero: Uuid, pinned: bool) -> bool {
+        if self.hero != hero || self.pinned != pinned || self.members.len() != c.members.len() {
+            return false;
+        }
+        let mut new: Vec<(Uuid, f64, Option<Uuid>)> = c
+            .members
+            .iter()
+            .map(|m| (m.image_id, m.score.total, m.near_duplicate_of))
+            .collect();
+        new.sort_by_key(|m| m.0);
+        // Scores within rounding: the same members summed in another order are the same score.
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * a.abs().max(b.abs());
+        new.iter()
+            .zip(&self.members)
+            .all(|(a, b)| a.0 == b.0 && close(a.1, b.1) && a.2 == b.2)
+    }
+}
+
+/// The pet's current clusters (the latest version's), in label order, for identity matching,
+/// the hero's margin and the comparison that spares rewriting unchanged clusters.
 async fn previous_clusters(
     tx: &mut Transaction<'_, Postgres>,
     pet_id: &str,
-) -> Result<(Vec<(Uuid, Vec<Uuid>)>, HashMap<Uuid, Uuid>), sqlx::Error> {
+) -> Result<Vec<PreviousCluster>, sqlx::Error> {
     let rows = sqlx::query(
-        "SELECT c.cluster_id, c.hero_image_id, m.image_id FROM clusters c
-         JOIN cluster_members m ON m.cluster = c.id
-         WHERE c.cluster_version_id = (SELECT id FROM cluster_versions WHERE pet_id = $1 ORDER BY version DESC LIMIT 1)
-         ORDER BY c.label",
+        "SELECT c.id, c.cluster_id, c.hero_image_id, c.hero_pinned, m.image_id, m.score, m.near_duplicate_of
+         FROM clusters c JOIN cluster_members m ON m.cluster = c.id
+         WHERE c.pet_id = $1 AND c.until_version IS NULL
+         ORDER BY c.first_version, c.label, m.image_id",
     )
     .bind(pet_id)
     .fetch_all(&mut **tx)
     .await?;
-    let mut order: Vec<Uuid> = Vec::new();
-    let mut members: HashMap<Uuid, Vec<Uuid>> = HashMap::new();
-    let mut heroes: HashMap<Uuid, Uuid> = HashMap::new();
+    let mut out: Vec<PreviousCluster> = Vec::new();
     for r in rows {
-        let c: Uuid = r.try_get("cluster_id")?;
-        if !members.contains_key(&c) {
-            order.push(c);
-            heroes.insert(c, r.try_get("hero_image_id")?);
+        let cluster_id: Uuid = r.try_get("cluster_id")?;
+        let member = (
+            r.try_get("image_id")?,
+            r.try_get("score")?,
+            r.try_get("near_duplicate_of")?,
+        );
+        match out.last_mut() {
+            Some(p) if p.cluster_id == cluster_id => p.members.push(member),
+            _ => out.push(PreviousCluster {
+                row: r.try_get("id")?,
+                cluster_id,
+
+                hero: r.try_get("hero_image_id")?,
+                pinned: r.try_get("hero_pinned")?,
+                members: vec![member],
+            }),
         }
-        members.entry(c).or_default().push(r.try_get("image_id")?);
     }
-    let clusters = order
-        .into_iter()
-        .map(|c| (c, members.remove(&c).unwrap_or_default()))
-        .collect();
-    Ok((clusters, heroes))
+    Ok(out)
+}
+
+/// New cluster rows and their members, written with one statement each (arrays unnested).
+#[derive(Default)]
+struct ClusterRows {
+    ids: Vec<Uuid>,
+    cluster_ids: Vec<Uuid>,
+    labels: Vec<i32>,
+    heroes: Vec<Uuid>,
+    sizes: Vec<i32>,
+    pinned: Vec<bool>,
+    m_cluster: Vec<Uuid>,
+    m_image: Vec<Uuid>,
+    m_score: Vec<f64>,
+    m_sharpness: Vec<f64>,
+    m_noise: Vec<f64>,
+    m_exposure: Vec<f64>,
+    m_resolution: Vec<f64>,
+    m_centrality: Vec<f64>,
+    m_duplicate: Vec<Option<Uuid>>,
+}
+
+impl ClusterRows {
+    fn push(&mut self, cluster_id: Uuid, label: usize, hero: Uuid, pinned: bool, c: &ClusterOut) {
+        let row = Uuid::now_v7();
+        self.ids.push(row);
+        self.cluster_ids.push(cluster_id);
+        self.labels.push(label as i32);
+        self.heroes.push(hero);
+        self.sizes.push(c.members.len() as i32);
+        self.pinned.push(pinned);
+        for m in &c.members {
+            self.m_cluster.push(row);
+            self.m_image.push(m.image_id);
+            self.m_score.push(m.score.total);
+            self.m_sharpness.push(m.score.sharpness);
+            self.m_noise.push(m.score.noise);
+            self.m_exposure.push(m.score.exposure);
+            self.m_resolution.push(m.score.resolution);
+            self.m_centrality.push(m.score.centrality);
+            self.m_duplicate.push(m.near_duplicate_of);
+        }
+    }
+
+    async fn insert(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        pet_id: &str,
+        version: i64,
+    ) -> Result<(), sqlx::Error> {
+        if self.ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "INSERT INTO clusters (pet_id, first_version, id, cluster_id, label, hero_image_id, size, hero_pinned)
+             SELECT $1, $2, * FROM UNNEST($3::uuid[], $4::uuid[], $5::int4[], $6::uuid[], $7::int4[], $8::bool[])",
+        )
+        .bind(pet_id)
+        .bind(version)
+        .bind(&self.ids)
+        .bind(&self.cluster_ids)
+        .bind(&self.labels)
+        .bind(&self.heroes)
+        .bind(&self.sizes)
+        .bind(&self.pinned)
+        .execute(&mut **tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO cluster_members
+                 (cluster, image_id, score, sharpness, noise, exposure, resolution, centrality, near_duplicate_of)
+             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::float8[], $4::float8[], $5::float8[],
+                                  $6::float8[], $7::float8[], $8::float8[], $9::uuid[])",
+        )
+        .bind(&self.m_cluster)
+        .bind(&self.m_image)
+        .bind(&self.m_score)
+        .bind(&self.m_sharpness)
+        .bind(&self.m_noise)
+        .bind(&self.m_exposure)
+        .bind(&self.m_resolution)
+        .bind(&self.m_centrality)
+        .bind(&self.m_duplicate)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use actors::algo::hero::Score;
+    use actors::ports::Member;
 
     fn cluster(scores: &[(Uuid, f64)]) -> ClusterOut {
         let best = scores

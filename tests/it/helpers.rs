@@ -221,6 +221,20 @@ impl TestApp {
         (s, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// Asks for the pet to be re-clustered and waits for the job; returns its final JSON.
+    pub async fn recluster(&self, pet: &str) -> Value {
+        let r = self
+            .http
+            .post(format!("{}/v1/pets/{pet}/recluster", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 202);
+        let b: Value = r.json().await.unwrap();
+        self.wait_job(b["job_id"].as_str().unwrap()).await
+    }
+
     /// Polls the job until it finishes; returns its final JSON.
     pub async fn wait_job(&self, job_id: &str) -> Value {
         self.wait_job_as(job_id, &self.token).await

@@ -21,19 +21,6 @@ async fn put_hero(app: &TestApp, pet: &str, cluster: &str, body: Value, tok: &st
     (s, r.json().await.unwrap_or(Value::Null))
 }
 
-async fn recluster(app: &TestApp, pet: &str) -> Value {
-    let r = app
-        .http
-        .post(format!("{}/v1/pets/{pet}/recluster", app.base))
-        .bearer_auth(&app.token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 202);
-    let b: Value = r.json().await.unwrap();
-    app.wait_job(b["job_id"].as_str().unwrap()).await
-}
-
 #[actix_rt::test]
 async fn members_carry_their_scores_and_a_pinned_hero_survives_reclustering() {
     let app = spawn_app().await;
@@ -120,7 +107,7 @@ async fn members_carry_their_scores_and_a_pinned_hero_survives_reclustering() {
     assert_eq!(pinned["hero_pinned"], true);
     assert_eq!(pinned["cluster_id"], cluster_id.as_str());
     for _ in 0..2 {
-        assert_eq!(recluster(&app, "heroic").await["status"], "succeeded");
+        assert_eq!(app.recluster("heroic").await["status"], "succeeded");
         let (_, c) = app.get_json("/v1/pets/heroic/clusters").await;
         let cl = &c["clusters"][0];
         assert_eq!(

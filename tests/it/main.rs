@@ -10,6 +10,7 @@ mod faults;
 mod helpers;
 mod heroes;
 mod hostile;
+mod incremental;
 mod metrics;
 mod models;
 mod openapi;

@@ -2,16 +2,18 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
+use crate::algo::dbscan::Clustering;
 use crate::algo::hero::{Candidate, NEAR_DUPLICATE_EPS, near_duplicates, score_cluster};
 use crate::algo::quality::Quality;
 use crate::error::PipelineError;
 use crate::ports::{ClusterOut, Member};
 use crate::runtime::{ActorKind, Request, SyncStage};
 
-/// Pick the hero of each cluster; indices refer to `ids`, `vectors` and `qualities`.
+/// Pick the hero of each cluster; indices refer to `ids`, the clustering's points and
+/// `qualities`.
 pub struct PickHeroes {
     pub ids: Arc<Vec<Uuid>>,
-    pub vectors: Arc<Vec<Vec<f32>>>,
+    pub clustering: Arc<Clustering>,
     pub qualities: Arc<Vec<Quality>>,
     pub clusters: Vec<Vec<usize>>,
 }
@@ -36,7 +38,7 @@ impl SyncStage for HeroSelector {
                     .iter()
                     .map(|&i| Candidate {
                         id: msg.ids[i],
-                        vector: &msg.vectors[i],
+                        vector: msg.clustering.vector(i),
                         quality: msg.qualities[i],
                     })
                     .collect();

@@ -24,9 +24,11 @@ pub enum DbOp {
     StartJobs {
         jobs: Vec<(Uuid, String)>,
     },
+    /// The pet's photos; the vectors of `held` ones are not read.
     LoadPet {
         pet_id: String,
         model_version: String,
+        held: Vec<Uuid>,
     },
     StoreEmbedding {
         image_id: Uuid,
@@ -162,7 +164,8 @@ impl AsyncStage for PostgresWriter {
                     DbOp::LoadPet {
                         pet_id,
                         model_version,
-                    } => DbReply::Images(store.pet_images(&pet_id, &model_version).await?),
+                        held,
+                    } => DbReply::Images(store.pet_images(&pet_id, &model_version, &held).await?),
                     DbOp::StoreEmbedding {
                         image_id,
                         model_version,

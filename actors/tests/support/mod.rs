@@ -201,7 +201,12 @@ impl Store for FakeStore {
             })
             .collect())
     }
-    async fn pet_images(&self, pet_id: &str, _: &str) -> Result<Vec<PetImage>, PipelineError> {
+    async fn pet_images(
+        &self,
+        pet_id: &str,
+        _: &str,
+        held: &[Uuid],
+    ) -> Result<Vec<PetImage>, PipelineError> {
         self.op().await;
         let photos = self.photos.lock().unwrap();
         Ok(photos
@@ -212,7 +217,8 @@ impl Store for FakeStore {
                     .map(|p| PetImage {
                         image_id: p.id,
                         storage_key: actors::ports::image_key(p.id),
-                        cached: p.embedding.clone(),
+                        cached: p.embedding.clone().filter(|_| !held.contains(&p.id)),
+                        held: held.contains(&p.id),
                         captured_at_ms: p.captured_at_ms,
                     })
                     .collect()
@@ -458,6 +464,7 @@ pub fn settings(embedders: usize, capacity: usize, max_deliveries: u32) -> Pipel
         sweep_interval: Duration::from_millis(20),
         orphan_grace: Duration::from_millis(50),
         time_rule: None,
+        cluster_cache_bytes: 64 << 20,
         params: ClusterParams {
             eps: 0.01,
             min_points: 2,
