@@ -10,6 +10,9 @@
 //! `gram` is the project's `cluster()` (DBSCAN with `GramSearch`); `linear` and `kdtree` run
 //! the same DBSCAN with linfa's `LinearSearch` and `KdTree`. Each timing covers one full
 //! `cluster_with` call (copying the vectors into a matrix, DBSCAN, collecting the clusters).
+//! `full` is the pipeline's full run (`Clustering::full`, which keeps neighbour counts);
+//! `incremental` clusters all but the last `--add K` vectors (default 10) untimed, then times
+//! inserting the last K into that clustering (`Clustering::insert`) and listing the clusters.
 //! `--labels-out` writes one cluster label per line (noise points get their own label) from
 //! the first algorithm. The file may also be given by the `BENCH_EMBEDDINGS` variable.
 //! `--threads N` and `--block ROWS,COLS` run `gram` with a `GramSearch` configured so (for
@@ -18,8 +21,10 @@
 use std::time::Instant;
 
 use actors::algo::cluster::{ClusterParams, cluster, cluster_with};
+use actors::algo::dbscan::Clustering;
 use actors::algo::neighbours::GramSearch;
 use linfa_nn::CommonNearestNeighbour;
+use ndarray::{Array2, Axis};
 
 struct Args {
     path: String,
@@ -29,6 +34,8 @@ struct Args {
     labels_out: Option<String>,
     /// Set by `--threads` / `--block`.
     gram: Option<GramSearch>,
+    /// Vectors the `incremental` algorithm inserts.
+    add: usize,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -41,6 +48,7 @@ fn parse_args() -> Result<Args, String> {
     let mut algos = vec!["gram".to_string()];
     let mut labels_out = None;
     let mut gram: Option<GramSearch> = None;
+    let mut add = 10;
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         let mut value = |name: &str| it.next().ok_or(format!("{name} needs a value"));
@@ -58,6 +66,7 @@ fn parse_args() -> Result<Args, String> {
             }
             "--algos" => algos = value("--algos")?.split(',').map(str::to_string).collect(),
             "--labels-out" => labels_out = Some(value("--labels-out")?),
+            "--add" => add = value("--add")?.parse().map_err(|e| format!("--add: {e}"))?,
             "--threads" => {
                 let threads = value("--threads")?
                     .parse()
@@ -81,6 +90,7 @@ fn parse_args() -> Result<Args, String> {
         algos,
         labels_out,
         gram,
+        add,
     })
 }
 
@@ -145,6 +155,40 @@ fn run(
     }
 }
 
+fn matrix(vectors: &[Vec<f32>]) -> Array2<f32> {
+    let flat: Vec<f32> = vectors.iter().flatten().copied().collect();
+    Array2::from_shape_vec((vectors.len(), vectors[0].len()), flat).expect("rows of one length")
+}
+
+/// Times one algorithm's run; for `incremental`, only the insertion of the last `add`.
+fn timed(args: &Args, algo: &str, vectors: &[Vec<f32>]) -> (f64, Vec<Vec<usize>>) {
+    let p = args.params;
+    match algo {
+        "full" => {
+            let start = Instant::now();
+            let c = Clustering::full(matrix(vectors), vec![None; vectors.len()], p, None);
+            let groups = c.groups();
+            (start.elapsed().as_secs_f64(), groups)
+        }
+        "incremental" => {
+            let split = vectors.len().saturating_sub(args.add);
+            let mut c = Clustering::full(matrix(&vectors[..split]), vec![None; split], p, None);
+            let new = matrix(&vectors[split..]);
+            let start = Instant::now();
+            let how = c.insert(new.view(), &vec![None; new.len_of(Axis(0))]);
+            let groups = c.groups();
+            let t = start.elapsed().as_secs_f64();
+            eprintln!("incremental: {}", how.as_str());
+            (t, groups)
+        }
+        _ => {
+            let start = Instant::now();
+            let groups = run(algo, vectors, &args.params, args.gram);
+            (start.elapsed().as_secs_f64(), groups)
+        }
+    }
+}
+
 fn run_baseline(algo: &str, vectors: &[Vec<f32>], params: &ClusterParams) -> Vec<Vec<usize>> {
     match algo {
         "linear" => cluster_with(vectors, params, CommonNearestNeighbour::LinearSearch),
@@ -182,9 +226,9 @@ fn main() {
         let mut times = Vec::new();
         let mut clusters = Vec::new();
         for _ in 0..args.repeat {
-            let start = Instant::now();
-            clusters = run(algo, &vectors, &args.params, args.gram);
-            times.push(start.elapsed().as_secs_f64());
+            let (t, groups) = timed(&args, algo, &vectors);
+            clusters = groups;
+            times.push(t);
         }
         let same = reference.as_ref().map(|r| *r == clusters);
         results.push(serde_json::json!({

@@ -27,7 +27,7 @@ use crate::events::{EntryDeadLettered, JobFailed, JobSucceeded, PhotoQuarantined
 use crate::job::JobKind;
 use crate::pet_cache::PetClustering;
 use crate::pipeline::{Core, Held, PetLease};
-use crate::ports::{ClusteringResult, Delivery, FinalStatus, JobStart, PetImage};
+use crate::ports::{ClusterOut, ClusteringResult, Delivery, FinalStatus, JobStart, PetImage};
 use crate::runtime::faults::FaultPoint;
 use crate::runtime::worker::panic_message;
 use crate::scheduler::{SchedulerLink, SchedulerMsg};
@@ -371,20 +371,20 @@ async fn run_jobs(core: &Arc<Core>, g: &mut BatchGuard) -> Result<(), PipelineEr
         add_qualities.push(q);
     }
     // Held photos still the pet's; `keep` lists them when some left.
-    let (held_clustering, keep, mut ids, mut qualities) = match held {
+    let (held_clustering, keep, mut ids, mut qualities, scored) = match held {
         Some(h) => {
             let kept: Vec<usize> = (0..h.ids.len())
                 .filter(|&i| still.contains(&h.ids[i]))
                 .collect();
             if kept.len() == h.ids.len() {
-                (Some(h.clustering), None, h.ids, h.qualities)
+                (Some(h.clustering), None, h.ids, h.qualities, h.scored)
             } else {
                 let ids = kept.iter().map(|&i| h.ids[i]).collect();
                 let qualities = kept.iter().map(|&i| h.qualities[i]).collect();
-                (Some(h.clustering), Some(kept), ids, qualities)
+                (Some(h.clustering), Some(kept), ids, qualities, h.scored)
             }
         }
-        None => (None, None, Vec::new(), Vec::new()),
+        None => (None, None, Vec::new(), Vec::new(), Vec::new()),
     };
     let dim = held_clustering
         .as_ref()
@@ -415,19 +415,48 @@ async fn run_jobs(core: &Arc<Core>, g: &mut BatchGuard) -> Result<(), PipelineEr
             .clusterings
             .with_label_values(&[assigned.as_str()])
             .inc();
-        let groups = clustering.groups();
+        // A cluster with exactly the members it had last time has the same scores: only the
+        // others go to the hero selector.
+        let mut previous: HashMap<Uuid, ClusterOut> = scored
+            .into_iter()
+            .map(|c| (c.members[0].image_id, c))
+            .collect();
+        let mut clusters: Vec<Option<ClusterOut>> = Vec::new();
+        let mut changed: Vec<Vec<usize>> = Vec::new();
+        for group in clustering.groups() {
+            let same = previous.remove(&ids[group[0]]).filter(|c| {
+                c.members.len() == group.len()
+                    && c.members
+                        .iter()
+                        .zip(&group)
+                        .all(|(m, &i)| m.image_id == ids[i])
+            });
+            if same.is_none() {
+                changed.push(group);
+            }
+            clusters.push(same);
+        }
+        drop(previous);
         let clustering = Arc::new(clustering);
         let ids = Arc::new(ids);
         let qualities = Arc::new(qualities);
-        let clusters = core
+        let mut fresh = core
             .heroes
             .send(PickHeroes {
                 ids: ids.clone(),
                 clustering: clustering.clone(),
                 qualities: qualities.clone(),
-                clusters: groups,
+                clusters: changed,
             })
-            .await?;
+            .await?
+            .into_iter();
+        let clusters: Vec<ClusterOut> = clusters
+            .into_iter()
+            .map(|c| {
+                c.or_else(|| fresh.next())
+                    .expect("a score for every changed cluster")
+            })
+            .collect();
         // The hero selector has let go of its references: keep the clustering for the next job.
         if let (Ok(clustering), Ok(ids), Ok(qualities)) = (
             Arc::try_unwrap(clustering),
@@ -441,6 +470,7 @@ async fn run_jobs(core: &Arc<Core>, g: &mut BatchGuard) -> Result<(), PipelineEr
                     ids,
                     qualities,
                     clustering,
+                    scored: clusters.clone(),
                 },
             );
         }

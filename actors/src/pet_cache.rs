@@ -18,6 +18,7 @@ use crate::algo::cluster::{ClusterParams, TimeRule};
 use crate::algo::dbscan::Clustering;
 use crate::algo::quality::Quality;
 use crate::metrics::Metrics;
+use crate::ports::{ClusterOut, Member};
 
 /// One pet's photos, in the clustering's point order.
 pub struct PetClustering {
@@ -25,6 +26,8 @@ pub struct PetClustering {
     pub ids: Vec<Uuid>,
     pub qualities: Vec<Quality>,
     pub clustering: Clustering,
+    /// The clusters as last scored: a cluster whose members are the same again keeps them.
+    pub scored: Vec<ClusterOut>,
 }
 
 impl PetClustering {
@@ -32,6 +35,11 @@ impl PetClustering {
         self.clustering.bytes()
             + self.ids.capacity() * size_of::<Uuid>()
             + self.qualities.capacity() * size_of::<Quality>()
+            + self
+                .scored
+                .iter()
+                .map(|c| size_of::<ClusterOut>() + c.members.capacity() * size_of::<Member>())
+                .sum::<usize>()
     }
 }
 
@@ -142,6 +150,7 @@ mod tests {
                 n
             ],
             clustering: Clustering::full(v, vec![None; n], params, None),
+            scored: Vec::new(),
         }
     }
 

@@ -149,7 +149,8 @@ pub struct PetImage {
     pub storage_key: String,
     /// Its stored embedding, unless the caller said it holds it (`held`).
     pub cached: Option<(Vec<f32>, Quality)>,
-    /// The caller holds this photo's embedding ([`Store::pet_images`]'s `held`): not read.
+    /// The caller holds this photo's embedding ([`Store::pet_images`]'s `held`): nothing but
+    /// `image_id` is read (`storage_key` is empty, `captured_at_ms` none).
     pub held: bool,
     /// EXIF capture time, Unix ms ([`crate::algo::capture`]), when the upload had one.
     pub captured_at_ms: Option<i64>,

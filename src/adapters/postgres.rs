@@ -551,6 +551,32 @@ pub async fn get_image(
         .await
 }
 
+/// A photo row with its embedding, if any (`images` joined with `image_embeddings`).
+fn pet_image(r: &sqlx::postgres::PgRow) -> Result<PetImage, sqlx::Error> {
+    let vector: Option<Vec<f32>> = r.try_get("vector")?;
+    let cached = match vector {
+        Some(v) => Some((
+            v,
+            Quality {
+                sharpness: r.try_get("sharpness")?,
+                noise: r.try_get("noise")?,
+                exposure: r.try_get("exposure")?,
+                pixels: r.try_get::<i64, _>("pixels")? as u64,
+            },
+        )),
+        None => None,
+    };
+    Ok(PetImage {
+        image_id: r.try_get("id")?,
+        storage_key: r.try_get("storage_key")?,
+        cached,
+        held: false,
+        captured_at_ms: r
+            .try_get::<Option<DateTime<Utc>>, _>("captured_at")?
+            .map(|t| t.timestamp_millis()),
+    })
+}
+
 /// The pipeline's view of Postgres.
 #[derive(Clone)]
 pub struct PgStore {
@@ -602,18 +628,6 @@ impl Store for PgStore {
         model_version: &str,
         held: &[Uuid],
     ) -> Result<Vec<PetImage>, PipelineError> {
-        let quality = |r: &sqlx::postgres::PgRow| -> Result<Quality, sqlx::Error> {
-            Ok(Quality {
-                sharpness: r.try_get("sharpness")?,
-                noise: r.try_get("noise")?,
-                exposure: r.try_get("exposure")?,
-                pixels: r.try_get::<i64, _>("pixels")? as u64,
-            })
-        };
-        let captured = |r: &sqlx::postgres::PgRow| -> Result<Option<i64>, sqlx::Error> {
-            Ok(r.try_get::<Option<DateTime<Utc>>, _>("captured_at")?
-                .map(|t| t.timestamp_millis()))
-        };
         if held.is_empty() {
             let rows = sqlx::query(
                 "SELECT i.id, i.storage_key, i.captured_at, e.vector, e.sharpness, e.noise, e.exposure, e.pixels
@@ -627,76 +641,56 @@ impl Store for PgStore {
             .await
             .map_err(unavailable)?;
             return rows
-                .into_iter()
-                .map(|r| {
-                    let vector: Option<Vec<f32>> = r.try_get("vector")?;
-                    Ok(PetImage {
-                        image_id: r.try_get("id")?,
-                        storage_key: r.try_get("storage_key")?,
-                        cached: match vector {
-                            Some(v) => Some((v, quality(&r)?)),
-                            None => None,
-                        },
-                        held: false,
-                        captured_at_ms: captured(&r)?,
-                    })
-                })
+                .iter()
+                .map(pet_image)
                 .collect::<Result<_, sqlx::Error>>()
                 .map_err(unavailable);
         }
-        // The caller holds most vectors: list the photos without any, then read the vectors
-        // of the others only.
+        // The caller holds most vectors: list the pet's photo ids only, then read the rest of
+        // the photos it does not hold, with their embeddings.
         let held: HashSet<Uuid> = held.iter().copied().collect();
-        let rows = sqlx::query(
-            "SELECT i.id, i.storage_key, i.captured_at, e.image_id IS NOT NULL AS embedded
-             FROM images i
-             LEFT JOIN image_embeddings e ON e.image_id = i.id AND e.model_version = $2
-             WHERE i.pet_id = $1 AND i.error IS NULL ORDER BY i.created_at, i.id",
+        let all: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT id FROM images WHERE pet_id = $1 AND error IS NULL ORDER BY created_at, id",
         )
         .bind(pet_id)
-        .bind(model_version)
         .fetch_all(&self.pool)
         .await
         .map_err(unavailable)?;
-        let mut images = Vec::with_capacity(rows.len());
-        let mut wanted = Vec::new();
-        for r in rows {
-            let image_id: Uuid = r.try_get("id").map_err(unavailable)?;
-            let is_held = held.contains(&image_id);
-            if !is_held && r.try_get::<bool, _>("embedded").map_err(unavailable)? {
-                wanted.push(image_id);
-            }
-            images.push(PetImage {
-                image_id,
-                storage_key: r.try_get("storage_key").map_err(unavailable)?,
-                cached: None,
-                held: is_held,
-                captured_at_ms: captured(&r).map_err(unavailable)?,
-            });
-        }
-        if !wanted.is_empty() {
+        let others: Vec<Uuid> = all.iter().copied().filter(|i| !held.contains(i)).collect();
+        let mut found: HashMap<Uuid, PetImage> = HashMap::with_capacity(others.len());
+        if !others.is_empty() {
             let rows = sqlx::query(
-                "SELECT image_id, vector, sharpness, noise, exposure, pixels FROM image_embeddings
-                 WHERE model_version = $2 AND image_id = ANY($1)",
+                "SELECT i.id, i.storage_key, i.captured_at, e.vector, e.sharpness, e.noise, e.exposure, e.pixels
+                 FROM images i
+                 LEFT JOIN image_embeddings e ON e.image_id = i.id AND e.model_version = $2
+                 WHERE i.id = ANY($1)",
             )
-            .bind(&wanted)
+            .bind(&others)
             .bind(model_version)
             .fetch_all(&self.pool)
             .await
             .map_err(unavailable)?;
-            let mut found: HashMap<Uuid, (Vec<f32>, Quality)> = HashMap::with_capacity(rows.len());
             for r in rows {
-                let q = quality(&r).map_err(unavailable)?;
-                found.insert(
-                    r.try_get("image_id").map_err(unavailable)?,
-                    (r.try_get("vector").map_err(unavailable)?, q),
-                );
-            }
-            for img in images.iter_mut().filter(|i| !i.held) {
-                img.cached = found.remove(&img.image_id);
+                let image = pet_image(&r).map_err(unavailable)?;
+                found.insert(image.image_id, image);
             }
         }
-        Ok(images)
+        Ok(all
+            .into_iter()
+            .filter_map(|image_id| {
+                if held.contains(&image_id) {
+                    Some(PetImage {
+                        image_id,
+                        storage_key: String::new(),
+                        cached: None,
+                        held: true,
+                        captured_at_ms: None,
+                    })
+                } else {
+                    found.remove(&image_id)
+                }
+            })
+            .collect())
     }
 
     async fn store_embedding(

@@ -227,7 +227,7 @@ impl Clustering {
     /// Re-clusters every point from scratch.
     pub fn recluster(&mut self) {
         self.timed = self.should_be_timed();
-        let lists = self.neighbour_lists(None);
+        let lists = self.neighbour_lists();
         self.counts = lists.iter().map(|l| l.len() as u32).collect();
         self.labels = expand(&lists, self.min_points());
     }
@@ -241,46 +241,66 @@ impl Clustering {
         self.rule.time_rule.is_some() && self.times.iter().filter(|t| t.is_some()).count() >= 2
     }
 
-    /// Neighbour lists (ascending, the point included) of `rows`, or of every point.
-    fn neighbour_lists(&self, rows: Option<&[usize]>) -> Vec<Vec<usize>> {
-        let n = self.len();
-        if n == 0 {
+    /// The neighbour index over every point, for the pair rule's widest range.
+    fn index(&self) -> GramSearchIndex<'_, f32, L2Dist> {
+        GramSearchIndex::new(&self.vectors, L2Dist, GramSearch::new())
+            .expect("vectors have dimensions")
+    }
+
+    fn range(&self) -> f32 {
+        l2_for_cosine(self.rule.widest(self.timed))
+    }
+
+    /// Neighbour lists (ascending, the point included) of every point.
+    fn neighbour_lists(&self) -> Vec<Vec<usize>> {
+        if self.is_empty() {
             return Vec::new();
         }
-        let range = l2_for_cosine(self.rule.widest(self.timed));
-        let index = GramSearchIndex::new(&self.vectors, L2Dist, GramSearch::new())
-            .expect("vectors have dimensions");
-        let mut lists = match rows {
-            Some(rows) => index.rows_within(rows, range),
-            None => {
-                use linfa_nn::NearestNeighbourIndex;
-                // A row query builds the whole table once; the others are look-ups.
-                (0..n)
-                    .map(|i| {
-                        index
-                            .within_range(self.vectors.row(i), range)
-                            .expect("a row of the batch")
-                            .into_iter()
-                            .map(|(_, j)| j)
-                            .collect::<Vec<usize>>()
-                    })
+        use linfa_nn::NearestNeighbourIndex;
+        let index = self.index();
+        let range = self.range();
+        // A row query builds the whole table once; the others are look-ups.
+        let mut lists: Vec<Vec<usize>> = (0..self.len())
+            .map(|i| {
+                index
+                    .within_range(self.vectors.row(i), range)
+                    .expect("a row of the batch")
+                    .into_iter()
+                    .map(|(_, j)| j)
                     .collect()
-            }
-        };
-        let asked: Vec<usize> = rows.map_or_else(|| (0..n).collect(), <[usize]>::to_vec);
-        for (list, &i) in lists.iter_mut().zip(&asked) {
-            if self.timed {
-                let rule = self.rule.time_rule.expect("timed implies a rule");
-                let eps = self.rule.params.eps;
-                list.retain(|&j| {
-                    j == i
-                        || 1.0 - pair_dot(self.vector(i), self.vector(j))
-                            <= rule.eps_for(eps, self.times[i], self.times[j])
-                });
-            }
-            list.sort_unstable();
+            })
+            .collect();
+        for (i, list) in lists.iter_mut().enumerate() {
+            self.keep_pairs(i, list);
         }
         lists
+    }
+
+    /// Neighbour lists of a few points, from one matrix product against all of them.
+    fn lists_of(
+        &self,
+        index: &GramSearchIndex<'_, f32, L2Dist>,
+        rows: &[usize],
+    ) -> Vec<Vec<usize>> {
+        let mut lists = index.rows_within(rows, self.range());
+        for (list, &i) in lists.iter_mut().zip(rows) {
+            self.keep_pairs(i, list);
+        }
+        lists
+    }
+
+    /// Keeps the candidates of point `i` that are its neighbours under the pair rule, sorted.
+    fn keep_pairs(&self, i: usize, list: &mut Vec<usize>) {
+        if self.timed {
+            let rule = self.rule.time_rule.expect("timed implies a rule");
+            let eps = self.rule.params.eps;
+            list.retain(|&j| {
+                j == i
+                    || 1.0 - pair_dot(self.vector(i), self.vector(j))
+                        <= rule.eps_for(eps, self.times[i], self.times[j])
+            });
+        }
+        list.sort_unstable();
     }
 
     /// Assigns points `n0..` to the clusters of points `..n0`; false if ambiguous (the state
@@ -289,7 +309,10 @@ impl Clustering {
         let n = self.len();
         let m = self.min_points() as u32;
         let new: Vec<usize> = (n0..n).collect();
-        let new_lists = self.neighbour_lists(Some(&new));
+        // Borrows only the vectors, so counts and labels can change while it is in use.
+        let index = GramSearchIndex::new(&self.vectors, L2Dist, GramSearch::new())
+            .expect("vectors have dimensions");
+        let new_lists = self.lists_of(&index, &new);
         let old_counts = self.counts.clone();
         self.counts.resize(n, 0);
         self.labels.resize(n, None);
@@ -310,7 +333,8 @@ impl Clustering {
                 risen.push(q);
             }
         }
-        let risen_lists = self.neighbour_lists(Some(&risen));
+        let risen_lists = self.lists_of(&index, &risen);
+        drop(index);
         let mut lists: std::collections::HashMap<usize, &Vec<usize>> = Default::default();
         for (p, l) in new.iter().zip(&new_lists) {
             lists.insert(*p, l);
