@@ -3,15 +3,20 @@
 job adding K new photos; reports the job's time (delivery to commit, from the jobs table),
 the service's peak resident memory and the rows the commit wrote.
 
-Usage (from the repo root): python3 scripts/bench_library.py [N ...] [--add K ...]
-  (default N: 1000 10000, K: 1 10)
+Usage (from the repo root): python3 scripts/bench_library.py [N ...] [--modes incremental,full] [--add K ...]
+  (default N: 1000 10000, K: 1 10, both modes)
 Env: BIN (default target/release/media-clustering). Needs Redis and Postgres (make services)
 and the model (make model).
 
 The N photos are synthetic rows: 1024-d unit vectors in groups of 8 around random centres
 (made in SQL), with quality figures, stored under the service's model version so nothing is
-re-embedded; the K new photos are real fixture photos uploaded through the API. Every job
-re-clusters the whole pet (the design does today), so the time grows with N^2.
+re-embedded; the K new photos are real fixture photos uploaded through the API.
+
+Two modes per size: `incremental` (the default config: the worker holds the pet's clustering
+after its first job, clustering.cache_mib) and `full` (clustering.cache_mib = 0: every job
+reads every vector and re-clusters the pet, O(N^2)). The pet's first job (nothing held yet) is
+reported too. Peak memory is the serve process's peak resident set during the measured job
+(reset before it through /proc/PID/clear_refs).
 """
 import os, re, socket, subprocess, sys, tempfile, time, urllib.request, uuid
 
@@ -19,6 +24,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.chdir(ROOT)
 BIN = os.environ.get("BIN", "target/release/media-clustering")
 args = sys.argv[1:]
+modes = args[args.index("--modes") + 1].split(",") if "--modes" in args else ["incremental", "full"]
+if "--modes" in args:
+    del args[args.index("--modes"):args.index("--modes") + 2]
 adds = [int(a) for a in args[args.index("--add") + 1:]] if "--add" in args else [1, 10]
 sizes = [int(a) for a in (args[:args.index("--add")] if "--add" in args else args)] or [1000, 10000]
 PHOTOS = sorted(os.path.join("tests/fixtures/photos", f) for f in os.listdir("tests/fixtures/photos")
@@ -55,14 +63,40 @@ INSERT INTO image_embeddings (image_id, model_version, vector, sharpness, noise,
 """
 
 
-def peak_rss_mib(pid):
+def peak_rss_mib(pid, field="VmHWM"):
     for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return 0.0
 
 
-def run(n, k, tmp):
+INTERNAL = "bench-internal-token-0123456789abcdef"
+# Where a job's time goes: seconds summed per Postgres operation and per actor kind.
+PARTS = [("media_cluster_postgres_write_seconds_sum", "operation", o) for o in ("load_pet", "store_embedding", "commit_clusters")] + \
+        [("media_cluster_actor_handling_seconds_sum", "actor", a) for a in ("embedder", "clusterer", "hero_selector")]
+
+
+def parts(base):
+    req = urllib.request.Request(base + "/internal/metrics", headers={"Authorization": "Bearer " + INTERNAL})
+    text = urllib.request.urlopen(req, timeout=10).read().decode()
+    out = {}
+    for name, label, value in PARTS:
+        m = re.search(rf'^{name}\{{[^}}]*{label}="{value}"[^}}]*\}} (\S+)$', text, re.M)
+        out[value] = float(m.group(1)) if m else 0.0
+    return out
+
+
+def reset_peak(pid):
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")
+
+
+def finished_job_seconds(db):
+    return float(psql(db, "SELECT extract(epoch FROM finished_at - started_at) FROM jobs "
+                          "WHERE pet_id = 'library' AND status = 'succeeded' ORDER BY finished_at DESC LIMIT 1"))
+
+
+def run(n, k, tmp, mode):
     db = "bench_lib_" + uuid.uuid4().hex[:10]
     psql("postgres", f"CREATE DATABASE {db}")
     port = free_port()
@@ -71,7 +105,10 @@ def run(n, k, tmp):
                MEDIA_CLUSTERING__REDIS__STREAM=f"bench:{db}:jobs", MEDIA_CLUSTERING__REDIS__DEADLETTER_STREAM=f"bench:{db}:dl",
                MEDIA_CLUSTERING__STORAGE__URL=f"file://{tmp}/{db}", MEDIA_CLUSTERING__SERVER__BIND=f"127.0.0.1:{port}",
                MEDIA_CLUSTERING__EMBEDDER__MODEL_PATH=os.path.join(ROOT, "models/open-nsfw.onnx"),
-               MEDIA_CLUSTERING__ACTORS__JOB_TIMEOUT_MS="3600000", LOG_LEVEL="warn", TELEMETRY_ENABLED="false")
+               MEDIA_CLUSTERING__ACTORS__JOB_TIMEOUT_MS="3600000", LOG_LEVEL="warn", TELEMETRY_ENABLED="false",
+               INTERNAL_METRICS_TOKEN=INTERNAL)
+    if mode == "full":
+        env["MEDIA_CLUSTERING__CLUSTERING__CACHE_MIB"] = "0"
     subprocess.run([BIN, "migrate"], env=env, check=True, capture_output=True)
     serve = subprocess.Popen([BIN, "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -90,14 +127,19 @@ def run(n, k, tmp):
         # The library's first clustering, so the measured job is a job on a clustered pet.
         subprocess.run([BIN, "upload", "--server", base, "--pet", "library", "--timeout", "3600", PHOTOS[1]],
                        env=env, check=True, capture_output=True)
+        first = finished_job_seconds(db)
         rows_before = int(psql(db, "SELECT count(*) FROM cluster_members"))
+        held_rss = peak_rss_mib(serve.pid, "VmRSS")
+        reset_peak(serve.pid)
+        before = parts(base)
         new = PHOTOS[2:2 + k]
         subprocess.run([BIN, "upload", "--server", base, "--pet", "library", "--batch", str(k), "--timeout", "3600", *new],
                        env=env, check=True, capture_output=True)
-        job = psql(db, "SELECT extract(epoch FROM finished_at - started_at) FROM jobs "
-                       "WHERE pet_id = 'library' AND status = 'succeeded' ORDER BY finished_at DESC LIMIT 1")
+        job = finished_job_seconds(db)
+        after = parts(base)
+        spent = {k: after[k] - before[k] for k in after}
         rows_after = int(psql(db, "SELECT count(*) FROM cluster_members"))
-        return float(job), peak_rss_mib(serve.pid), seeded, rows_after - rows_before
+        return first, job, peak_rss_mib(serve.pid), seeded, rows_after - rows_before, spent, held_rss
     finally:
         serve.terminate(); serve.wait(timeout=120)
         psql("postgres", f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
@@ -106,12 +148,16 @@ def run(n, k, tmp):
 
 def main():
     tmp = tempfile.mkdtemp(prefix="bench-lib-")
-    print(f"binary {BIN}; full re-cluster per job")
-    print(f"{'photos in the pet':>18} {'added':>6} {'job (start to commit)':>22} {'peak RSS':>10} {'member rows written':>20}")
+    print(f"binary {BIN}")
+    print(f"{'photos in the pet':>18} {'added':>6} {'mode':>12} {'job (start to commit)':>22} {'peak RSS':>10} "
+          f"{'member rows written':>20} {'first job':>10}")
     for n in sizes:
         for k in adds:
-            job, rss, seeded, rows = run(n, k, tmp)
-            print(f"{n:>18} {k:>6} {job:>20.2f} s {rss:>7.0f} MiB {rows:>20}   (seeded in {seeded:.0f} s)", flush=True)
+            for mode in modes:
+                first, job, rss, seeded, rows, spent, held = run(n, k, tmp, mode)
+                print(f"{n:>18} {k:>6} {mode:>12} {job:>20.3f} s {rss:>7.0f} MiB {rows:>20} {first:>8.2f} s"
+                      f"   (seeded in {seeded:.0f} s; RSS before the job {held:.0f} MiB)", flush=True)
+                print(" " * 20 + "  ".join(f"{k} {v * 1000:.0f} ms" for k, v in spent.items()), flush=True)
 
 
 if __name__ == "__main__":
