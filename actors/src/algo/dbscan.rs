@@ -188,13 +188,6 @@ impl Clustering {
         (self.vectors, self.times)
     }
 
-    /// Keeps only the points at `keep` (ascending indices) and re-clusters them.
-    pub fn retain(&mut self, keep: &[usize]) {
-        self.vectors = self.vectors.select(Axis(0), keep);
-        self.times = keep.iter().map(|&i| self.times[i]).collect();
-        self.recluster();
-    }
-
     /// Adds points (rows of `vectors`, with their `times`) and assigns them; see the module
     /// documentation. Points keep their indices; the new ones follow.
     pub fn insert(&mut self, vectors: ArrayView2<'_, f32>, times: &[Option<i64>]) -> Assigned {
@@ -225,7 +218,7 @@ impl Clustering {
     }
 
     /// Re-clusters every point from scratch.
-    pub fn recluster(&mut self) {
+    fn recluster(&mut self) {
         self.timed = self.should_be_timed();
         let lists = self.neighbour_lists();
         self.counts = lists.iter().map(|l| l.len() as u32).collect();
@@ -711,8 +704,6 @@ mod tests {
             Assigned::Incremental
         );
         assert_eq!(c.groups(), vec![vec![0, 1, 2, 3, 4], vec![5]]);
-        c.retain(&[0, 1, 2, 3]);
-        assert_eq!(c.groups(), vec![vec![0, 1], vec![2, 3]]);
     }
 
     #[test]
