@@ -1,7 +1,7 @@
 //! A job whose first commit fails still lands, retries included, in the trace whose context
 //! came in its stream entry, and every I/O of the job is a span in it: the pet's lock, the
 //! job rows, the pet's photos, each blob read, each stored embedding, the commit and the
-//! acknowledgement.
+//! acknowledgement. The loops' own queries (the outbox relay's) start no trace.
 
 mod support;
 
@@ -71,6 +71,13 @@ async fn a_retried_job_stays_in_the_trace_of_its_upload() {
         .collect();
     let sid = h.push(fields);
     h.wait_acked(&sid).await;
+    // The relay's own queries (every 20 ms here) run during and after the job: none of them
+    // may start a trace of its own.
+    let polls = h.store.outbox_polls.load(Ordering::SeqCst);
+    h.until("the relay polled the outbox twice more", || {
+        h.store.outbox_polls.load(Ordering::SeqCst) >= polls + 2
+    })
+    .await;
     let embedded = h.encoder.embedded.load(Ordering::SeqCst);
     h.stop().await;
     provider.force_flush().unwrap();

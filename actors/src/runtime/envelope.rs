@@ -101,6 +101,15 @@ fn hop_span(parent: &tracing::Span, m: &ActorMetrics, wait: Duration) -> tracing
     }
 }
 
+/// Whether the current hop is exported: it has a sender with a trace (see [`hop_span`]).
+/// Operations the loops issue on their own (the outbox query, depth, trim) are not traced,
+/// so they never reach the exporter as a stray root trace per tick; those of a job are.
+pub(crate) fn traced() -> bool {
+    tracing::Span::current()
+        .metadata()
+        .is_some_and(|m| *m.level() <= tracing::Level::INFO)
+}
+
 /// One place in a mailbox: counted in the depth gauge from send until handling starts, and
 /// holding one unit of the mailbox's capacity (when it has one). If the envelope is dropped
 /// unhandled (a closed mailbox, a stopped actor), `Drop` corrects the gauge, so it never

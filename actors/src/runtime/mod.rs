@@ -17,8 +17,8 @@ mod pool;
 pub mod supervisor;
 pub mod worker;
 
-pub(crate) use envelope::Opened;
 pub use envelope::{Envelope, Request};
+pub(crate) use envelope::{Opened, traced};
 pub use faults::Faults;
 pub use health::Health;
 pub use pool::{Pool, SendPermit};

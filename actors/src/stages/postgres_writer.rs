@@ -15,7 +15,7 @@ use crate::error::PipelineError;
 use crate::events::PostgresWritten;
 use crate::metrics::Metrics;
 use crate::ports::{ClusteringResult, FinalStatus, JobStart, OutboxJob, PetImage, Store};
-use crate::runtime::{ActorKind, AsyncStage, Request};
+use crate::runtime::{ActorKind, AsyncStage, Request, traced};
 
 /// One Postgres operation.
 #[derive(Debug)]
@@ -143,19 +143,24 @@ impl AsyncStage for PostgresWriter {
         let metrics = self.metrics.clone();
         let operation = op.operation();
         let t = &self.target;
-        let span = tracing::info_span!(
-            "postgres",
-            otel.name = op.summary(),
-            otel.kind = "client",
-            otel.status_code = tracing::field::Empty,
-            db.system.name = "postgresql",
-            db.namespace = %t.namespace,
-            db.operation.name = operation,
-            db.query.summary = op.summary(),
-            server.address = %t.address,
-            server.port = t.port,
-            error.type = tracing::field::Empty,
-        );
+        // A query of a job is a span of its trace; one a loop issues on its own is not.
+        let span = if traced() {
+            tracing::info_span!(
+                "postgres",
+                otel.name = op.summary(),
+                otel.kind = "client",
+                otel.status_code = tracing::field::Empty,
+                db.system.name = "postgresql",
+                db.namespace = %t.namespace,
+                db.operation.name = operation,
+                db.query.summary = op.summary(),
+                server.address = %t.address,
+                server.port = t.port,
+                error.type = tracing::field::Empty,
+            )
+        } else {
+            tracing::Span::none()
+        };
         Box::pin(
             async move {
                 let started = Instant::now();

@@ -10,7 +10,7 @@ use tracing::Instrument;
 use crate::error::PipelineError;
 use crate::job::JobEntry;
 use crate::ports::{Delivery, JobQueue, QueueDepth};
-use crate::runtime::{ActorKind, AsyncStage, Request};
+use crate::runtime::{ActorKind, AsyncStage, Request, traced};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReadMode {
@@ -91,14 +91,6 @@ pub struct StreamReader {
     pub block_ms: u64,
     /// How long a pet's lock lives without a refresh (a crashed worker's expires).
     pub lock_ttl_ms: u64,
-}
-
-/// Whether the current hop is exported (it has a parent with a trace): operations the loops
-/// issue on their own are not traced, those of a job are.
-fn traced() -> bool {
-    tracing::Span::current()
-        .metadata()
-        .is_some_and(|m| *m.level() <= tracing::Level::INFO)
 }
 
 impl StreamReader {

@@ -149,6 +149,8 @@ pub struct FakeStore {
     pub fences: Mutex<HashMap<String, i64>>,
     /// Jobs committed but never enqueued, for the relay: `(entry, stream id)`.
     pub outbox: Mutex<Vec<(JobEntry, Option<String>)>>,
+    /// Outbox queries the relay has made.
+    pub outbox_polls: AtomicU32,
     /// Runs before each commit completes (to act while a job is about to commit).
     pub before_commit: Mutex<Option<CommitHook>>,
 }
@@ -308,6 +310,7 @@ impl Store for FakeStore {
         check: bool,
         _: usize,
     ) -> Result<Vec<OutboxJob>, PipelineError> {
+        self.outbox_polls.fetch_add(1, Ordering::SeqCst);
         Ok(self
             .outbox
             .lock()
