@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use actors::algo::cluster::ClusterParams;
-use actors::algo::embed::{ChannelOrder, Layout, Preprocess};
+use actors::algo::embed::{ChannelOrder, Denoise, Layout, Preprocess};
 use config::{Config, Environment, File, FileFormat};
 use serde::{Deserialize, Serialize, Serializer};
 
@@ -243,6 +243,11 @@ pub struct EmbedderSettings {
     pub scale: Option<f32>,
     pub channel_order: Option<ChannelOrder>,
     pub layout: Option<Layout>,
+    /// Photos with a noise estimate above this (grey levels at the working size) are
+    /// smoothed before the crop ([`actors::algo::embed::Denoise`]).
+    pub denoise_above: Option<f32>,
+    /// Sigma of that smoothing in pixels at the resize scale; 0 turns it off.
+    pub denoise_sigma: Option<f32>,
     /// `tract` (built in) or `onnxruntime` (about twice as fast; needs `libonnxruntime.so`).
     #[serde(default = "default_backend")]
     pub backend: String,
@@ -312,6 +317,7 @@ pub fn presets() -> Vec<Preset> {
                 scale: 1.0 / 255.0,
                 channel_order: ChannelOrder::Rgb,
                 layout: Layout::Nchw,
+                denoise: None,
             },
         },
         // DINOv2 (ViT-S/14 and friends) exported to ONNX: pooled output.
@@ -326,6 +332,7 @@ pub fn presets() -> Vec<Preset> {
                 scale: 1.0 / 255.0,
                 channel_order: ChannelOrder::Rgb,
                 layout: Layout::Nchw,
+                denoise: None,
             },
         },
         // torchvision ImageNet CNNs (ResNet, EfficientNet) with the classifier removed.
@@ -340,6 +347,7 @@ pub fn presets() -> Vec<Preset> {
                 scale: 1.0 / 255.0,
                 channel_order: ChannelOrder::Rgb,
                 layout: Layout::Nchw,
+                denoise: None,
             },
         },
     ]
@@ -370,6 +378,26 @@ impl EmbedderSettings {
         p.scale = self.scale.unwrap_or(p.scale);
         p.channel_order = self.channel_order.unwrap_or(p.channel_order);
         p.layout = self.layout.unwrap_or(p.layout);
+        if self.denoise_above.is_some() || self.denoise_sigma.is_some() {
+            let base = p.denoise.unwrap_or(Denoise {
+                above: 6.0,
+                sigma: 0.0,
+            });
+            let d = Denoise {
+                above: self.denoise_above.unwrap_or(base.above),
+                sigma: self.denoise_sigma.unwrap_or(base.sigma),
+            };
+            if !(d.sigma.is_finite() && (0.0..=8.0).contains(&d.sigma)) {
+                return Err(invalid("embedder.denoise_sigma", "must be within 0..=8"));
+            }
+            if !(d.above.is_finite() && d.above >= 0.0) {
+                return Err(invalid(
+                    "embedder.denoise_above",
+                    "must be a level of 0 or more",
+                ));
+            }
+            p.denoise = (d.sigma > 0.0).then_some(d);
+        }
         if p.input_size == 0 {
             return Err(invalid("embedder.input_size", "must be positive"));
         }
@@ -1157,6 +1185,50 @@ mod tests {
         assert_eq!((p.input_size, p.layout), (336, Layout::Nchw));
         s.embedder.preset = "nope".into();
         assert!(s.embedder.resolve().is_err());
+    }
+
+    #[test]
+    fn denoise_keys_tune_or_turn_off_the_smoothing_of_noisy_photos() {
+        // Bad values fail at load or at resolve, whichever checks them.
+        let resolve = |env: &[(&str, &str)]| {
+            Settings::load_from(&vars(env))
+                .map_err(|e| e.to_string())?
+                .embedder
+                .resolve()
+                .map(|(_, _, p)| p.denoise)
+                .map_err(|e| e.to_string())
+        };
+        let on = Some(Denoise {
+            above: 6.0,
+            sigma: 1.0,
+        });
+        assert_eq!(resolve(&[]).unwrap(), on);
+        let sigma = "MEDIA_CLUSTERING__EMBEDDER__DENOISE_SIGMA";
+        let above = "MEDIA_CLUSTERING__EMBEDDER__DENOISE_ABOVE";
+        assert_eq!(resolve(&[(sigma, "0")]).unwrap(), None);
+        assert_eq!(
+            resolve(&[(above, "9.5"), (sigma, "1.5")]).unwrap(),
+            Some(Denoise {
+                above: 9.5,
+                sigma: 1.5
+            })
+        );
+        for bad in [(sigma, "-1"), (sigma, "99"), (above, "-3")] {
+            let e = resolve(&[bad]).unwrap_err();
+            assert!(
+                e.contains(&bad.0[18..].to_lowercase().replace("__", ".")),
+                "{e}"
+            );
+        }
+        // A preset without smoothing gets it only when asked.
+        assert_eq!(
+            resolve(&[("MEDIA_CLUSTERING__EMBEDDER__PRESET", "clip")]).unwrap(),
+            None
+        );
+        assert_eq!(
+            resolve(&[("MEDIA_CLUSTERING__EMBEDDER__PRESET", "clip"), (sigma, "1")]).unwrap(),
+            on
+        );
     }
 
     #[test]

@@ -150,8 +150,8 @@ impl OrtEncoder {
             input_name,
             output_name,
             shape,
+            model_version: model_version(name, &bytes, &preprocess),
             preprocess,
-            model_version: model_version(name, &bytes),
         })
     }
 

@@ -1,5 +1,5 @@
 //! The embedder backends on fixture photos and the real model: ONNX Runtime against tract,
-//! and tract with intra-op threads against tract without.
+//! tract with intra-op threads against tract without, and the smoothing of noisy photos.
 //!
 //! Needs `libonnxruntime.so` 1.31 or newer: `ORT_DYLIB_PATH`, else
 //! `models/libonnxruntime.so.1.32.0`; the model is `MODEL_PATH`, else `models/open-nsfw.onnx`.
@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use actors::algo::decode;
 use actors::algo::embed::{OnnxEmbedder, Preprocess};
 use actors::ort_encoder::{ORT_DYLIB_PATH, OrtEncoder, OrtOptions, prepare_model};
-use image::DynamicImage;
+use image::{DynamicImage, GenericImageView};
 
 const MAX_PIXELS: u64 = 50_000_000;
 
@@ -210,4 +210,89 @@ fn inner_outputs_are_added_as_graph_outputs() {
     assert_eq!((same.len(), first.is_empty()), (bytes.len(), false));
     let e = prepare_model(&bytes, "NoSuchNode").unwrap_err();
     assert!(e.contains("NoSuchNode"), "{e}");
+}
+
+/// `img` with seeded Gaussian noise of `sigma` levels on every channel (clipped), as a
+/// high-ISO sensor adds it.
+fn with_noise(img: &DynamicImage, sigma: f32, seed: u64) -> DynamicImage {
+    let mut s = seed | 1;
+    let mut uniform = move || {
+        // xorshift64*: enough for test noise, and the same on every machine.
+        s ^= s >> 12;
+        s ^= s << 25;
+        s ^= s >> 27;
+        ((s.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    };
+    let mut rgb = img.to_rgb8();
+    for v in rgb.iter_mut() {
+        let g = (-2.0 * uniform().ln()).sqrt() * (std::f64::consts::TAU * uniform()).cos();
+        *v = (f64::from(*v) + g * f64::from(sigma))
+            .round()
+            .clamp(0.0, 255.0) as u8;
+    }
+    DynamicImage::ImageRgb8(rgb)
+}
+
+#[test]
+fn smoothing_brings_noisy_copies_closer_to_their_photo() {
+    use actors::algo::quality;
+    let smoothing = OnnxEmbedder::load(&model(), "m", "Reshape", Preprocess::OPEN_NSFW).unwrap();
+    let plain = OnnxEmbedder::load(
+        &model(),
+        "m",
+        "Reshape",
+        Preprocess {
+            denoise: None,
+            ..Preprocess::OPEN_NSFW
+        },
+    )
+    .unwrap();
+    let originals: Vec<_> = photos(45)
+        .into_iter()
+        .filter(|(name, _)| name.contains("__orig"))
+        .collect();
+    assert_eq!(originals.len(), 5);
+    let (mut before, mut after) = (Vec::new(), Vec::new());
+    for (i, (name, img)) in originals.iter().enumerate() {
+        // A clean photo is embedded as without smoothing.
+        assert!(quality::noise_of(img) < 6.0, "{name} reads as noisy");
+        let clean = plain.embed(img).unwrap();
+        assert_eq!(smoothing.embed(img).unwrap(), clean, "{name}");
+        // Noisy copies at full size and as a 176x144 shot.
+        let tiny = img.resize_exact(176, 144, image::imageops::FilterType::Triangle);
+        for (what, copy) in [
+            ("sigma 20", with_noise(img, 20.0, 1 + i as u64)),
+            ("sigma 30", with_noise(img, 30.0, 11 + i as u64)),
+            ("176x144 sigma 20", with_noise(&tiny, 20.0, 21 + i as u64)),
+        ] {
+            assert!(
+                quality::noise_of(&copy) > 6.0,
+                "{name} {what} reads as clean"
+            );
+            let d0 = 1.0 - cosine(&plain.embed(&copy).unwrap(), &clean);
+            let d1 = 1.0 - cosine(&smoothing.embed(&copy).unwrap(), &clean);
+            eprintln!(
+                "{name} {what} {:?} noise {:.1}: {d0:.3} -> {d1:.3}",
+                copy.dimensions(),
+                quality::noise_of(&copy)
+            );
+            before.push(d0);
+            after.push(d1);
+        }
+    }
+    // Smoothing costs a little detail, so a copy well inside the threshold may drift a
+    // little; what matters for clustering is the copies near or beyond it.
+    let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len() as f32;
+    eprintln!("mean {:.3} -> {:.3}", mean(&before), mean(&after));
+    assert!(mean(&after) < 0.95 * mean(&before));
+    let eps = 0.18;
+    for (b, a) in before.iter().zip(&after) {
+        if *b > 0.15 {
+            assert!(a < b, "a far copy went from {b:.3} to {a:.3}");
+        }
+        if *b <= eps {
+            assert!(*a <= eps, "a copy within eps went from {b:.3} to {a:.3}");
+        }
+    }
+    assert!(before.iter().filter(|&&b| b > 0.15).count() >= 4);
 }

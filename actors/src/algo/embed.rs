@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use tract_linalg::multithread::{Executor, multithread_tract_scope};
 use tract_onnx::prelude::*;
 
-use super::resize;
+use super::{quality, resize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -43,6 +43,26 @@ pub struct Preprocess {
     pub scale: f32,
     pub channel_order: ChannelOrder,
     pub layout: Layout,
+    /// Smoothing of noisy photos before the crop; `None`: every photo as it is.
+    #[serde(default)]
+    pub denoise: Option<Denoise>,
+}
+
+/// A photo whose noise, as the model sees it, is above `above` grey levels is smoothed with a
+/// Gaussian of `sigma` pixels after the resize, before the crop. The noise is the quality
+/// measure's estimate ([`Quality::noise`](super::quality::Quality::noise)) brought to the
+/// resize scale (a downscale to `resize_to` has averaged part of it away).
+///
+/// Sensor noise is what an image encoder sees as texture: on real video frames with Gaussian
+/// noise of sigma 15-30 added, the open-nsfw embedding of a noisy copy lies a median 0.23
+/// (cosine) from the clean frames of its shot, beyond `clustering.eps`; smoothing it with
+/// sigma 1 at the model's scale brings it closer (BENCHMARKS.md, "Robustness on real footage").
+/// Clean photos, whose estimate stays below about 5 levels, are not touched.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Denoise {
+    pub above: f32,
+    pub sigma: f32,
 }
 
 impl Preprocess {
@@ -56,11 +76,34 @@ impl Preprocess {
         scale: 1.0,
         channel_order: ChannelOrder::Bgr,
         layout: Layout::Nhwc,
+        denoise: Some(Denoise {
+            above: 6.0,
+            sigma: 1.0,
+        }),
     };
 
     /// The shorter side a photo is resized to before the crop.
     pub fn source_short_side(&self) -> u32 {
         self.resize_to.max(self.input_size)
+    }
+
+    /// The smoothing a photo gets, if any, from its noise estimate (at the working size) and
+    /// its decoded shorter side: the estimate is brought to the scale the model sees the photo
+    /// at, where a downscale has already averaged part of the noise away.
+    fn denoise_for(&self, noise: f32, short: u32) -> Option<f32> {
+        let d = self.denoise.filter(|d| d.sigma > 0.0)?;
+        let at = short.clamp(1, quality::WORKING_SHORT_SIDE);
+        let seen = noise * (self.resize_to as f32 / at as f32).min(1.0);
+        (seen > d.above).then_some(d.sigma)
+    }
+
+    /// What of the preprocessing changes embeddings beyond the model itself, for the model
+    /// version: empty, or `-dn<above>s<sigma>` when noisy photos are smoothed.
+    pub fn version_tag(&self) -> String {
+        match self.denoise.filter(|d| d.sigma > 0.0) {
+            Some(d) => format!("-dn{}s{}", d.above, d.sigma),
+            None => String::new(),
+        }
     }
 }
 
@@ -72,15 +115,22 @@ pub enum EmbedError {
     Inference(String),
 }
 
-/// Fills the model input from a decoded photo: [`crop`], then [`normalise`].
+/// Fills the model input from a decoded photo: [`crop`] (with the photo's noise measured when
+/// the preprocessing smooths noisy photos), then [`normalise`].
 pub fn preprocess(img: &DynamicImage, p: &Preprocess) -> Vec<f32> {
-    normalise(&crop(img, p), p)
+    let noise = if p.denoise.is_some() {
+        quality::noise_of(img)
+    } else {
+        0.0
+    };
+    normalise(&crop(img, p, noise), p)
 }
 
-/// The pixels the model sees: the photo resized (shorter side `resize_to`) and centre-cropped
-/// to an `input_size` square, RGB. An RGB photo is read in place; other pixel formats are
-/// converted once.
-pub fn crop(img: &DynamicImage, p: &Preprocess) -> RgbImage {
+/// The pixels the model sees: the photo resized (shorter side `resize_to`), smoothed if its
+/// `noise` ([`Quality::noise`](super::quality::Quality::noise)) calls for it ([`Denoise`]),
+/// and centre-cropped to an `input_size` square, RGB. An RGB photo is read in place; other
+/// pixel formats are converted once.
+pub fn crop(img: &DynamicImage, p: &Preprocess, noise: f32) -> RgbImage {
     let converted;
     let rgb = match img.as_rgb8() {
         Some(rgb) => rgb,
@@ -90,7 +140,10 @@ pub fn crop(img: &DynamicImage, p: &Preprocess) -> RgbImage {
         }
     };
     let (rw, rh) = resize::short_side_size(rgb.dimensions(), p.resize_to, p.input_size);
-    let resized = resize::rgb(rgb, rw, rh);
+    let mut resized = resize::rgb(rgb, rw, rh);
+    if let Some(sigma) = p.denoise_for(noise, rgb.width().min(rgb.height())) {
+        resized = image::imageops::blur(&resized, sigma);
+    }
     let (x0, y0) = ((rw - p.input_size) / 2, (rh - p.input_size) / 2);
     image::imageops::crop_imm(&resized, x0, y0, p.input_size, p.input_size).to_image()
 }
@@ -128,10 +181,11 @@ pub fn l2_normalize(v: &mut [f32]) {
     }
 }
 
-/// `name-<first 8 hex of the model file's sha256>`: changes whenever the model does.
-pub fn model_version(name: &str, model_bytes: &[u8]) -> String {
+/// `name-<first 8 hex of the model file's sha256>` and the preprocessing's
+/// [`Preprocess::version_tag`]: changes whenever the model or what it is given does.
+pub fn model_version(name: &str, model_bytes: &[u8], p: &Preprocess) -> String {
     let hash = hex::encode(Sha256::digest(model_bytes));
-    format!("{name}-{}", &hash[..8])
+    format!("{name}-{}{}", &hash[..8], p.version_tag())
 }
 
 /// Turns a decoded photo into an L2-normalised embedding. The ONNX encoder is the
@@ -266,8 +320,8 @@ impl OnnxEmbedder {
             .map_err(|e| load_err(&e))?;
         Ok(OnnxEmbedder {
             plan,
+            model_version: model_version(name, &bytes, &preprocess),
             preprocess,
-            model_version: model_version(name, &bytes),
             threads: 1,
         })
     }
@@ -344,7 +398,42 @@ mod tests {
             scale: 1.0,
             channel_order: order,
             layout,
+            denoise: None,
         }
+    }
+
+    #[test]
+    fn only_photos_noisier_than_the_threshold_are_smoothed() {
+        use crate::algo::quality::{self, tests::add_noise, tests::scene};
+        let p = Preprocess::OPEN_NSFW;
+        let clean = scene(640, 480);
+        let noisy = add_noise(&clean, 20.0);
+        let (nc, nn) = (quality::noise_of(&clean), quality::noise_of(&noisy));
+        assert!(nc < 6.0 && nn > 6.0, "estimates {nc} and {nn}");
+        // The clean photo is cropped as if nothing smoothed photos at all.
+        assert_eq!(crop(&clean, &p, nc), crop(&clean, &p, 0.0));
+        // The noisy one is smoothed: less noise is left in what the model sees.
+        let smoothed = crop(&noisy, &p, nn);
+        let raw = crop(&noisy, &p, 0.0);
+        let left = |c: &RgbImage| quality::noise_of(&DynamicImage::ImageRgb8(c.clone()));
+        assert!(
+            left(&smoothed) < 0.6 * left(&raw),
+            "{} against {}",
+            left(&smoothed),
+            left(&raw)
+        );
+        // Off, nothing is smoothed.
+        let off = Preprocess {
+            denoise: None,
+            ..p.clone()
+        };
+        assert_eq!(crop(&noisy, &off, nn), raw);
+        // The whole-photo path measures the noise itself and decides alike.
+        assert_eq!(preprocess(&noisy, &p), normalise(&smoothed, &p));
+        assert_eq!(
+            preprocess(&clean, &p),
+            normalise(&crop(&clean, &p, 0.0), &p)
+        );
     }
 
     #[test]
@@ -380,6 +469,20 @@ mod tests {
 
     #[test]
     fn model_version_names_the_hash_prefix() {
-        assert_eq!(model_version("m", b""), "m-e3b0c442");
+        let plain = preset(Layout::Nhwc, ChannelOrder::Bgr);
+        assert_eq!(model_version("m", b"", &plain), "m-e3b0c442");
+        // Smoothing noisy photos changes their embeddings: a version of its own.
+        assert_eq!(
+            model_version("m", b"", &Preprocess::OPEN_NSFW),
+            "m-e3b0c442-dn6s1"
+        );
+        let off = Preprocess {
+            denoise: Some(Denoise {
+                above: 6.0,
+                sigma: 0.0,
+            }),
+            ..Preprocess::OPEN_NSFW
+        };
+        assert_eq!(model_version("m", b"", &off), "m-e3b0c442");
     }
 }

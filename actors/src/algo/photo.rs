@@ -4,7 +4,7 @@
 
 use super::budget::MemoryBudget;
 use super::decode::{self, DecodeError, DecodeLimits, Decoded};
-use super::embed::{EmbedError, ImageEncoder, Preprocess};
+use super::embed::{self, EmbedError, ImageEncoder, Preprocess};
 use super::prepared::Prepared;
 use super::quality::{self, Quality};
 
@@ -66,7 +66,11 @@ pub fn analyse(
         budget,
     )?;
     let quality = quality::measure_scaled(&decoded.image, decoded.pixels());
-    let vector = model.embed(&decoded.image)?;
+    // With the crop path the noise just measured decides the smoothing, not a second estimate.
+    let vector = match model.crop_preprocess() {
+        Some(p) => model.embed_crop(&embed::crop(&decoded.image, p, quality.noise))?,
+        None => model.embed(&decoded.image)?,
+    };
     Ok((vector, quality))
 }
 

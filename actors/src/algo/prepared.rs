@@ -32,9 +32,10 @@ impl Prepared {
     /// Crops and measures a photo decoded as the embedder decodes it (`pixels`: the
     /// original's, which the hero score uses).
     pub fn from_decoded(image: &DynamicImage, pixels: u64, p: &Preprocess) -> Self {
+        let quality = quality::measure_scaled(image, pixels);
         Prepared {
-            crop: embed::crop(image, p),
-            quality: quality::measure_scaled(image, pixels),
+            crop: embed::crop(image, p, quality.noise),
+            quality,
         }
     }
 
@@ -155,7 +156,7 @@ mod tests {
         let prepared = Prepared::from_decoded(&img, 640 * 480, &p);
         assert_eq!(prepared.crop.dimensions(), (224, 224));
         assert_eq!(prepared.quality, quality::measure_scaled(&img, 640 * 480));
-        assert_eq!(prepared.crop, embed::crop(&img, &p));
+        assert_eq!(prepared.crop, embed::crop(&img, &p, prepared.quality.noise));
     }
 
     #[test]

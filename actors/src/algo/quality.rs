@@ -180,6 +180,33 @@ fn exposure(g: &GrayImage) -> f32 {
     (centred * (1.0 - clipped as f64 / n)) as f32
 }
 
+/// The photo's luminance: borrowed when it is one, else converted into `converted`.
+fn luma_of<'a>(img: &'a DynamicImage, converted: &'a mut GrayImage) -> &'a GrayImage {
+    match (img.as_luma8(), img.as_rgb8()) {
+        (Some(l), _) => l,
+        (None, Some(rgb)) => {
+            *converted = rgb_to_luma(rgb);
+            converted
+        }
+        (None, None) => {
+            *converted = img.to_luma8();
+            converted
+        }
+    }
+}
+
+/// Noise at the working size (see the module documentation) of a luminance image.
+fn working_noise(luma: &GrayImage) -> f32 {
+    let short = luma.width().min(luma.height()).max(1);
+    noise_sigma(luma) * (WORKING_SHORT_SIDE as f32 / short as f32).min(1.0)
+}
+
+/// [`Quality::noise`] of a decoded photo, alone (what [`measure_scaled`] gives).
+pub fn noise_of(img: &DynamicImage) -> f32 {
+    let mut converted = GrayImage::default();
+    working_noise(luma_of(img, &mut converted))
+}
+
 /// Measures one decoded (and oriented) photo.
 pub fn measure(img: &DynamicImage) -> Quality {
     measure_scaled(img, u64::from(img.width()) * u64::from(img.height()))
@@ -191,21 +218,10 @@ pub fn measure(img: &DynamicImage) -> Quality {
 /// full-size one: reduced-scale decoding averages `k × k` pixels, which divides white
 /// noise by `k`, as the working-size factor would.
 pub fn measure_scaled(img: &DynamicImage, pixels: u64) -> Quality {
-    let converted;
-    let luma = match (img.as_luma8(), img.as_rgb8()) {
-        (Some(l), _) => l,
-        (None, Some(rgb)) => {
-            converted = rgb_to_luma(rgb);
-            &converted
-        }
-        (None, None) => {
-            converted = img.to_luma8();
-            &converted
-        }
-    };
+    let mut converted = GrayImage::default();
+    let luma = luma_of(img, &mut converted);
     let short = luma.width().min(luma.height()).max(1);
-    let downscale = (WORKING_SHORT_SIDE as f32 / short as f32).min(1.0);
-    let noise = noise_sigma(luma) * downscale;
+    let noise = working_noise(luma);
     // Very large photos are first brought to twice the working size; the median there
     // removes what is noise at the working size and costs a fraction of a full-size pass.
     let reduced;
