@@ -45,10 +45,24 @@ def session(model_path: Path, threads: int):
 
 
 def preprocess(path: Path) -> np.ndarray:
-    img = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
+    return preprocess_image(ImageOps.exif_transpose(Image.open(path)).convert("RGB"))
+
+
+def resize_short(img: Image.Image) -> Image.Image:
+    """The photo with its shorter side at 256, as the service resizes it before the crop."""
     w, h = img.size
     k = 256 / min(w, h)
-    img = img.resize((max(256, round(w * k)), max(256, round(h * k))), Image.BILINEAR)
+    return img.resize((max(256, round(w * k)), max(256, round(h * k))), Image.BILINEAR)
+
+
+def preprocess_image(img: Image.Image) -> np.ndarray:
+    """The model input of an RGB photo."""
+    return crop_normalise(resize_short(img))
+
+
+def crop_normalise(img: Image.Image) -> np.ndarray:
+    """The model input from a photo already resized by `resize_short`: the centre 224 crop, BGR,
+    mean subtracted, NHWC."""
     w, h = img.size
     left, top = (w - 224) // 2, (h - 224) // 2
     img = img.crop((left, top, left + 224, top + 224))

@@ -1,0 +1,123 @@
+#!/usr/bin/env python3
+"""How far degraded shots (noise, blur, dark, small) lie from their scene in the embedding the
+service uses, against how close different scenes come, for labelled folders (labels.csv:
+file,scene,degraded; scripts/footage_set.py builds such sets from real video frames).
+
+Per folder and embedding variant it prints:
+- `inter`: the smallest cosine distance between clean photos (degraded = 0) of different scenes;
+- `deg->own p50/p90/max`: each degraded photo's distance to the nearest clean photo of its scene;
+- `within eps`: the share of degraded photos within `--eps` of a clean photo of their scene;
+- `nearest right`: the share whose nearest clean photo is of their own scene;
+- `ARI`: DBSCAN (cosine, `--eps`, `--min-points`, noise as singletons) against the scenes.
+A single threshold separates scenes and keeps degraded shots with them only when the degraded
+distances sit below `inter`.
+
+Variants: `service` (the `Reshape` tensor, as the service embeds), `denoise-S` (a photo whose
+noise estimate is above `--noisy` levels is blurred with a Gaussian of sigma S at the resize
+scale before the crop), `gem` (generalised-mean pooling, p = 3, of the last block instead of the
+average the model's `Reshape` holds).
+
+Usage (from the repo root): robustness_probe.py FOLDER... [--eps 0.18] [--min-points 2] [--noisy 6]
+Needs: pip install onnx onnxruntime numpy pillow scipy scikit-learn; the model (make model).
+"""
+import argparse
+import csv
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from PIL import Image, ImageFilter, ImageOps
+from scipy.ndimage import convolve
+from sklearn.cluster import DBSCAN
+from sklearn.metrics import adjusted_rand_score
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from reference_loop import crop_normalise, resize_short  # noqa: E402
+
+IMMERKAER = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float64)
+
+
+def model_noise(img: Image.Image) -> float:
+    """Immerkaer's estimate on the luminance at the scale the model sees the photo (shorter
+    side 256), as the service decides on smoothing (actors/src/algo/embed.rs)."""
+    g = np.asarray(img.convert("L"), np.float64)
+    r = np.abs(convolve(g, IMMERKAER)[1:-1, 1:-1])
+    sigma = np.sqrt(np.pi / 2) * r.sum() / (6 * r.size)
+    return sigma * min(1.0, 256 / min(g.shape))
+
+
+def sessions(model_path: Path):
+    model = onnx.load(str(model_path))
+    pooled = next(n for n in model.graph.node if n.name == "Reshape").output[0]
+    pool = next(n for n in model.graph.node if n.op_type == "AveragePool")
+    last = pool.input[0]
+    for name in (pooled, last):
+        model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    s = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return s, s.get_inputs()[0].name, pooled, last
+
+
+def unit(v):
+    return v / np.linalg.norm(v)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folders", nargs="+", type=Path)
+    ap.add_argument("--model", type=Path, default=Path("models/open-nsfw.onnx"))
+    ap.add_argument("--eps", type=float, default=0.18)
+    ap.add_argument("--min-points", type=int, default=2)
+    ap.add_argument("--noisy", type=float, default=6.0)
+    args = ap.parse_args()
+    sess, input_name, pooled, last = sessions(args.model)
+
+    def embed(resized):
+        out, block = sess.run([pooled, last], {input_name: crop_normalise(resized)})
+        block = np.maximum(block[0], 0)
+        # positions x channels, whichever layout the pooled block has
+        block = block.reshape(block.shape[0], -1).T if block.shape[0] > block.shape[-1] else block.reshape(-1, block.shape[-1])
+        return unit(out.reshape(-1)), unit((block ** 3).mean(0) ** (1 / 3))
+
+    for folder in args.folders:
+        rows = list(csv.DictReader(open(folder / "labels.csv")))
+        scenes = np.array([r["scene"] for r in rows])
+        clean = np.array([r["degraded"] == "0" for r in rows])
+        variants = {"service": [], "gem": [], "denoise-1": [], "denoise-2": []}
+        for r in rows:
+            img = ImageOps.exif_transpose(Image.open(folder / r["file"])).convert("RGB")
+            resized = resize_short(img)
+            service, gem = embed(resized)
+            variants["service"].append(service)
+            variants["gem"].append(gem)
+            noisy = model_noise(img) > args.noisy
+            for s in (1, 2):
+                variants[f"denoise-{s}"].append(
+                    embed(resized.filter(ImageFilter.GaussianBlur(s)))[0] if noisy else service)
+        print(f"{folder}: {len(rows)} photos, {len(set(scenes))} scenes, {int((~clean).sum())} degraded")
+        for name, vectors in variants.items():
+            e = np.stack(vectors)
+            d = 1 - e @ e.T
+            other = scenes[:, None] != scenes[None, :]
+            inter = d[np.ix_(clean, clean)][other[np.ix_(clean, clean)]].min()
+            deg = np.where(~clean)[0]
+            own = np.array([d[i, clean & (scenes == scenes[i])].min() for i in deg])
+            near_other = np.array([d[i, clean & (scenes != scenes[i])].min() for i in deg])
+            labels = DBSCAN(eps=args.eps, min_samples=args.min_points, metric="cosine").fit(e).labels_
+            labels = [l if l >= 0 else -1 - i for i, l in enumerate(labels)]
+            print(f"  {name:10s} inter {inter:.3f}  deg->own p50 {np.median(own):.3f} p90 {np.quantile(own, 0.9):.3f}"
+                  f" max {own.max():.3f}  within eps {np.mean(own <= args.eps):.2f}"
+                  f"  nearest right {np.mean(own < near_other):.2f}  ARI {adjusted_rand_score(scenes, labels):.3f}")
+            # By kind of degradation (the file name's last `_` part: noise20, blur6, small...).
+            kinds = np.array([Path(rows[i]["file"]).stem.rsplit("_", 1)[-1] for i in deg])
+            print("             " + "  ".join(
+                f"{k} {np.median(own[kinds == k]):.3f}/{np.mean(own[kinds == k] <= args.eps):.0%}"
+                for k in sorted(set(kinds))))
+
+
+if __name__ == "__main__":
+    main()
