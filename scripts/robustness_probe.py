@@ -12,12 +12,14 @@ Per folder and embedding variant it prints:
 A single threshold separates scenes and keeps degraded shots with them only when the degraded
 distances sit below `inter`.
 
-Variants: `service` (the `Reshape` tensor, as the service embeds), `denoise-S` (a photo whose
-noise estimate is above `--noisy` levels is blurred with a Gaussian of sigma S at the resize
-scale before the crop), `gem` (generalised-mean pooling, p = 3, of the last block instead of the
-average the model's `Reshape` holds).
+Variants: `service` (the `Reshape` tensor, as the service embeds with `embedder.denoise_sigma
+= 0`), `denoise-S` (a photo whose noise at the model's scale is above `--noisy` levels is
+blurred with a Gaussian of sigma S at the resize scale before the crop; `denoise-1` is the
+service's default), `gem` (generalised-mean pooling, p = `--gem-p`, of the last block instead of
+the average the model's `Reshape` holds) and `gem+dn-1` (both).
 
 Usage (from the repo root): robustness_probe.py FOLDER... [--eps 0.18] [--min-points 2] [--noisy 6]
+       [--gem-p 3]
 Needs: pip install onnx onnxruntime numpy pillow scipy scikit-learn; the model (make model).
 """
 import argparse
@@ -73,21 +75,23 @@ def main():
     ap.add_argument("--eps", type=float, default=0.18)
     ap.add_argument("--min-points", type=int, default=2)
     ap.add_argument("--noisy", type=float, default=6.0)
+    ap.add_argument("--gem-p", type=float, default=3.0)
     args = ap.parse_args()
     sess, input_name, pooled, last = sessions(args.model)
 
     def embed(resized):
         out, block = sess.run([pooled, last], {input_name: crop_normalise(resized)})
+        p = args.gem_p
         block = np.maximum(block[0], 0)
         # positions x channels, whichever layout the pooled block has
         block = block.reshape(block.shape[0], -1).T if block.shape[0] > block.shape[-1] else block.reshape(-1, block.shape[-1])
-        return unit(out.reshape(-1)), unit((block ** 3).mean(0) ** (1 / 3))
+        return unit(out.reshape(-1)), unit((block ** p).mean(0) ** (1 / p))
 
     for folder in args.folders:
         rows = list(csv.DictReader(open(folder / "labels.csv")))
         scenes = np.array([r["scene"] for r in rows])
         clean = np.array([r["degraded"] == "0" for r in rows])
-        variants = {"service": [], "gem": [], "denoise-1": [], "denoise-2": []}
+        variants = {"service": [], "gem": [], "gem+dn-1": [], "denoise-1": [], "denoise-2": []}
         for r in rows:
             img = ImageOps.exif_transpose(Image.open(folder / r["file"])).convert("RGB")
             resized = resize_short(img)
@@ -96,8 +100,10 @@ def main():
             variants["gem"].append(gem)
             noisy = model_noise(img) > args.noisy
             for s in (1, 2):
-                variants[f"denoise-{s}"].append(
-                    embed(resized.filter(ImageFilter.GaussianBlur(s)))[0] if noisy else service)
+                smoothed = embed(resized.filter(ImageFilter.GaussianBlur(s))) if noisy else (service, gem)
+                variants[f"denoise-{s}"].append(smoothed[0])
+                if s == 1:
+                    variants["gem+dn-1"].append(smoothed[1])
         print(f"{folder}: {len(rows)} photos, {len(set(scenes))} scenes, {int((~clean).sum())} degraded")
         for name, vectors in variants.items():
             e = np.stack(vectors)
