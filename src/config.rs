@@ -248,6 +248,9 @@ pub struct EmbedderSettings {
     pub denoise_above: Option<f32>,
     /// Sigma of that smoothing in pixels at the resize scale; 0 turns it off.
     pub denoise_sigma: Option<f32>,
+    /// Generalised-mean pooling of a feature-map output (`output` naming a `1 x C x H x W`
+    /// tensor) with this exponent; 0 turns it off ([`Preprocess::gem_p`]).
+    pub gem_p: Option<f32>,
     /// `tract` (built in) or `onnxruntime` (about twice as fast; needs `libonnxruntime.so`).
     #[serde(default = "default_backend")]
     pub backend: String,
@@ -318,6 +321,7 @@ pub fn presets() -> Vec<Preset> {
                 channel_order: ChannelOrder::Rgb,
                 layout: Layout::Nchw,
                 denoise: None,
+                gem_p: None,
             },
         },
         // DINOv2 (ViT-S/14 and friends) exported to ONNX: pooled output.
@@ -333,6 +337,7 @@ pub fn presets() -> Vec<Preset> {
                 channel_order: ChannelOrder::Rgb,
                 layout: Layout::Nchw,
                 denoise: None,
+                gem_p: None,
             },
         },
         // torchvision ImageNet CNNs (ResNet, EfficientNet) with the classifier removed.
@@ -348,6 +353,7 @@ pub fn presets() -> Vec<Preset> {
                 channel_order: ChannelOrder::Rgb,
                 layout: Layout::Nchw,
                 denoise: None,
+                gem_p: None,
             },
         },
     ]
@@ -397,6 +403,12 @@ impl EmbedderSettings {
                 ));
             }
             p.denoise = (d.sigma > 0.0).then_some(d);
+        }
+        if let Some(g) = self.gem_p {
+            if !(g.is_finite() && (0.0..=16.0).contains(&g)) {
+                return Err(invalid("embedder.gem_p", "must be within 0..=16 (0: off)"));
+            }
+            p.gem_p = (g > 0.0).then_some(g);
         }
         if p.input_size == 0 {
             return Err(invalid("embedder.input_size", "must be positive"));
@@ -1229,6 +1241,33 @@ mod tests {
             resolve(&[("MEDIA_CLUSTERING__EMBEDDER__PRESET", "clip"), (sigma, "1")]).unwrap(),
             on
         );
+    }
+
+    #[test]
+    fn gem_p_pools_a_feature_map_output_or_is_off() {
+        let resolve = |env: &[(&str, &str)]| {
+            Settings::load_from(&vars(env))
+                .map_err(|e| e.to_string())?
+                .embedder
+                .resolve()
+                .map(|(_, output, p)| (output, p.gem_p))
+                .map_err(|e| e.to_string())
+        };
+        let key = "MEDIA_CLUSTERING__EMBEDDER__GEM_P";
+        assert_eq!(resolve(&[]).unwrap(), ("Reshape".into(), None));
+        let on = [
+            (key, "2"),
+            ("MEDIA_CLUSTERING__EMBEDDER__OUTPUT", "Relu_48"),
+        ];
+        assert_eq!(resolve(&on).unwrap(), ("Relu_48".into(), Some(2.0)));
+        assert_eq!(resolve(&[(key, "0")]).unwrap().1, None);
+        for bad in ["-1", "17"] {
+            assert!(
+                resolve(&[(key, bad)])
+                    .unwrap_err()
+                    .contains("embedder.gem_p")
+            );
+        }
     }
 
     #[test]

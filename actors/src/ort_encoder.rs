@@ -29,8 +29,8 @@ use ort::value::TensorRef;
 use tract_onnx::prelude::Framework;
 
 use crate::algo::embed::{
-    EmbedError, ImageEncoder, Layout, Preprocess, check_crop, l2_normalize, model_version,
-    normalise, preprocess,
+    EmbedError, ImageEncoder, Layout, Preprocess, check_crop, finish, model_version, normalise,
+    preprocess,
 };
 
 /// The variable that `ort` itself reads for the library's path.
@@ -200,17 +200,12 @@ impl OrtEncoder {
         let value = outputs.get(&self.output_name).ok_or_else(|| {
             EmbedError::Inference(format!("no output named `{}`", self.output_name))
         })?;
-        let (_, data) = value.try_extract_tensor::<f32>().map_err(err)?;
-        let mut v = data.to_vec();
+        let (shape, data) = value.try_extract_tensor::<f32>().map_err(err)?;
+        let dims: Vec<usize> = shape.iter().map(|&d| d.max(0) as usize).collect();
+        let v = data.to_vec();
         drop(outputs);
         drop(session);
-        if v.iter().any(|x| !x.is_finite()) {
-            return Err(EmbedError::Inference(
-                "model produced a non-finite value".into(),
-            ));
-        }
-        l2_normalize(&mut v);
-        Ok(v)
+        finish(v, &dims, &self.preprocess)
     }
 }
 

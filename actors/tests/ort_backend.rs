@@ -142,6 +142,42 @@ fn ort_and_tract_embeddings_agree() {
 }
 
 #[test]
+fn gem_pooling_of_the_last_block_agrees_across_backends_and_with_the_models_average() {
+    let lib = library();
+    let model = model();
+    let with_p = |p: f32| Preprocess {
+        gem_p: Some(p),
+        ..Preprocess::OPEN_NSFW
+    };
+    // The model's own "Reshape" is the average pool of "Relu_48", a ReLU: GeM with p = 1.
+    let average = OnnxEmbedder::load(&model, "m", "Reshape", Preprocess::OPEN_NSFW).unwrap();
+    let gem1 = OnnxEmbedder::load(&model, "m", "Relu_48", with_p(1.0)).unwrap();
+    let tract = OnnxEmbedder::load(&model, "m", "Relu_48", with_p(2.0)).unwrap();
+    let ort = OrtEncoder::load(
+        &model,
+        "m",
+        "Relu_48",
+        with_p(2.0),
+        &OrtOptions::new(&lib, 1),
+    )
+    .unwrap();
+    assert_eq!(ort.model_version(), tract.model_version());
+    assert!(tract.model_version().ends_with("-gem2"));
+    for (name, img) in &photos(5) {
+        let a = average.embed(img).unwrap();
+        let g1 = gem1.embed(img).unwrap();
+        assert_eq!(g1.len(), 1024, "{name}");
+        let c = cosine(&a, &g1);
+        assert!(c > 0.99999, "{name}: cosine(average, GeM p=1) = {c}");
+        let (t, o) = (tract.embed(img).unwrap(), ort.embed(img).unwrap());
+        let c = cosine(&t, &o);
+        assert!(c > 0.999, "{name}: cosine(tract, ort) with GeM = {c}");
+        // p = 2 weighs strong responses more: a different embedding, not a rounding of it.
+        assert!(cosine(&a, &t) < 0.999, "{name}");
+    }
+}
+
+#[test]
 fn ort_sessions_serve_several_threads() {
     let lib = library();
     let model = model();

@@ -46,6 +46,12 @@ pub struct Preprocess {
     /// Smoothing of noisy photos before the crop; `None`: every photo as it is.
     #[serde(default)]
     pub denoise: Option<Denoise>,
+    /// How the model's output becomes the embedding: `None`, it is the embedding; `Some(p)`,
+    /// the output is a feature map (`1 x C x H x W`, ONNX's layout) pooled per channel by the
+    /// generalised mean `(mean of max(x, 0)^p)^(1/p)` (Radenović et al., 2018), which weighs
+    /// the strongest responses more than an average does (p = 1).
+    #[serde(default)]
+    pub gem_p: Option<f32>,
 }
 
 /// A photo whose noise, as the model sees it, is above `above` grey levels is smoothed with a
@@ -80,6 +86,7 @@ impl Preprocess {
             above: 6.0,
             sigma: 1.0,
         }),
+        gem_p: None,
     };
 
     /// The shorter side a photo is resized to before the crop.
@@ -100,10 +107,14 @@ impl Preprocess {
     /// What of the preprocessing changes embeddings beyond the model itself, for the model
     /// version: empty, or `-dn<above>s<sigma>` when noisy photos are smoothed.
     pub fn version_tag(&self) -> String {
-        match self.denoise.filter(|d| d.sigma > 0.0) {
+        let mut tag = match self.denoise.filter(|d| d.sigma > 0.0) {
             Some(d) => format!("-dn{}s{}", d.above, d.sigma),
             None => String::new(),
+        };
+        if let Some(p) = self.gem_p {
+            tag.push_str(&format!("-gem{p}"));
         }
+        tag
     }
 }
 
@@ -171,6 +182,44 @@ pub fn normalise(crop: &RgbImage, p: &Preprocess) -> Vec<f32> {
         }
     }
     out
+}
+
+/// The embedding from a model output of `shape`: pooled if the preprocessing says so
+/// ([`Preprocess::gem_p`]), checked to be finite, L2-normalised. Both backends end here.
+pub fn finish(raw: Vec<f32>, shape: &[usize], p: &Preprocess) -> Result<Vec<f32>, EmbedError> {
+    let mut v = match p.gem_p {
+        None => raw,
+        Some(exp) => gem(&raw, shape, exp)?,
+    };
+    if v.iter().any(|x| !x.is_finite()) {
+        return Err(EmbedError::Inference(
+            "model produced a non-finite value".into(),
+        ));
+    }
+    l2_normalize(&mut v);
+    Ok(v)
+}
+
+/// Generalised-mean pooling of a `1 x C x H x W` feature map over `H x W`.
+fn gem(x: &[f32], shape: &[usize], p: f32) -> Result<Vec<f32>, EmbedError> {
+    let &[1, c, h, w] = shape else {
+        return Err(EmbedError::Inference(format!(
+            "GeM pooling needs a 1 x C x H x W output, not {shape:?}"
+        )));
+    };
+    let hw = h * w;
+    if hw == 0 || x.len() != c * hw {
+        return Err(EmbedError::Inference(format!(
+            "an output of {} values for the shape {shape:?}",
+            x.len()
+        )));
+    }
+    Ok(x.chunks_exact(hw)
+        .map(|plane| {
+            let mean = plane.iter().map(|v| v.max(0.0).powf(p)).sum::<f32>() / hw as f32;
+            mean.powf(1.0 / p)
+        })
+        .collect())
 }
 
 /// Scales a vector to unit length (a zero vector stays zero).
@@ -373,14 +422,8 @@ impl OnnxEmbedder {
         let view = out[0]
             .to_plain_array_view::<f32>()
             .map_err(|e| EmbedError::Inference(e.to_string()))?;
-        let mut v: Vec<f32> = view.iter().copied().collect();
-        if v.iter().any(|x| !x.is_finite()) {
-            return Err(EmbedError::Inference(
-                "model produced a non-finite value".into(),
-            ));
-        }
-        l2_normalize(&mut v);
-        Ok(v)
+        let v: Vec<f32> = view.iter().copied().collect();
+        finish(v, view.shape(), &self.preprocess)
     }
 }
 
@@ -399,7 +442,46 @@ mod tests {
             channel_order: order,
             layout,
             denoise: None,
+            gem_p: None,
         }
+    }
+
+    #[test]
+    fn gem_pools_each_channel_by_the_generalised_mean() {
+        // Two channels of a 1 x 2 map: (1, 3) and (-1, 2); negatives count as 0.
+        let p = Preprocess {
+            gem_p: Some(2.0),
+            ..preset(Layout::Nchw, ChannelOrder::Rgb)
+        };
+        let v = finish(vec![1.0, 3.0, -1.0, 2.0], &[1, 2, 1, 2], &p).unwrap();
+        let (a, b) = (5f32.sqrt(), 2f32.sqrt());
+        let n = (a * a + b * b).sqrt();
+        assert!(
+            (v[0] - a / n).abs() < 1e-6 && (v[1] - b / n).abs() < 1e-6,
+            "{v:?}"
+        );
+        // p = 1 is the average of the rectified map.
+        let avg = finish(
+            vec![1.0, 3.0, -1.0, 2.0],
+            &[1, 2, 1, 2],
+            &Preprocess {
+                gem_p: Some(1.0),
+                ..p.clone()
+            },
+        )
+        .unwrap();
+        let n = (4.0f32 + 1.0).sqrt();
+        assert!((avg[0] - 2.0 / n).abs() < 1e-6 && (avg[1] - 1.0 / n).abs() < 1e-6);
+        // Anything but a 1 x C x H x W map is an error, not a wrong embedding.
+        assert!(finish(vec![1.0; 4], &[1, 4], &p).is_err());
+        assert!(finish(vec![1.0; 3], &[1, 2, 1, 2], &p).is_err());
+        // Without pooling the output is the embedding.
+        let plain = preset(Layout::Nchw, ChannelOrder::Rgb);
+        assert_eq!(
+            finish(vec![3.0, 4.0], &[1, 2], &plain).unwrap(),
+            vec![0.6, 0.8]
+        );
+        assert!(finish(vec![f32::NAN, 1.0], &[1, 2], &plain).is_err());
     }
 
     #[test]
@@ -484,5 +566,10 @@ mod tests {
             ..Preprocess::OPEN_NSFW
         };
         assert_eq!(model_version("m", b"", &off), "m-e3b0c442");
+        let gem = Preprocess {
+            gem_p: Some(2.0),
+            ..Preprocess::OPEN_NSFW
+        };
+        assert_eq!(model_version("m", b"", &gem), "m-e3b0c442-dn6s1-gem2");
     }
 }
