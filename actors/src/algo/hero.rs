@@ -20,7 +20,7 @@ pub const NOISE_HALF: f32 = 6.0;
 
 /// Cosine distance within which two members of a cluster are near-duplicates (burst shots
 /// of one moment; different framings of a scene are further apart).
-pub const NEAR_DUPLICATE_EPS: f32 = 0.03;
+pub const NEAR_DUPLICATE_EPS: f32 = 0.027;
 
 /// How much better (relatively) a new hero must score than the cluster's current one to
 /// replace it, so that the hero does not flip between near-equal shots from job to job.
