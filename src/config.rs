@@ -1205,17 +1205,20 @@ mod tests {
         assert!(s.embedder.resolve().is_err());
     }
 
+    /// The embedder's output and preprocessing under `env`; a bad value fails at load or at
+    /// resolve, whichever checks it.
+    fn embedder_under(env: &[(&str, &str)]) -> Result<(String, Preprocess), String> {
+        Settings::load_from(&vars(env))
+            .map_err(|e| e.to_string())?
+            .embedder
+            .resolve()
+            .map(|(_, output, p)| (output, p))
+            .map_err(|e| e.to_string())
+    }
+
     #[test]
     fn denoise_keys_tune_or_turn_off_the_smoothing_of_noisy_photos() {
-        // Bad values fail at load or at resolve, whichever checks them.
-        let resolve = |env: &[(&str, &str)]| {
-            Settings::load_from(&vars(env))
-                .map_err(|e| e.to_string())?
-                .embedder
-                .resolve()
-                .map(|(_, _, p)| p.denoise)
-                .map_err(|e| e.to_string())
-        };
+        let resolve = |env: &[(&str, &str)]| embedder_under(env).map(|(_, p)| p.denoise);
         let on = Some(Denoise {
             above: 6.0,
             sigma: 1.0,
@@ -1251,14 +1254,8 @@ mod tests {
 
     #[test]
     fn gem_p_pools_a_feature_map_output_or_is_off() {
-        let resolve = |env: &[(&str, &str)]| {
-            Settings::load_from(&vars(env))
-                .map_err(|e| e.to_string())?
-                .embedder
-                .resolve()
-                .map(|(_, output, p)| (output, p.gem_p))
-                .map_err(|e| e.to_string())
-        };
+        let resolve =
+            |env: &[(&str, &str)]| embedder_under(env).map(|(output, p)| (output, p.gem_p));
         let key = "MEDIA_CLUSTERING__EMBEDDER__GEM_P";
         assert_eq!(resolve(&[]).unwrap(), ("Relu_48".into(), Some(2.0)));
         // The model's own average pool, as before GeM was the default.
