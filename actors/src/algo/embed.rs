@@ -60,10 +60,11 @@ pub struct Preprocess {
 /// resize scale (a downscale to `resize_to` has averaged part of it away).
 ///
 /// Sensor noise is what an image encoder sees as texture: on real video frames with Gaussian
-/// noise of sigma 15-30 added, the open-nsfw embedding of a noisy copy lies a median 0.23
-/// (cosine) from the clean frames of its shot, beyond `clustering.eps`; smoothing it with
-/// sigma 1 at the model's scale brings it closer (BENCHMARKS.md, "Robustness on real footage").
-/// Clean photos, whose estimate stays below about 5 levels, are not touched.
+/// noise of sigma 15-30 added, open-nsfw's average-pooled embedding of a noisy copy lies a
+/// median 0.23 (cosine) from the clean frames of its shot, farther than other shots lie;
+/// smoothing it with sigma 1 at the model's scale brings it closer, under either pooling
+/// (BENCHMARKS.md, "Robustness on real footage"). Clean photos, whose estimate stays below
+/// about 5 levels, are not touched.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Denoise {
