@@ -243,8 +243,8 @@ pub struct EmbedderSettings {
     pub scale: Option<f32>,
     pub channel_order: Option<ChannelOrder>,
     pub layout: Option<Layout>,
-    /// Photos with a noise estimate above this (grey levels at the working size) are
-    /// smoothed before the crop ([`actors::algo::embed::Denoise`]).
+    /// Photos whose noise estimate, brought to the model's scale, is above this (grey levels)
+    /// are smoothed before the crop ([`actors::algo::embed::Denoise`]).
     pub denoise_above: Option<f32>,
     /// Sigma of that smoothing in pixels at the resize scale; 0 turns it off.
     pub denoise_sigma: Option<f32>,
@@ -391,9 +391,10 @@ impl EmbedderSettings {
         p.channel_order = self.channel_order.unwrap_or(p.channel_order);
         p.layout = self.layout.unwrap_or(p.layout);
         if self.denoise_above.is_some() || self.denoise_sigma.is_some() {
+            // A preset without smoothing keeps it off unless a sigma is given.
             let base = p.denoise.unwrap_or(Denoise {
-                above: 6.0,
                 sigma: 0.0,
+                ..Denoise::DEFAULT
             });
             let d = Denoise {
                 above: self.denoise_above.unwrap_or(base.above),

