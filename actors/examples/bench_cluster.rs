@@ -43,6 +43,7 @@ fn parse_args() -> Result<Args, String> {
     let mut params = ClusterParams {
         eps: 0.18,
         min_points: 2,
+        low_pass: None,
     };
     let mut repeat = 3;
     let mut algos = vec!["gram".to_string()];

@@ -132,6 +132,7 @@ mod tests {
         let params = ClusterParams {
             eps: 0.1,
             min_points: 2,
+            low_pass: None,
         };
         let mut v = Array2::<f32>::zeros((n, 4));
         for i in 0..n {
@@ -157,6 +158,7 @@ mod tests {
     const P: ClusterParams = ClusterParams {
         eps: 0.1,
         min_points: 2,
+        low_pass: None,
     };
 
     #[test]

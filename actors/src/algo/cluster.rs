@@ -21,6 +21,54 @@ pub struct ClusterParams {
     pub eps: f32,
     /// Neighbours (the point included) a core point needs.
     pub min_points: usize,
+    /// Each vector is two views of its photo, as seen and low-passed
+    /// ([`Preprocess::low_pass`](super::embed::Preprocess::low_pass)), and pairs with a
+    /// blurred photo are judged by the second; `None`: one view, every pair by `eps`.
+    #[serde(default)]
+    pub low_pass: Option<LowPassRule>,
+}
+
+/// How pairs with a blurred photo are judged when every vector holds two views of its
+/// photo: the photo as seen, then low-passed (each L2-normalised).
+///
+/// A photo is *blurred* when its two views lie within `blurred_within` of each other: the
+/// low-pass took little from it because it had little detail left. A blurred and a sharp
+/// photo are neighbours when their low-passed views lie within `eps`, two blurred photos
+/// within `both_blurred_eps` (having both lost their detail, they look alike more easily),
+/// and two sharp photos when their own views do, by [`ClusterParams::eps`] (and the time
+/// rule). A blurred shot and its sharp siblings differ in the detail only the sharp ones
+/// have; low-passed, both lose it. Two sharp photos are never compared low-passed: it would
+/// bring different scenes together (on real frames, clean shots of different scenes come
+/// within 0.09).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LowPassRule {
+    /// Largest cosine distance between the low-passed views of a blurred and a sharp photo.
+    pub eps: f32,
+    /// Largest cosine distance between the low-passed views of two blurred photos.
+    pub both_blurred_eps: f32,
+    /// A photo whose views lie within this cosine distance of each other is blurred.
+    pub blurred_within: f32,
+}
+
+impl LowPassRule {
+    /// Whether a photo with these views (as seen, low-passed) is blurred.
+    pub fn is_blurred(&self, seen: &[f32], low: &[f32]) -> bool {
+        1.0 - super::dbscan::pair_dot(seen, low) <= self.blurred_within
+    }
+
+    /// The threshold on the low-passed views of a pair with at least one blurred photo.
+    pub fn eps_for(&self, both_blurred: bool) -> f32 {
+        if both_blurred {
+            self.both_blurred_eps
+        } else {
+            self.eps
+        }
+    }
+
+    /// The range a search over low-passed views needs.
+    pub fn widest(&self) -> f32 {
+        self.eps.max(self.both_blurred_eps)
+    }
 }
 
 /// L2 distance between unit vectors at the given cosine distance.
@@ -184,6 +232,7 @@ mod tests {
             &ClusterParams {
                 eps: 0.05,
                 min_points: 2,
+                low_pass: None,
             },
         );
         assert_eq!(c, vec![vec![0, 2], vec![1, 3], vec![4]]);
@@ -199,6 +248,7 @@ mod tests {
             &ClusterParams {
                 eps: 0.02,
                 min_points: 2,
+                low_pass: None,
             },
         );
         let mut all: Vec<usize> = c.concat();
@@ -214,7 +264,8 @@ mod tests {
                 &[],
                 &ClusterParams {
                     eps: 0.1,
-                    min_points: 2
+                    min_points: 2,
+                    low_pass: None,
                 }
             )
             .is_empty()
@@ -231,13 +282,18 @@ mod tests {
                 &ClusterParams {
                     eps: 0.1,
                     min_points: 2,
+                    low_pass: None,
                 },
             );
             assert!(typical.iter().filter(|c| c.len() > 1).count() >= 10);
             assert!(typical.iter().filter(|c| c.len() == 1).count() >= 10);
             for eps in [0.001, 0.01, 0.03, 0.05, 0.1, 0.18, 0.3, 0.6, 1.0] {
                 for min_points in [2, 3, 5] {
-                    let params = ClusterParams { eps, min_points };
+                    let params = ClusterParams {
+                        eps,
+                        min_points,
+                        low_pass: None,
+                    };
                     let fast = cluster(&v, &params);
                     let exact = cluster_with(&v, &params, CommonNearestNeighbour::LinearSearch);
                     assert_eq!(
@@ -255,10 +311,12 @@ mod tests {
         let one = ClusterParams {
             eps: 0.05,
             min_points: 1,
+            low_pass: None,
         };
         let two = ClusterParams {
             eps: 0.05,
             min_points: 2,
+            low_pass: None,
         };
         assert_eq!(cluster(&v, &one), cluster(&v, &two));
     }
@@ -286,6 +344,7 @@ mod tests {
         let params = ClusterParams {
             eps: 0.18,
             min_points: 2,
+            low_pass: None,
         };
         for seed in 0..4 {
             let v = clustered_with_noise(300, 32, seed);
@@ -311,6 +370,7 @@ mod tests {
         let params = ClusterParams {
             eps: 0.18,
             min_points: 2,
+            low_pass: None,
         };
         let t0 = 1_717_245_005_000;
         // 0.22 apart: beyond eps, within the burst threshold.

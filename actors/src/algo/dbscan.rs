@@ -18,13 +18,17 @@
 //! *ambiguous* and the whole pet is re-clustered, as it is when photos leave, when the time
 //! rule starts to apply, and on a `recluster` job. With `min_points = 2` (the default) every
 //! non-noise point is core, nothing is ambiguous and the result is exactly a full run's.
+//!
+//! With a [`LowPassRule`] each vector holds two views of its photo (as seen, then
+//! low-passed), and a pair with a blurred photo is judged by the low-passed views: a second
+//! index over those views adds their edges, for the full run and for an insertion alike.
 
 use std::collections::VecDeque;
 
 use linfa_nn::distance::L2Dist;
 use ndarray::{Array2, ArrayView2, Axis};
 
-use super::cluster::{ClusterParams, TimeRule, l2_for_cosine};
+use super::cluster::{ClusterParams, LowPassRule, TimeRule, l2_for_cosine};
 use super::neighbours::{GramSearch, GramSearchIndex};
 
 /// How the latest change was made.
@@ -97,8 +101,11 @@ impl PairRule {
 #[derive(Debug, Clone)]
 pub struct Clustering {
     rule: PairRule,
+    /// One point per row: its view as seen, then, with a low-pass rule, its low-passed view.
     vectors: Array2<f32>,
     times: Vec<Option<i64>>,
+    /// Whether each point is blurred under the low-pass rule (all false without one).
+    blurred: Vec<bool>,
     /// Whether the time rule applies (a rule is set and at least two points have a time).
     timed: bool,
     /// Cluster of each point; `None`: noise (a singleton).
@@ -122,9 +129,11 @@ impl Clustering {
             timed: false,
             labels: Vec::new(),
             counts: Vec::new(),
+            blurred: Vec::new(),
             vectors,
             times,
         };
+        c.mark_blurred();
         c.recluster();
         c
     }
@@ -137,17 +146,56 @@ impl Clustering {
         self.len() == 0
     }
 
-    /// Dimensions of the vectors.
+    /// Dimensions of the vectors (both views, with a low-pass rule).
     pub fn dim(&self) -> usize {
         self.vectors.ncols()
     }
 
-    /// The vector of point `i`.
+    /// Point `i`'s view as seen (its whole vector without a low-pass rule): what heroes'
+    /// centrality and near-duplicates are measured on.
     pub fn vector(&self, i: usize) -> &[f32] {
+        &self.row(i)[..self.seen_dim()]
+    }
+
+    /// Point `i`'s low-passed view, with a low-pass rule.
+    fn low_vector(&self, i: usize) -> &[f32] {
+        &self.row(i)[self.seen_dim()..]
+    }
+
+    fn row(&self, i: usize) -> &[f32] {
         self.vectors
             .row(i)
             .to_slice()
             .expect("rows of a standard-layout matrix are contiguous")
+    }
+
+    fn low_pass(&self) -> Option<LowPassRule> {
+        self.rule.params.low_pass
+    }
+
+    /// Dimensions of the view as seen.
+    fn seen_dim(&self) -> usize {
+        match self.low_pass() {
+            Some(_) => self.vectors.ncols() / 2,
+            None => self.vectors.ncols(),
+        }
+    }
+
+    /// Whether point `i` is blurred (never, without a low-pass rule).
+    pub fn is_blurred(&self, i: usize) -> bool {
+        self.blurred[i]
+    }
+
+    /// Marks the points not yet marked as blurred or not.
+    fn mark_blurred(&mut self) {
+        let from = self.blurred.len();
+        let marks: Vec<bool> = (from..self.len())
+            .map(|i| {
+                self.low_pass()
+                    .is_some_and(|r| r.is_blurred(self.vector(i), self.low_vector(i)))
+            })
+            .collect();
+        self.blurred.extend(marks);
     }
 
     /// Whether this clustering was made with these parameters (else it must be rebuilt).
@@ -159,6 +207,7 @@ impl Clustering {
     pub fn bytes(&self) -> usize {
         self.vectors.len() * size_of::<f32>()
             + self.times.capacity() * size_of::<Option<i64>>()
+            + self.blurred.capacity()
             + self.labels.capacity() * size_of::<Option<u32>>()
             + self.counts.capacity() * size_of::<u32>()
     }
@@ -205,6 +254,7 @@ impl Clustering {
                 .expect("new vectors have the pet's dimension");
         }
         self.times.extend_from_slice(times);
+        self.mark_blurred();
         if self.timed != self.should_be_timed() {
             self.recluster();
             return Assigned::Full(FullReason::TimeRule);
@@ -234,12 +284,6 @@ impl Clustering {
         self.rule.time_rule.is_some() && self.times.iter().filter(|t| t.is_some()).count() >= 2
     }
 
-    /// The neighbour index over every point, for the pair rule's widest range.
-    fn index(&self) -> GramSearchIndex<'_, f32, L2Dist> {
-        GramSearchIndex::new(&self.vectors, L2Dist, GramSearch::new())
-            .expect("vectors have dimensions")
-    }
-
     fn range(&self) -> f32 {
         l2_for_cosine(self.rule.widest(self.timed))
     }
@@ -250,13 +294,14 @@ impl Clustering {
             return Vec::new();
         }
         use linfa_nn::NearestNeighbourIndex;
-        let index = self.index();
+        let views = Views::of(&self.vectors, self.seen_dim());
+        let index = views.seen_index();
         let range = self.range();
         // A row query builds the whole table once; the others are look-ups.
         let mut lists: Vec<Vec<usize>> = (0..self.len())
             .map(|i| {
                 index
-                    .within_range(self.vectors.row(i), range)
+                    .within_range(views.seen.row(i), range)
                     .expect("a row of the batch")
                     .into_iter()
                     .map(|(_, j)| j)
@@ -266,24 +311,69 @@ impl Clustering {
         for (i, list) in lists.iter_mut().enumerate() {
             self.keep_pairs(i, list);
         }
-        lists
-    }
-
-    /// Neighbour lists of a few points, from one matrix product against all of them.
-    fn lists_of(
-        &self,
-        index: &GramSearchIndex<'_, f32, L2Dist>,
-        rows: &[usize],
-    ) -> Vec<Vec<usize>> {
-        let mut lists = index.rows_within(rows, self.range());
-        for (list, &i) in lists.iter_mut().zip(rows) {
-            self.keep_pairs(i, list);
+        // Pairs with a blurred point: the blurred points' low-passed lists, added both ways
+        // (`O(blurred · n · d)`, not a second table).
+        let blurred: Vec<usize> = (0..self.len()).filter(|&i| self.blurred[i]).collect();
+        if let (Some(rule), Some(low)) = (self.low_pass(), views.low_index())
+            && !blurred.is_empty()
+        {
+            let low_lists = low.rows_within(&blurred, l2_for_cosine(rule.widest()));
+            for (&b, mut low_list) in blurred.iter().zip(low_lists) {
+                self.keep_low_pairs(rule, b, &mut low_list);
+                for j in low_list {
+                    lists[b].push(j);
+                    if !self.blurred[j] {
+                        lists[j].push(b);
+                    }
+                }
+            }
+            for list in &mut lists {
+                list.sort_unstable();
+                list.dedup();
+            }
         }
         lists
     }
 
-    /// Keeps the candidates of point `i` that are its neighbours under the pair rule, sorted.
+    /// Neighbour lists of a few points, from one matrix product against all of them (two,
+    /// with a low-pass rule and a blurred point).
+    fn lists_of(&self, views: &Indexes<'_>, rows: &[usize]) -> Vec<Vec<usize>> {
+        let mut lists = views.seen.rows_within(rows, self.range());
+        for (list, &i) in lists.iter_mut().zip(rows) {
+            self.keep_pairs(i, list);
+        }
+        if let (Some(rule), Some(low)) = (self.low_pass(), &views.low)
+            && self.blurred.iter().any(|&b| b)
+        {
+            let low_lists = low.rows_within(rows, l2_for_cosine(rule.widest()));
+            for ((list, &i), mut low_list) in lists.iter_mut().zip(rows).zip(low_lists) {
+                self.keep_low_pairs(rule, i, &mut low_list);
+                list.extend(low_list);
+                list.sort_unstable();
+                list.dedup();
+            }
+        }
+        lists
+    }
+
+    /// Keeps the candidates of point `i` by the low-passed views (within the rule's widest
+    /// range) that are its neighbours by them: pairs with a blurred point, each within its
+    /// threshold ([`LowPassRule::eps_for`]); `i` itself is dropped (its own list has it).
+    fn keep_low_pairs(&self, rule: LowPassRule, i: usize, list: &mut Vec<usize>) {
+        list.retain(|&j| {
+            j != i
+                && (self.blurred[i] || self.blurred[j])
+                && 1.0 - pair_dot(self.low_vector(i), self.low_vector(j))
+                    <= rule.eps_for(self.blurred[i] && self.blurred[j])
+        });
+    }
+
+    /// Keeps the candidates of point `i` (by the views as seen) that are its neighbours under
+    /// the pair rule, sorted: a pair with a blurred point is left to the low-passed views.
     fn keep_pairs(&self, i: usize, list: &mut Vec<usize>) {
+        if self.blurred.iter().any(|&b| b) {
+            list.retain(|&j| j == i || !(self.blurred[i] || self.blurred[j]));
+        }
         if self.timed {
             let rule = self.rule.time_rule.expect("timed implies a rule");
             let eps = self.rule.params.eps;
@@ -303,8 +393,8 @@ impl Clustering {
         let m = self.min_points() as u32;
         let new: Vec<usize> = (n0..n).collect();
         // Borrows only the vectors, so counts and labels can change while it is in use.
-        let index = GramSearchIndex::new(&self.vectors, L2Dist, GramSearch::new())
-            .expect("vectors have dimensions");
+        let views = Views::of(&self.vectors, self.seen_dim());
+        let index = views.indexes();
         let new_lists = self.lists_of(&index, &new);
         let old_counts = self.counts.clone();
         self.counts.resize(n, 0);
@@ -400,6 +490,47 @@ impl Clustering {
         }
         true
     }
+}
+
+/// The two views of a matrix of points: the columns as seen and, when the rows hold two
+/// views, the low-passed ones.
+struct Views<'a> {
+    seen: ArrayView2<'a, f32>,
+    low: Option<ArrayView2<'a, f32>>,
+}
+
+impl<'a> Views<'a> {
+    /// `vectors`' first `seen_dim` columns, and the rest when there are more.
+    fn of(vectors: &'a Array2<f32>, seen_dim: usize) -> Self {
+        let seen = vectors.slice_axis(Axis(1), ndarray::Slice::from(..seen_dim));
+        let low = (seen_dim < vectors.ncols())
+            .then(|| vectors.slice_axis(Axis(1), ndarray::Slice::from(seen_dim..)));
+        Views { seen, low }
+    }
+
+    fn seen_index(&self) -> GramSearchIndex<'_, f32, L2Dist> {
+        GramSearchIndex::new(&self.seen, L2Dist, GramSearch::new())
+            .expect("vectors have dimensions")
+    }
+
+    fn low_index(&self) -> Option<GramSearchIndex<'_, f32, L2Dist>> {
+        self.low.as_ref().map(|low| {
+            GramSearchIndex::new(low, L2Dist, GramSearch::new()).expect("vectors have dimensions")
+        })
+    }
+
+    fn indexes(&self) -> Indexes<'_> {
+        Indexes {
+            seen: self.seen_index(),
+            low: self.low_index(),
+        }
+    }
+}
+
+/// Neighbour indexes over both views.
+struct Indexes<'a> {
+    seen: GramSearchIndex<'a, f32, L2Dist>,
+    low: Option<GramSearchIndex<'a, f32, L2Dist>>,
 }
 
 /// The dot product as the time rule's pair check computes it (one sequential sum), so the
@@ -563,7 +694,11 @@ mod tests {
             let v = clustered_with_noise(300, dim, seed);
             for eps in [0.01, 0.05, 0.1, 0.3] {
                 for min_points in [1, 2, 3, 5] {
-                    let params = ClusterParams { eps, min_points };
+                    let params = ClusterParams {
+                        eps,
+                        min_points,
+                        low_pass: None,
+                    };
                     let full = Clustering::full(matrix(&v), vec![None; v.len()], params, None);
                     assert_eq!(
                         full.groups(),
@@ -616,6 +751,7 @@ mod tests {
             let params = ClusterParams {
                 eps: 0.1,
                 min_points: 2,
+                low_pass: None,
             };
             let modes = insert_and_compare(&v, &vec![None; v.len()], params, None, 200, step, 1.0);
             // Nothing is ambiguous with two min points: every insertion is incremental.
@@ -633,6 +769,7 @@ mod tests {
             let params = ClusterParams {
                 eps: 0.1,
                 min_points,
+                low_pass: None,
             };
             let modes = insert_and_compare(&v, &vec![None; v.len()], params, None, 100, 5, 0.99);
             let incremental = modes
@@ -644,6 +781,135 @@ mod tests {
                 "most insertions are incremental: {modes:?}"
             );
         }
+    }
+
+    /// Two-view points: the views as seen from one seeded set, the low-passed from another,
+    /// except that a fifth of the points are blurred (their low-passed view a slight turn of
+    /// the one as seen). Rows: seen, then low.
+    fn two_views(n: usize, dim: usize, seed: u64) -> (Vec<Vec<f32>>, usize) {
+        let seen = clustered_with_noise(n, dim, seed);
+        let low = clustered_with_noise(n, dim, seed + 1000);
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut blurred = 0;
+        let rows = seen
+            .iter()
+            .zip(low)
+            .map(|(s, l)| {
+                let l = if rng.random_bool(0.2) {
+                    blurred += 1;
+                    unit(
+                        &s.iter()
+                            .map(|x| x + rng.random_range(-0.01..0.01))
+                            .collect::<Vec<_>>(),
+                    )
+                } else {
+                    l
+                };
+                s.iter().chain(&l).copied().collect()
+            })
+            .collect();
+        (rows, blurred)
+    }
+
+    const LOW_PASS: LowPassRule = LowPassRule {
+        eps: 0.12,
+        both_blurred_eps: 0.1,
+        blurred_within: 0.05,
+    };
+
+    #[test]
+    fn with_two_views_inserting_equals_a_full_run() {
+        for (seed, min_points, min_ari) in [(51, 2, 1.0), (52, 2, 1.0), (53, 3, 0.99)] {
+            let (v, blurred) = two_views(300, 32, seed);
+            assert!(blurred > 30, "the data has blurred points");
+            let params = ClusterParams {
+                eps: 0.1,
+                min_points,
+                low_pass: Some(LOW_PASS),
+            };
+            let full = Clustering::full(matrix(&v), vec![None; v.len()], params, None);
+            assert_eq!(
+                (0..v.len()).filter(|&i| full.is_blurred(i)).count(),
+                blurred,
+                "seed {seed}: exactly the turned points are blurred"
+            );
+            let modes = insert_and_compare(&v, &vec![None; v.len()], params, None, 120, 9, min_ari);
+            if min_points == 2 {
+                assert!(
+                    modes.iter().all(|m| *m == Assigned::Incremental),
+                    "seed {seed}: {modes:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_blurred_copy_joins_its_scene_by_the_low_passed_views_and_sharp_photos_never_do() {
+        let dim = 8;
+        let e = |k: usize| -> Vec<f32> { (0..dim).map(|i| f32::from(u8::from(i == k))).collect() };
+        // `a + t·b`, normalised.
+        let towards = |a: &[f32], b: &[f32], t: f32| -> Vec<f32> {
+            unit(&a.iter().zip(b).map(|(a, b)| a + t * b).collect::<Vec<_>>())
+        };
+        let dist = |a: &[f32], b: &[f32]| 1.0 - pair_dot(a, b);
+        let point =
+            |seen: &[f32], low: &[f32]| -> Vec<f32> { seen.iter().chain(low).copied().collect() };
+        let params = ClusterParams {
+            eps: 0.1,
+            min_points: 2,
+            low_pass: Some(LOW_PASS),
+        };
+        // Scene A, two sharp shots; a blurred copy of it (both views alike); scene B, sharp.
+        let (a0, a1) = (e(0), towards(&e(0), &e(1), 0.2));
+        let copy = towards(&e(0), &e(3), 1.3);
+        let b = towards(&e(0), &e(4), 1.8);
+        let (a0_low, a1_low) = (towards(&copy, &e(5), 0.45), towards(&copy, &e(6), 0.45));
+        let b_low = towards(&a0_low, &e(7), 0.45);
+        // As seen: A's shots together, the copy and B beyond eps of everything.
+        assert!(dist(&a0, &a1) < 0.1);
+        for (x, y) in [
+            (&a0, &copy),
+            (&a1, &copy),
+            (&a0, &b),
+            (&a1, &b),
+            (&copy, &b),
+        ] {
+            assert!(dist(x, y) > 0.1);
+        }
+        // Low-passed: A's shots within the rule's eps of the copy, and B's of A's only.
+        assert!(dist(&a0_low, &copy) < LOW_PASS.eps && dist(&a1_low, &copy) < LOW_PASS.eps);
+        assert!(dist(&b_low, &a0_low) < LOW_PASS.eps && dist(&b_low, &copy) > LOW_PASS.eps);
+        let v = vec![
+            point(&a0, &a0_low),
+            point(&a1, &a1_low),
+            point(&copy, &copy),
+            point(&b, &b_low),
+        ];
+        let c = Clustering::full(matrix(&v), vec![None; 4], params, None);
+        assert_eq!(
+            (0..4).map(|i| c.is_blurred(i)).collect::<Vec<_>>(),
+            [false, false, true, false],
+            "only the copy's views lie together"
+        );
+        // The copy joins A by the low-passed views; B, sharp, is never compared so with A.
+        assert_eq!(c.groups(), vec![vec![0, 1, 2], vec![3]]);
+        // With one view the copy is alone: as seen it is beyond eps.
+        let one_view = ClusterParams {
+            low_pass: None,
+            ..params
+        };
+        let seen: Vec<Vec<f32>> = v.iter().map(|p| p[..dim].to_vec()).collect();
+        let plain = Clustering::full(matrix(&seen), vec![None; 4], one_view, None);
+        assert_eq!(plain.groups(), vec![vec![0, 1], vec![2], vec![3]]);
+        // Added one at a time, the same.
+        let mut inc = Clustering::full(matrix(&v[..1]), vec![None], params, None);
+        for p in &v[1..] {
+            inc.insert(matrix(std::slice::from_ref(p)).view(), &[None]);
+        }
+        assert_eq!(inc.groups(), c.groups());
+        // Heroes and near-duplicates measure the view as seen.
+        assert_eq!(c.vector(2), &copy[..]);
+        assert_eq!(c.dim(), 2 * dim);
     }
 
     #[test]
@@ -666,6 +932,7 @@ mod tests {
         let params = ClusterParams {
             eps: 0.1,
             min_points: 2,
+            low_pass: None,
         };
         let modes = insert_and_compare(&v, &times, params, Some(rule), 150, 10, 1.0);
         assert!(
@@ -690,6 +957,7 @@ mod tests {
         let params = ClusterParams {
             eps: 0.02,
             min_points: 2,
+            low_pass: None,
         };
         let at = |deg: f32| unit(&[deg.to_radians().cos(), deg.to_radians().sin(), 0.0]);
         // cos distance of 10° ≈ 0.015: neighbours; 20° ≈ 0.06: not.
@@ -711,6 +979,7 @@ mod tests {
         let params = ClusterParams {
             eps: 0.02,
             min_points: 4,
+            low_pass: None,
         };
         let at = |deg: f32| unit(&[deg.to_radians().cos(), deg.to_radians().sin(), 0.0]);
         // eps 0.02 is about 11.48°. Two dense groups 22° apart; a point midway reaches one core

@@ -471,6 +471,7 @@ pub fn settings(embedders: usize, capacity: usize, max_deliveries: u32) -> Pipel
         params: ClusterParams {
             eps: 0.01,
             min_points: 2,
+            low_pass: None,
         },
         limits: 1_000_000.into(),
     }
