@@ -29,8 +29,7 @@ use ort::value::TensorRef;
 use tract_onnx::prelude::Framework;
 
 use crate::algo::embed::{
-    EmbedError, ImageEncoder, Layout, Preprocess, check_crop, finish, model_version, normalise,
-    preprocess,
+    EmbedError, ImageEncoder, Layout, Preprocess, embed_views, finish, model_crop, model_version,
 };
 
 /// The variable that `ort` itself reads for the library's path.
@@ -183,9 +182,13 @@ impl OrtEncoder {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Embeds one decoded photo; the result is L2-normalised.
+    /// Embeds one decoded photo ([`embed_views`]): each view L2-normalised.
     pub fn embed(&self, img: &DynamicImage) -> Result<Vec<f32>, EmbedError> {
-        self.embed_input(&preprocess(img, &self.preprocess))
+        embed_views(
+            &model_crop(img, &self.preprocess),
+            &self.preprocess,
+            |input| self.embed_input(&input),
+        )
     }
 
     /// Embeds an input already made by [`preprocess`] with this encoder's settings
@@ -250,8 +253,7 @@ impl ImageEncoder for OrtEncoder {
     }
 
     fn embed_crop(&self, crop: &RgbImage) -> Result<Vec<f32>, EmbedError> {
-        check_crop(crop, &self.preprocess)?;
-        self.embed_input(&normalise(crop, &self.preprocess))
+        embed_views(crop, &self.preprocess, |input| self.embed_input(&input))
     }
 }
 

@@ -337,3 +337,84 @@ fn smoothing_brings_noisy_copies_closer_to_their_photo() {
     }
     assert!(before.iter().filter(|&&b| b > far).count() >= 4);
 }
+
+#[test]
+fn the_low_passed_view_marks_blurred_copies_and_brings_them_back_to_their_photo() {
+    use actors::algo::cluster::LowPassRule;
+    // The default embedding: GeM (p = 2) with smoothing, and the view low-passed by sigma 3.
+    let two_views = Preprocess {
+        gem_p: Some(2.0),
+        low_pass: Some(3.0),
+        ..Preprocess::OPEN_NSFW
+    };
+    // `[clustering.low_pass]`'s defaults (src/config.rs).
+    let rule = LowPassRule {
+        eps: 0.12,
+        both_blurred_eps: 0.11,
+        blurred_within: 0.06,
+    };
+    let lib = library();
+    let tract = OnnxEmbedder::load(&model(), "m", "Relu_48", two_views.clone()).unwrap();
+    let ort = OrtEncoder::load(
+        &model(),
+        "m",
+        "Relu_48",
+        two_views,
+        &OrtOptions::new(&lib, 1),
+    )
+    .unwrap();
+    assert!(ort.model_version().ends_with("-gem2-lp3"));
+    assert_eq!(ort.model_version(), tract.model_version());
+    let dir = workspace().join("tests/fixtures/photos");
+    for subject in [
+        "astronaut",
+        "chelsea",
+        "coffee",
+        "motorcycle_left",
+        "rocket",
+    ] {
+        let original = decode::decode(
+            &std::fs::read(dir.join(format!("{subject}__orig.png"))).unwrap(),
+            MAX_PIXELS,
+        )
+        .unwrap();
+        // Out of focus: a Gaussian of 1.2 % of the shorter side (3 pixels at the model's
+        // scale, where the shorter side is 256).
+        let sigma = original.width().min(original.height()) as f32 * 0.012;
+        let copy = DynamicImage::ImageRgb8(image::imageops::blur(&original.to_rgb8(), sigma));
+        let (o, c) = (ort.embed(&original).unwrap(), ort.embed(&copy).unwrap());
+        assert_eq!(
+            (o.len(), c.len()),
+            (2048, 2048),
+            "{subject}: two views of 1024"
+        );
+        for (img, v) in [(&original, &o), (&copy, &c)] {
+            let t = tract.embed(img).unwrap();
+            for (view, (a, b)) in [(&v[..1024], &t[..1024]), (&v[1024..], &t[1024..])]
+                .into_iter()
+                .enumerate()
+            {
+                let cos = cosine(a, b);
+                assert!(
+                    cos > 0.999,
+                    "{subject}, view {view}: cosine(ort, tract) = {cos}"
+                );
+            }
+        }
+        let (o_seen, o_low, c_seen, c_low) = (&o[..1024], &o[1024..], &c[..1024], &c[1024..]);
+        assert!(
+            !rule.is_blurred(o_seen, o_low),
+            "{subject}: the original is sharp"
+        );
+        assert!(
+            rule.is_blurred(c_seen, c_low),
+            "{subject}: the copy is blurred"
+        );
+        let (seen, low) = (1.0 - cosine(o_seen, c_seen), 1.0 - cosine(o_low, c_low));
+        eprintln!("{subject}: copy to original, as seen {seen:.3}, low-passed {low:.3}");
+        assert!(
+            low < seen && low < rule.eps,
+            "{subject}: low-passed {low} against as seen {seen}"
+        );
+    }
+}
