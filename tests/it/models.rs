@@ -58,10 +58,13 @@ async fn a_new_model_version_re_embeds_lazily_and_once_and_reembed_runs_ahead() 
         );
         assert_eq!(
             clusters(&client, "model-pet").await["model_version"],
-            "open-nsfw-864bb37b-dn6s1-gem2"
+            "open-nsfw-864bb37b-dn6s1-gem2-lp3"
         );
     }
-    assert_eq!(embeddings(&db, "open-nsfw-864bb37b-dn6s1-gem2").await, 3);
+    assert_eq!(
+        embeddings(&db, "open-nsfw-864bb37b-dn6s1-gem2-lp3").await,
+        3
+    );
 
     // The same weights under another name: a new model version.
     let renamed = [("MEDIA_CLUSTERING__EMBEDDER__NAME", "open-nsfw-v2")];
@@ -73,13 +76,16 @@ async fn a_new_model_version_re_embeds_lazily_and_once_and_reembed_runs_ahead() 
     }
     assert_eq!(
         clusters(&client, "model-pet").await["model_version"],
-        "open-nsfw-v2-864bb37b-dn6s1-gem2"
+        "open-nsfw-v2-864bb37b-dn6s1-gem2-lp3"
     );
-    assert_eq!(embeddings(&db, "open-nsfw-v2-864bb37b-dn6s1-gem2").await, 3);
+    assert_eq!(
+        embeddings(&db, "open-nsfw-v2-864bb37b-dn6s1-gem2-lp3").await,
+        3
+    );
     let text = client.scrape("dev-internal-token").await;
     let embedded = sample(
         &text,
-        r#"media_cluster_embedding_duration_seconds_count{model_version="open-nsfw-v2-864bb37b-dn6s1-gem2"}"#,
+        r#"media_cluster_embedding_duration_seconds_count{model_version="open-nsfw-v2-864bb37b-dn6s1-gem2-lp3"}"#,
     );
     assert_eq!(
         embedded, 3.0,
@@ -99,7 +105,10 @@ async fn a_new_model_version_re_embeds_lazily_and_once_and_reembed_runs_ahead() 
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("3 photos to embed"));
-    assert_eq!(embeddings(&db, "open-nsfw-v3-864bb37b-dn6s1-gem2").await, 3);
+    assert_eq!(
+        embeddings(&db, "open-nsfw-v3-864bb37b-dn6s1-gem2-lp3").await,
+        3
+    );
     let again = env.command("reembed", &v3).output().unwrap();
     assert!(String::from_utf8_lossy(&again.stdout).contains("0 photos to embed"));
     db.close().await;
