@@ -8,9 +8,11 @@ Usage (from the repo root): python3 scripts/bench_library.py [N ...] [--modes in
 Env: BIN (default target/release/media-clustering). Needs Redis and Postgres (make services)
 and the model (make model).
 
-The N photos are synthetic rows: 1024-d unit vectors in groups of 8 around random centres
-(made in SQL), with quality figures, stored under the service's model version so nothing is
-re-embedded; the K new photos are real fixture photos uploaded through the API.
+The N photos are synthetic rows in groups of 8 around random centres (made in SQL), with
+quality figures, stored under the service's model version so nothing is re-embedded: as many
+values as the service's embeddings have, each view (two of 1024 with the low-passed view)
+of unit length, the views independent (so no synthetic photo reads as blurred). The K new
+photos are real fixture photos uploaded through the API.
 
 Two modes per size: `incremental` (the default config: the worker holds the pet's clustering
 after its first job, clustering.cache_mib) and `full` (clustering.cache_mib = 0: every job
@@ -45,21 +47,27 @@ def psql(db, sql):
 
 SEED = """
 CREATE TEMP TABLE centres AS
-  SELECT g AS cid, ARRAY(SELECT (random() - 0.5 + 0 * g)::real FROM generate_series(1, 1024)) AS v
+  SELECT g AS cid, ARRAY(SELECT (random() - 0.5 + 0 * g)::real FROM generate_series(1, {dim})) AS v
   FROM generate_series(0, {groups} - 1) g;
 CREATE TEMP TABLE raw AS
   SELECT gen_random_uuid() AS id, i,
-         ARRAY(SELECT (c.v[k] + (random() - 0.5) * 0.12)::real FROM generate_series(1, 1024) k) AS v
+         ARRAY(SELECT (c.v[k] + (random() - 0.5) * 0.12)::real FROM generate_series(1, {dim}) k) AS v
   FROM generate_series(0, {n} - 1) i JOIN centres c ON c.cid = i % {groups};
+-- Each view's norm: values 1..{view} and {view}+1..{dim}.
+CREATE TEMP TABLE normed AS
+  SELECT id, i, v,
+         sqrt((SELECT sum(v[k] * v[k]) FROM generate_series(1, {view}) k)) AS n1,
+         sqrt((SELECT coalesce(sum(v[k] * v[k]), 1) FROM generate_series({view} + 1, {dim}) k)) AS n2
+  FROM raw;
 INSERT INTO images (id, pet_id, sha256, content_type, byte_size, width, height, storage_key, created_at)
   SELECT id, 'library', md5(id::text) || md5(i::text), 'image/jpeg', 100000, 640, 480,
          'images/' || id || '.jpg', now() - interval '1 day' + i * interval '1 millisecond'
   FROM raw;
 INSERT INTO image_embeddings (image_id, model_version, vector, sharpness, noise, exposure, pixels)
   SELECT id, '{model}',
-         ARRAY(SELECT (x / sqrt((SELECT sum(y * y) FROM unnest(v) y)))::real FROM unnest(v) x),
+         ARRAY(SELECT (v[k] / CASE WHEN k <= {view} THEN n1 ELSE n2 END)::real FROM generate_series(1, {dim}) k),
          10 + random() * 10, 2 + random() * 3, 0.5 + random() * 0.5, 307200
-  FROM raw;
+  FROM normed;
 """
 
 
@@ -120,9 +128,11 @@ def run(n, k, tmp, mode):
                 time.sleep(0.1)
         # One real photo first, for the model version (and a warm process).
         subprocess.run([BIN, "upload", "--server", base, "--pet", "warm", PHOTOS[0]], env=env, check=True, capture_output=True)
-        model = psql(db, "SELECT model_version FROM image_embeddings LIMIT 1")
+        model, dim = psql(db, "SELECT model_version, array_length(vector, 1) FROM image_embeddings LIMIT 1").split("|")
+        # A model version ending in `-lp<sigma>` embeds two views of half the values each.
+        view = int(dim) // 2 if re.search(r"-lp[0-9.]+$", model) else int(dim)
         t0 = time.monotonic()
-        psql(db, SEED.format(n=n, groups=max(1, n // 8), model=model))
+        psql(db, SEED.format(n=n, groups=max(1, n // 8), model=model, dim=int(dim), view=view))
         seeded = time.monotonic() - t0
         # The library's first clustering, so the measured job is a job on a clustered pet.
         subprocess.run([BIN, "upload", "--server", base, "--pet", "library", "--timeout", "3600", PHOTOS[1]],

@@ -16,11 +16,15 @@ Variants: `service` (the model's own average pool, the `Reshape` tensor: the ser
 embedding with `embedder.output = "Reshape"`, `gem_p = 0`, `denoise_sigma = 0`), `denoise-S` (a
 photo whose noise at the model's scale is above `--noisy` levels is blurred with a Gaussian of
 sigma S at the resize scale before the crop), `gem` (generalised-mean pooling, p = `--gem-p`,
-of the last block instead of the average) and `gem+dn-1` (both; with `--gem-p 2 --eps 0.14`,
-the service's default).
+of the last block instead of the average), `gem+dn-1` (both) and `gem+dn+lp` (both, and a
+second view of each photo, its crop low-passed with sigma `--low-pass`: a photo whose two
+views lie within `--blurred-within` is blurred, and pairs with a blurred photo are compared by
+the low-passed views, within `--low-eps`, two blurred photos within `--both-blurred-eps`; with
+`--gem-p 2 --eps 0.14`, the service's default). For `gem+dn+lp` the distances listed are the
+low-passed views' for blurred copies.
 
 Usage (from the repo root): robustness_probe.py FOLDER... [--eps 0.18] [--min-points 2] [--noisy 6]
-       [--gem-p 3]
+       [--gem-p 3] [--low-pass 3] [--low-eps 0.12] [--both-blurred-eps 0.11] [--blurred-within 0.06]
 Needs: pip install onnx onnxruntime numpy pillow scipy scikit-learn; the model (make model).
 """
 import argparse
@@ -77,11 +81,22 @@ def main():
     ap.add_argument("--min-points", type=int, default=2)
     ap.add_argument("--noisy", type=float, default=6.0)
     ap.add_argument("--gem-p", type=float, default=3.0)
+    ap.add_argument("--low-pass", type=float, default=3.0)
+    ap.add_argument("--low-eps", type=float, default=0.12)
+    ap.add_argument("--both-blurred-eps", type=float, default=0.11)
+    ap.add_argument("--blurred-within", type=float, default=0.06)
     args = ap.parse_args()
     sess, input_name, pooled, last = sessions(args.model)
 
-    def embed(resized):
-        out, block = sess.run([pooled, last], {input_name: crop_normalise(resized)})
+    def embed(resized, low_pass=0.0):
+        x = crop_normalise(resized)
+        if low_pass:
+            # The service blurs the 224 crop itself (actors/src/algo/embed.rs, embed_views).
+            w, h = resized.size
+            left, top = (w - 224) // 2, (h - 224) // 2
+            crop = resized.crop((left, top, left + 224, top + 224)).filter(ImageFilter.GaussianBlur(low_pass))
+            x = crop_normalise(crop)
+        out, block = sess.run([pooled, last], {input_name: x})
         p = args.gem_p
         block = np.maximum(block[0], 0)
         # positions x channels, whichever layout the pooled block has
@@ -93,6 +108,7 @@ def main():
         scenes = np.array([r["scene"] for r in rows])
         clean = np.array([r["degraded"] == "0" for r in rows])
         variants = {"service": [], "gem": [], "gem+dn-1": [], "denoise-1": [], "denoise-2": []}
+        low = []
         for r in rows:
             img = ImageOps.exif_transpose(Image.open(folder / r["file"])).convert("RGB")
             resized = resize_short(img)
@@ -105,16 +121,29 @@ def main():
                 variants[f"denoise-{s}"].append(smoothed[0])
                 if s == 1:
                     variants["gem+dn-1"].append(smoothed[1])
+                    seen = resized.filter(ImageFilter.GaussianBlur(1)) if noisy else resized
+                    low.append(embed(seen, args.low_pass)[1])
+        variants["gem+dn+lp"] = variants["gem+dn-1"]
         print(f"{folder}: {len(rows)} photos, {len(set(scenes))} scenes, {int((~clean).sum())} degraded")
         for name, vectors in variants.items():
             e = np.stack(vectors)
             d = 1 - e @ e.T
+            scaled = d / args.eps
+            if name == "gem+dn+lp":
+                lv = np.stack(low)
+                dl = 1 - lv @ lv.T
+                blurred = 1 - np.sum(e * lv, 1) <= args.blurred_within
+                either, both = blurred[:, None] | blurred[None, :], blurred[:, None] & blurred[None, :]
+                scaled = np.where(both, dl / args.both_blurred_eps, np.where(either, dl / args.low_eps, scaled))
+                # A blurred copy's distance is its low-passed view's, on the scale of eps.
+                d = np.where(either, dl * args.eps / args.low_eps, d)
+                print(f"  {name:10s} blurred: {int(blurred.sum())} photos, {int((blurred & clean).sum())} of them clean")
             other = scenes[:, None] != scenes[None, :]
             inter = d[np.ix_(clean, clean)][other[np.ix_(clean, clean)]].min()
             deg = np.where(~clean)[0]
             own = np.array([d[i, clean & (scenes == scenes[i])].min() for i in deg])
             near_other = np.array([d[i, clean & (scenes != scenes[i])].min() for i in deg])
-            labels = DBSCAN(eps=args.eps, min_samples=args.min_points, metric="cosine").fit(e).labels_
+            labels = DBSCAN(eps=1.0, min_samples=args.min_points, metric="precomputed").fit(np.maximum(scaled, 0)).labels_
             labels = [l if l >= 0 else -1 - i for i, l in enumerate(labels)]
             print(f"  {name:10s} inter {inter:.3f}  deg->own p50 {np.median(own):.3f} p90 {np.quantile(own, 0.9):.3f}"
                   f" max {own.max():.3f}  within eps {np.mean(own <= args.eps):.2f}"
