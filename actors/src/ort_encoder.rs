@@ -10,10 +10,13 @@
 //! `libonnxruntime.so` (1.31 or newer) at run time from the path the operator gives. The
 //! PyPI `onnxruntime` wheel ships one in `onnxruntime/capi/`.
 //!
-//! ORT returns graph outputs only. When the configured output is an inner tensor (the default
-//! model's embedding is the output of node "Reshape"), the model is edited in memory at load
-//! time: a graph output naming that tensor is appended to the protobuf. The file on disk is
-//! not changed, and `model_version` hashes that file, as the tract backend does.
+//! ORT returns graph outputs only, and holds a model to the input size it declares. When the
+//! configured output is an inner tensor (the pinned model's embedding is the output of node
+//! "Relu_48", pooled here), the model is edited in memory at load time: a graph output naming
+//! that tensor is appended to the protobuf. When the low-passed view runs at a reduced size
+//! ([`LowPass`](crate::algo::embed::LowPass)), the graph is cut to what that output needs and
+//! its input's height and width are freed ([`prepare_model`]). The file on disk is not
+//! changed, and `model_version` hashes that file, as the tract backend does.
 
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
@@ -67,7 +70,6 @@ pub struct OrtEncoder {
     next: AtomicUsize,
     input_name: String,
     output_name: String,
-    shape: [i64; 4],
     preprocess: Preprocess,
     model_version: String,
 }
@@ -116,15 +118,16 @@ impl OrtEncoder {
             message,
         };
         let bytes = std::fs::read(path).map_err(|e| load_err(e.to_string()))?;
-        let (model, output_name) = prepare_model(&bytes, output).map_err(load_err)?;
+        let free_size = (preprocess.input_sides().len() > 1).then_some(preprocess.layout);
+        let (model, output_name) = prepare_model(&bytes, output, free_size).map_err(load_err)?;
         let env = environment(&options.library).map_err(load_err)?;
         let sessions = (0..options.sessions.max(1))
             .map(|_| new_session(&env, &model, options.intra_threads).map(Mutex::new))
             .collect::<Result<Vec<_>, String>>()
             .map_err(load_err)?;
         let first = sessions[0].lock().unwrap_or_else(PoisonError::into_inner);
-        let input_name = match first.inputs() {
-            [input] => input.name().to_owned(),
+        let input = match first.inputs() {
+            [input] => input,
             inputs => {
                 return Err(load_err(format!(
                     "the model must have one input, not {}",
@@ -132,23 +135,35 @@ impl OrtEncoder {
                 )));
             }
         };
+        let input_name = input.name().to_owned();
+        // ORT refuses an input of another size than a fixed one only at the first inference;
+        // the low-passed view's size is checked here instead, so a model that cannot take it
+        // fails at start-up.
+        if let ort::value::ValueType::Tensor { shape, .. } = input.dtype() {
+            for side in preprocess.input_sides() {
+                let want = input_shape(&preprocess, side);
+                let fits =
+                    shape.len() == 4 && shape.iter().zip(want).all(|(&d, w)| d < 0 || d == w);
+                if !fits {
+                    return Err(load_err(format!(
+                        "the model takes inputs of {shape:?}, not {want:?} (the low-passed \
+                         view's size needs a model that takes any size: \
+                         scripts/prepare_model.py)"
+                    )));
+                }
+            }
+        }
         if !first.outputs().iter().any(|o| o.name() == output_name) {
             return Err(load_err(format!(
                 "ONNX Runtime does not list `{output_name}` among the model's outputs"
             )));
         }
         drop(first);
-        let n = i64::from(preprocess.input_size);
-        let shape = match preprocess.layout {
-            Layout::Nhwc => [1, n, n, 3],
-            Layout::Nchw => [1, 3, n, n],
-        };
         Ok(OrtEncoder {
             sessions,
             next: AtomicUsize::new(0),
             input_name,
             output_name,
-            shape,
             model_version: model_version(name, &bytes, &preprocess),
             preprocess,
         })
@@ -187,15 +202,22 @@ impl OrtEncoder {
         embed_views(
             &model_crop(img, &self.preprocess),
             &self.preprocess,
-            |input| self.embed_input(&input),
+            |input, side| self.embed_sized(&input, side),
         )
     }
 
-    /// Embeds an input already made by [`preprocess`] with this encoder's settings
-    /// (benchmarks time inference alone with it); the result is L2-normalised.
+    /// Embeds an input already made by [`preprocess`](crate::algo::embed::preprocess) with
+    /// this encoder's settings (benchmarks time inference alone with it); the result is
+    /// L2-normalised.
     pub fn embed_input(&self, input: &[f32]) -> Result<Vec<f32>, EmbedError> {
+        self.embed_sized(input, self.preprocess.input_size)
+    }
+
+    /// One inference on a normalised input of `side` x `side` pixels.
+    fn embed_sized(&self, input: &[f32], side: u32) -> Result<Vec<f32>, EmbedError> {
         let err = |e: ort::Error| EmbedError::Inference(e.to_string());
-        let tensor = TensorRef::from_array_view((self.shape, input)).map_err(err)?;
+        let shape = input_shape(&self.preprocess, side);
+        let tensor = TensorRef::from_array_view((shape, input)).map_err(err)?;
         let mut session = self.session();
         let outputs = session
             .run(ort::inputs![self.input_name.as_str() => tensor])
@@ -209,6 +231,15 @@ impl OrtEncoder {
         drop(outputs);
         drop(session);
         finish(v, &dims, &self.preprocess)
+    }
+}
+
+/// The input tensor's shape for one image of `side` x `side` pixels.
+fn input_shape(p: &Preprocess, side: u32) -> [i64; 4] {
+    let n = i64::from(side);
+    match p.layout {
+        Layout::Nhwc => [1, n, n, 3],
+        Layout::Nchw => [1, 3, n, n],
     }
 }
 
@@ -253,7 +284,9 @@ impl ImageEncoder for OrtEncoder {
     }
 
     fn embed_crop(&self, crop: &RgbImage) -> Result<Vec<f32>, EmbedError> {
-        embed_views(crop, &self.preprocess, |input| self.embed_input(&input))
+        embed_views(crop, &self.preprocess, |input, side| {
+            self.embed_sized(&input, side)
+        })
     }
 }
 
@@ -264,26 +297,46 @@ impl ImageEncoder for OrtEncoder {
 /// output, one is appended to the serialised model: protobuf merges a repeated occurrence of
 /// the `graph` field into the first, so the appended bytes add one entry to `graph.output`
 /// and leave everything else as it was, byte for byte.
-pub fn prepare_model<'a>(bytes: &'a [u8], output: &str) -> Result<(Cow<'a, [u8]>, String), String> {
+///
+/// With `free_size` (inputs of more than one size, in that layout), the model is decoded and
+/// written again
+/// instead: the graph keeps only the nodes the output needs (the pinned model's classifier
+/// head pools with a fixed 7 x 7 window, which a smaller input cannot feed), the output is
+/// its only one, the input's height and width become free, and the shapes inferred for one
+/// size go. A model whose input size is already free comes out the same but for that cut.
+pub fn prepare_model<'a>(
+    bytes: &'a [u8],
+    output: &str,
+    free_size: Option<Layout>,
+) -> Result<(Cow<'a, [u8]>, String), String> {
     let proto = tract_onnx::onnx()
         .proto_model_for_read(&mut &bytes[..])
         .map_err(|e| format!("not an ONNX model: {e}"))?;
-    let graph = proto.graph.ok_or("the model has no graph")?;
+    let graph = proto.graph.as_ref().ok_or("the model has no graph")?;
     let is_output = |t: &str| graph.output.iter().any(|o| o.name == t);
     let is_tensor = |t: &str| graph.node.iter().any(|n| n.output.iter().any(|o| o == t));
-    if output.is_empty() {
-        let first = graph.output.first().ok_or("the model has no output")?;
-        return Ok((Cow::Borrowed(bytes), first.name.clone()));
-    }
-    let tensor = match graph.node.iter().find(|n| n.name == output) {
-        Some(node) => node
+    let tensor = if output.is_empty() {
+        graph
             .output
             .first()
-            .cloned()
-            .ok_or_else(|| format!("node `{output}` has no output"))?,
-        None if is_output(output) || is_tensor(output) => output.to_owned(),
-        None => return Err(format!("the model has no node or tensor named `{output}`")),
+            .ok_or("the model has no output")?
+            .name
+            .clone()
+    } else {
+        match graph.node.iter().find(|n| n.name == output) {
+            Some(node) => node
+                .output
+                .first()
+                .cloned()
+                .ok_or_else(|| format!("node `{output}` has no output"))?,
+            None if is_output(output) || is_tensor(output) => output.to_owned(),
+            None => return Err(format!("the model has no node or tensor named `{output}`")),
+        }
     };
+    if let Some(layout) = free_size {
+        let edited = with_free_size(proto, &tensor, layout)?;
+        return Ok((Cow::Owned(edited), tensor));
+    }
     if is_output(&tensor) {
         return Ok((Cow::Borrowed(bytes), tensor));
     }
@@ -291,6 +344,87 @@ pub fn prepare_model<'a>(bytes: &'a [u8], output: &str) -> Result<(Cow<'a, [u8]>
     model.extend_from_slice(bytes);
     model.extend_from_slice(&graph_output_bytes(&tensor));
     Ok((Cow::Owned(model), tensor))
+}
+
+/// The model cut to what `tensor` needs, that tensor its only output, with a free input
+/// height and width and no inferred intermediate shapes; see [`prepare_model`].
+fn with_free_size(
+    mut proto: tract_onnx::pb::ModelProto,
+    tensor: &str,
+    layout: Layout,
+) -> Result<Vec<u8>, String> {
+    use prost::Message;
+    use tract_onnx::pb::tensor_shape_proto::dimension::Value as Dim;
+    use tract_onnx::pb::type_proto::Value as Type;
+
+    let graph = proto.graph.as_mut().ok_or("the model has no graph")?;
+    // The nodes the output depends on, found backwards from it.
+    let producer: std::collections::HashMap<&str, usize> = graph
+        .node
+        .iter()
+        .enumerate()
+        .flat_map(|(i, n)| n.output.iter().map(move |o| (o.as_str(), i)))
+        .collect();
+    let mut needed = vec![false; graph.node.len()];
+    let mut todo = vec![tensor];
+    while let Some(t) = todo.pop() {
+        if let Some(&i) = producer.get(t)
+            && !needed[i]
+        {
+            needed[i] = true;
+            todo.extend(graph.node[i].input.iter().map(String::as_str));
+        }
+    }
+    let mut keep = needed.into_iter();
+    graph.node.retain(|_| keep.next().unwrap_or(false));
+    let used: std::collections::HashSet<String> = graph
+        .node
+        .iter()
+        .flat_map(|n| n.input.iter().cloned())
+        .collect();
+    graph.initializer.retain(|t| used.contains(&t.name));
+    let initialized: std::collections::HashSet<&String> =
+        graph.initializer.iter().map(|t| &t.name).collect();
+    // Old exporters list initializers among the inputs; the image is the first other one.
+    let image = graph
+        .input
+        .iter_mut()
+        .find(|i| !initialized.contains(&i.name))
+        .ok_or("the model has no input")?;
+    if let Some(Type::TensorType(t)) = image.r#type.as_mut().and_then(|t| t.value.as_mut())
+        && let Some(shape) = t.shape.as_mut()
+    {
+        let n = shape.dim.len();
+        if n != 4 {
+            return Err(format!(
+                "the model's input has {n} dimensions, not an image batch's 4"
+            ));
+        }
+        let spatial = match layout {
+            Layout::Nhwc => [1, 2],
+            Layout::Nchw => [2, 3],
+        };
+        for (axis, name) in spatial.into_iter().zip(["height", "width"]) {
+            shape.dim[axis].value = Some(Dim::DimParam(name.to_owned()));
+        }
+    }
+    let image_name = image.name.clone();
+    graph
+        .input
+        .retain(|i| i.name == image_name || used.contains(&i.name));
+    graph.value_info.clear();
+    graph.output = vec![tract_onnx::pb::ValueInfoProto {
+        name: tensor.to_owned(),
+        r#type: Some(tract_onnx::pb::TypeProto {
+            value: Some(Type::TensorType(tract_onnx::pb::type_proto::Tensor {
+                elem_type: 1, // FLOAT
+                shape: None,
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }];
+    Ok(proto.encode_to_vec())
 }
 
 /// `ModelProto { graph: GraphProto { output: [ValueInfoProto { name, type: float tensor }] } }`
@@ -358,9 +492,9 @@ mod tests {
 
     #[test]
     fn prepare_model_rejects_non_models() {
-        assert!(prepare_model(b"\xff\xff\xff", "Reshape").is_err());
+        assert!(prepare_model(b"\xff\xff\xff", "Reshape", None).is_err());
         // An empty message is a model without a graph.
-        let e = prepare_model(b"", "").unwrap_err();
+        let e = prepare_model(b"", "", Some(Layout::Nhwc)).unwrap_err();
         assert!(e.contains("no graph"), "{e}");
     }
 }

@@ -21,39 +21,39 @@ pub struct ClusterParams {
     pub eps: f32,
     /// Neighbours (the point included) a core point needs.
     pub min_points: usize,
-    /// Each vector is two views of its photo, as seen and low-passed
-    /// ([`Preprocess::low_pass`](super::embed::Preprocess::low_pass)), and pairs with a
-    /// blurred photo are judged by the second; `None`: one view, every pair by `eps`.
+    /// Each vector is two views of its photo, as seen and low-passed, then the photo's detail
+    /// ([`LowPass`](super::embed::LowPass)), and pairs with a blurred photo are judged by the
+    /// second view; `None`: one view, every pair by `eps`.
     #[serde(default)]
     pub low_pass: Option<LowPassRule>,
 }
 
-/// How pairs with a blurred photo are judged when every vector holds two views of its
-/// photo: the photo as seen, then low-passed (each L2-normalised).
+/// How pairs with a blurred photo are judged when every vector holds two views of its photo
+/// (as seen, then low-passed, each L2-normalised) and its detail
+/// ([`detail`](super::embed::detail)).
 ///
-/// A photo is *blurred* when its two views lie within `blurred_within` of each other: the
-/// low-pass took little from it because it had little detail left. A blurred and a sharp
-/// photo are neighbours when their low-passed views lie within `eps`, two blurred photos
-/// within `both_blurred_eps` (having both lost their detail, they look alike more easily),
-/// and two sharp photos when their own views do, by [`ClusterParams::eps`] (and the time
-/// rule). A blurred shot and its sharp siblings differ in the detail only the sharp ones
-/// have; low-passed, both lose it. Two sharp photos are never compared low-passed: it would
-/// bring different scenes together (on real frames, clean shots of different scenes come
-/// within 0.09).
+/// A photo is *blurred* when its detail is at most `blurred_below`: of what the low-pass took
+/// from it, little was fine detail, because it had little fine detail left. A blurred and a sharp photo are neighbours
+/// when their low-passed views lie within `eps`, two blurred photos within
+/// `both_blurred_eps`, and two sharp photos when their own views do, by
+/// [`ClusterParams::eps`] (and the time rule). A blurred shot and its sharp siblings differ in
+/// the detail only the sharp ones have; low-passed, both lose it. Two sharp photos are never
+/// compared low-passed: it would bring different scenes together (on real frames, clean shots
+/// of different scenes come within 0.09 when both are low-passed).
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LowPassRule {
     /// Largest cosine distance between the low-passed views of a blurred and a sharp photo.
     pub eps: f32,
     /// Largest cosine distance between the low-passed views of two blurred photos.
     pub both_blurred_eps: f32,
-    /// A photo whose views lie within this cosine distance of each other is blurred.
-    pub blurred_within: f32,
+    /// A photo whose detail is at most this is blurred.
+    pub blurred_below: f32,
 }
 
 impl LowPassRule {
-    /// Whether a photo with these views (as seen, low-passed) is blurred.
-    pub fn is_blurred(&self, seen: &[f32], low: &[f32]) -> bool {
-        1.0 - super::dbscan::pair_dot(seen, low) <= self.blurred_within
+    /// Whether a photo with this detail is blurred.
+    pub fn is_blurred(&self, detail: f32) -> bool {
+        detail <= self.blurred_below
     }
 
     /// The threshold on the low-passed views of a pair with at least one blurred photo.

@@ -20,8 +20,9 @@
 //! non-noise point is core, nothing is ambiguous and the result is exactly a full run's.
 //!
 //! With a [`LowPassRule`] each vector holds two views of its photo (as seen, then
-//! low-passed), and a pair with a blurred photo is judged by the low-passed views: a second
-//! index over those views adds their edges, for the full run and for an insertion alike.
+//! low-passed) and its detail, and a pair with a blurred photo is judged by the low-passed
+//! views: a second index over those views adds their edges, for the full run and for an
+//! insertion alike.
 
 use std::collections::VecDeque;
 
@@ -101,7 +102,8 @@ impl PairRule {
 #[derive(Debug, Clone)]
 pub struct Clustering {
     rule: PairRule,
-    /// One point per row: its view as seen, then, with a low-pass rule, its low-passed view.
+    /// One point per row: its view as seen, then, with a low-pass rule, its low-passed view
+    /// and its detail.
     vectors: Array2<f32>,
     times: Vec<Option<i64>>,
     /// Whether each point is blurred under the low-pass rule (all false without one).
@@ -146,7 +148,7 @@ impl Clustering {
         self.len() == 0
     }
 
-    /// Dimensions of the vectors (both views, with a low-pass rule).
+    /// Dimensions of the vectors (both views and the detail, with a low-pass rule).
     pub fn dim(&self) -> usize {
         self.vectors.ncols()
     }
@@ -159,7 +161,13 @@ impl Clustering {
 
     /// Point `i`'s low-passed view, with a low-pass rule.
     fn low_vector(&self, i: usize) -> &[f32] {
-        &self.row(i)[self.seen_dim()..]
+        let d = self.seen_dim();
+        &self.row(i)[d..2 * d]
+    }
+
+    /// Point `i`'s detail, with a low-pass rule (the last value of its row).
+    fn detail(&self, i: usize) -> f32 {
+        self.row(i)[self.dim() - 1]
     }
 
     fn row(&self, i: usize) -> &[f32] {
@@ -176,7 +184,7 @@ impl Clustering {
     /// Dimensions of the view as seen.
     fn seen_dim(&self) -> usize {
         match self.low_pass() {
-            Some(_) => self.vectors.ncols() / 2,
+            Some(_) => self.vectors.ncols().saturating_sub(1) / 2,
             None => self.vectors.ncols(),
         }
     }
@@ -192,7 +200,7 @@ impl Clustering {
         let marks: Vec<bool> = (from..self.len())
             .map(|i| {
                 self.low_pass()
-                    .is_some_and(|r| r.is_blurred(self.vector(i), self.low_vector(i)))
+                    .is_some_and(|r| r.is_blurred(self.detail(i)))
             })
             .collect();
         self.blurred.extend(marks);
@@ -493,18 +501,18 @@ impl Clustering {
 }
 
 /// The two views of a matrix of points: the columns as seen and, when the rows hold two
-/// views, the low-passed ones.
+/// views (and the detail), the low-passed ones.
 struct Views<'a> {
     seen: ArrayView2<'a, f32>,
     low: Option<ArrayView2<'a, f32>>,
 }
 
 impl<'a> Views<'a> {
-    /// `vectors`' first `seen_dim` columns, and the rest when there are more.
+    /// `vectors`' first `seen_dim` columns, and the next `seen_dim` when there are more.
     fn of(vectors: &'a Array2<f32>, seen_dim: usize) -> Self {
         let seen = vectors.slice_axis(Axis(1), ndarray::Slice::from(..seen_dim));
         let low = (seen_dim < vectors.ncols())
-            .then(|| vectors.slice_axis(Axis(1), ndarray::Slice::from(seen_dim..)));
+            .then(|| vectors.slice_axis(Axis(1), ndarray::Slice::from(seen_dim..2 * seen_dim)));
         Views { seen, low }
     }
 
@@ -784,8 +792,8 @@ mod tests {
     }
 
     /// Two-view points: the views as seen from one seeded set, the low-passed from another,
-    /// except that a fifth of the points are blurred (their low-passed view a slight turn of
-    /// the one as seen). Rows: seen, then low.
+    /// and a detail: a fifth of the points are blurred (little detail, and their low-passed
+    /// view a slight turn of the one as seen). Rows: seen, low, detail.
     fn two_views(n: usize, dim: usize, seed: u64) -> (Vec<Vec<f32>>, usize) {
         let seen = clustered_with_noise(n, dim, seed);
         let low = clustered_with_noise(n, dim, seed + 1000);
@@ -795,17 +803,18 @@ mod tests {
             .iter()
             .zip(low)
             .map(|(s, l)| {
-                let l = if rng.random_bool(0.2) {
+                let (l, detail) = if rng.random_bool(0.2) {
                     blurred += 1;
-                    unit(
+                    let l = unit(
                         &s.iter()
                             .map(|x| x + rng.random_range(-0.01..0.01))
                             .collect::<Vec<_>>(),
-                    )
+                    );
+                    (l, rng.random_range(0.0..LOW_PASS.blurred_below))
                 } else {
-                    l
+                    (l, rng.random_range(LOW_PASS.blurred_below + 0.001..0.3))
                 };
-                s.iter().chain(&l).copied().collect()
+                s.iter().chain(&l).copied().chain([detail]).collect()
             })
             .collect();
         (rows, blurred)
@@ -814,7 +823,7 @@ mod tests {
     const LOW_PASS: LowPassRule = LowPassRule {
         eps: 0.12,
         both_blurred_eps: 0.1,
-        blurred_within: 0.05,
+        blurred_below: 0.015,
     };
 
     #[test]
@@ -831,7 +840,7 @@ mod tests {
             assert_eq!(
                 (0..v.len()).filter(|&i| full.is_blurred(i)).count(),
                 blurred,
-                "seed {seed}: exactly the turned points are blurred"
+                "seed {seed}: exactly the points with little detail are blurred"
             );
             let modes = insert_and_compare(&v, &vec![None; v.len()], params, None, 120, 9, min_ari);
             if min_points == 2 {
@@ -852,14 +861,15 @@ mod tests {
             unit(&a.iter().zip(b).map(|(a, b)| a + t * b).collect::<Vec<_>>())
         };
         let dist = |a: &[f32], b: &[f32]| 1.0 - pair_dot(a, b);
-        let point =
-            |seen: &[f32], low: &[f32]| -> Vec<f32> { seen.iter().chain(low).copied().collect() };
+        let point = |seen: &[f32], low: &[f32], detail: f32| -> Vec<f32> {
+            seen.iter().chain(low).copied().chain([detail]).collect()
+        };
         let params = ClusterParams {
             eps: 0.1,
             min_points: 2,
             low_pass: Some(LOW_PASS),
         };
-        // Scene A, two sharp shots; a blurred copy of it (both views alike); scene B, sharp.
+        // Scene A, two sharp shots; a blurred copy of it (little detail); scene B, sharp.
         let (a0, a1) = (e(0), towards(&e(0), &e(1), 0.2));
         let copy = towards(&e(0), &e(3), 1.3);
         let b = towards(&e(0), &e(4), 1.8);
@@ -880,16 +890,16 @@ mod tests {
         assert!(dist(&a0_low, &copy) < LOW_PASS.eps && dist(&a1_low, &copy) < LOW_PASS.eps);
         assert!(dist(&b_low, &a0_low) < LOW_PASS.eps && dist(&b_low, &copy) > LOW_PASS.eps);
         let v = vec![
-            point(&a0, &a0_low),
-            point(&a1, &a1_low),
-            point(&copy, &copy),
-            point(&b, &b_low),
+            point(&a0, &a0_low, 0.1),
+            point(&a1, &a1_low, 0.08),
+            point(&copy, &copy, 0.01),
+            point(&b, &b_low, 0.12),
         ];
         let c = Clustering::full(matrix(&v), vec![None; 4], params, None);
         assert_eq!(
             (0..4).map(|i| c.is_blurred(i)).collect::<Vec<_>>(),
             [false, false, true, false],
-            "only the copy's views lie together"
+            "only the copy has little detail"
         );
         // The copy joins A by the low-passed views; B, sharp, is never compared so with A.
         assert_eq!(c.groups(), vec![vec![0, 1, 2], vec![3]]);
@@ -909,7 +919,7 @@ mod tests {
         assert_eq!(inc.groups(), c.groups());
         // Heroes and near-duplicates measure the view as seen.
         assert_eq!(c.vector(2), &copy[..]);
-        assert_eq!(c.dim(), 2 * dim);
+        assert_eq!(c.dim(), 2 * dim + 1);
     }
 
     #[test]

@@ -52,19 +52,32 @@ pub struct Preprocess {
     /// the strongest responses more than an average does (p = 1).
     #[serde(default)]
     pub gem_p: Option<f32>,
-    /// A second view of every photo: with `Some(sigma)`, the crop low-passed by a Gaussian of
-    /// `sigma` pixels is embedded too, and the embedding is the two views one after the other
-    /// (each L2-normalised, so twice the model's dimensions).
-    ///
-    /// A blurred shot has lost the detail its sharp siblings' embeddings are made of: on real
-    /// video frames a copy blurred with sigma 6 lies a median 0.24 (cosine, GeM view) from its
-    /// shot, farther than other shots lie. Low-passed, every photo loses that detail alike,
-    /// and the copy lies a median 0.08 from its shot. Clustering compares the low-passed
-    /// views of pairs with a blurred photo
-    /// ([`LowPassRule`](super::cluster::LowPassRule)); a blurred photo is one whose two views
-    /// lie close together (the low-pass took little from it).
+    /// A second view of every photo ([`LowPass`]); `None`: the model's view only.
     #[serde(default)]
-    pub low_pass: Option<f32>,
+    pub low_pass: Option<LowPass>,
+}
+
+/// A second view of every photo: its crop low-passed by a Gaussian of `sigma` pixels, reduced
+/// to a `size` square and embedded by the same model. The embedding is then the two views one
+/// after the other (each L2-normalised), followed by the photo's *detail*: how much of what
+/// the low-pass removed was fine detail ([`detail`]).
+///
+/// A blurred shot has lost the detail its sharp siblings' embeddings are made of: on real
+/// video frames a copy blurred with sigma 6 lies a median 0.24 (cosine, GeM view) from its
+/// shot, farther than other shots lie. Low-passed, every photo loses that detail alike, and the
+/// copy comes back to its shot. Clustering compares the low-passed views of pairs with a
+/// blurred photo ([`LowPassRule`](super::cluster::LowPassRule)); a blurred photo is one with
+/// little fine detail left.
+///
+/// A low-passed crop holds nothing a smaller image could not, so the view is embedded at
+/// `size` (128 for a 224 model: a third of the inference), which needs a model that takes any
+/// input size (scripts/prepare_model.py makes one); `size` equal to the input size works with
+/// any model.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LowPass {
+    pub sigma: f32,
+    pub size: u32,
 }
 
 /// A photo whose noise, as the model sees it, is above `above` grey levels is smoothed with a
@@ -126,7 +139,8 @@ impl Preprocess {
 
     /// What of the preprocessing changes embeddings beyond the model itself, for the model
     /// version: `-dn<above>s<sigma>` when noisy photos are smoothed, `-gem<p>` for GeM
-    /// pooling, `-lp<sigma>` for the low-passed view, or empty.
+    /// pooling, `-lp<sigma>` for the low-passed view (`-lp<sigma>x<size>` at a reduced
+    /// size), or empty.
     pub fn version_tag(&self) -> String {
         let mut tag = match self.smoothing() {
             Some(d) => format!("-dn{}s{}", d.above, d.sigma),
@@ -135,24 +149,34 @@ impl Preprocess {
         if let Some(p) = self.gem_p {
             tag.push_str(&format!("-gem{p}"));
         }
-        if let Some(s) = self.low_pass_sigma() {
-            tag.push_str(&format!("-lp{s}"));
+        if let Some(lp) = self.low_pass() {
+            tag.push_str(&format!("-lp{}", lp.sigma));
+            if lp.size != self.input_size {
+                tag.push_str(&format!("x{}", lp.size));
+            }
         }
         tag
     }
 
-    /// The low-passed view's sigma, if it is on (a sigma of 0 is off).
-    pub fn low_pass_sigma(&self) -> Option<f32> {
-        self.low_pass.filter(|s| *s > 0.0)
+    /// The low-passed view, if it is on (a sigma of 0 is off).
+    pub fn low_pass(&self) -> Option<LowPass> {
+        self.low_pass.filter(|lp| lp.sigma > 0.0)
     }
 
     /// Views per photo in the embedding: 2 with the low-passed view, else 1.
     pub fn views(&self) -> usize {
-        if self.low_pass_sigma().is_some() {
-            2
-        } else {
-            1
+        if self.low_pass().is_some() { 2 } else { 1 }
+    }
+
+    /// The input sides the model is run at: the input size, and the low-passed view's.
+    pub fn input_sides(&self) -> Vec<u32> {
+        let mut sides = vec![self.input_size];
+        if let Some(lp) = self.low_pass()
+            && lp.size != self.input_size
+        {
+            sides.push(lp.size);
         }
+        sides
     }
 
     /// The smoothing of noisy photos, if it is on (a sigma of 0 smooths nothing).
@@ -186,19 +210,55 @@ pub fn model_crop(img: &DynamicImage, p: &Preprocess) -> RgbImage {
 }
 
 /// The embedding of a [`crop`]: the model's view of it (`run`, one inference ending in
-/// [`finish`], given the [`normalise`]d crop), followed, with a [`Preprocess::low_pass`], by
-/// its view of the crop low-passed. Both backends embed through here.
+/// [`finish`], given the [`normalise`]d crop and its side), followed, with a
+/// [`Preprocess::low_pass`], by its view of the crop low-passed and reduced, and the crop's
+/// [`detail`]. Both backends embed through here.
 pub fn embed_views(
     crop: &RgbImage,
     p: &Preprocess,
-    run: impl Fn(Vec<f32>) -> Result<Vec<f32>, EmbedError>,
+    run: impl Fn(Vec<f32>, u32) -> Result<Vec<f32>, EmbedError>,
 ) -> Result<Vec<f32>, EmbedError> {
     check_crop(crop, p)?;
-    let mut v = run(normalise(crop, p))?;
-    if let Some(sigma) = p.low_pass_sigma() {
-        v.extend(run(normalise(&image::imageops::blur(crop, sigma), p))?);
+    let mut v = run(normalise(crop, p), p.input_size)?;
+    if let Some(lp) = p.low_pass() {
+        let low = image::imageops::blur(crop, lp.sigma);
+        let detail = detail(crop, &low);
+        let reduced = if lp.size == p.input_size {
+            low
+        } else {
+            resize::rgb(&low, lp.size, lp.size)
+        };
+        v.extend(run(normalise(&reduced, p), lp.size)?);
+        v.push(detail);
     }
     Ok(v)
+}
+
+/// How much of what the low-pass took from `crop` (its copy `low`) was fine detail: the
+/// luminance energy a Gaussian of one pixel removes, as a share of the energy the low-pass
+/// removed. A photo out of focus, or upscaled from a small one, has lost its finest detail
+/// first: its detail is near 0 (under 0.005 for blurs of 6 pixels at the model's scale),
+/// while sharp photos, textured or plain, dark or bright, read 0.02 to 0.25. A flat crop (the
+/// low-pass took nothing) has no detail.
+pub fn detail(crop: &RgbImage, low: &RgbImage) -> f32 {
+    let luma = |p: &image::Rgb<u8>| {
+        0.299 * f32::from(p[0]) + 0.587 * f32::from(p[1]) + 0.114 * f32::from(p[2])
+    };
+    let y: image::ImageBuffer<image::Luma<f32>, Vec<f32>> =
+        image::ImageBuffer::from_fn(crop.width(), crop.height(), |x, y| {
+            image::Luma([luma(crop.get_pixel(x, y))])
+        });
+    let fine = image::imageops::blur(&y, 1.0);
+    let (mut finest, mut removed) = (0.0f64, 0.0f64);
+    for ((a, f), l) in y.pixels().zip(fine.pixels()).zip(low.pixels()) {
+        finest += f64::from(a[0] - f[0]).powi(2);
+        removed += f64::from(a[0] - luma(l)).powi(2);
+    }
+    if removed > 1e-3 * f64::from(crop.width()) * f64::from(crop.height()) {
+        (finest / removed).min(1.0) as f32
+    } else {
+        0.0
+    }
 }
 
 /// The pixels the model sees: the photo resized (shorter side `resize_to`), smoothed if its
@@ -223,10 +283,11 @@ pub fn crop(img: &DynamicImage, p: &Preprocess, noise: f32) -> RgbImage {
     image::imageops::crop_imm(&resized, x0, y0, p.input_size, p.input_size).to_image()
 }
 
-/// The model input tensor from a [`crop`] (mean, std, scale, channel order, layout).
+/// The model input tensor from a square [`crop`] (or a reduced view of one): mean, std, scale,
+/// channel order, layout.
 pub fn normalise(crop: &RgbImage, p: &Preprocess) -> Vec<f32> {
-    let n = p.input_size as usize;
-    debug_assert_eq!(crop.dimensions(), (p.input_size, p.input_size));
+    let n = crop.width() as usize;
+    debug_assert_eq!(crop.width(), crop.height());
     let mut out = vec![0f32; 3 * n * n];
     for y in 0..n {
         for x in 0..n {
@@ -368,13 +429,15 @@ impl ImageEncoder for OnnxEmbedder {
     }
 
     fn embed_crop(&self, crop: &RgbImage) -> Result<Vec<f32>, EmbedError> {
-        embed_views(crop, &self.preprocess, |input| self.run(input))
+        embed_views(crop, &self.preprocess, |input, side| self.run(input, side))
     }
 }
 
-/// An ONNX image encoder, optimised once and shared by the embedder threads.
+/// An ONNX image encoder, optimised once per input side ([`Preprocess::input_sides`]) and
+/// shared by the embedder threads.
 pub struct OnnxEmbedder {
-    plan: Arc<TypedRunnableModel>,
+    /// A plan per input side, the input size's first.
+    plans: Vec<(u32, Arc<TypedRunnableModel>)>,
     preprocess: Preprocess,
     model_version: String,
     threads: usize,
@@ -412,26 +475,34 @@ impl OnnxEmbedder {
             message: e.to_string(),
         };
         let bytes = std::fs::read(path).map_err(|e| load_err(&e))?;
-        let n = preprocess.input_size as usize;
-        let shape: [usize; 4] = match preprocess.layout {
-            Layout::Nhwc => [1, n, n, 3],
-            Layout::Nchw => [1, 3, n, n],
-        };
         let mut model = tract_onnx::onnx()
             .model_for_read(&mut bytes.as_slice())
-            .and_then(|m| m.with_input_fact(0, f32::fact(shape).into()))
             .map_err(|e| load_err(&e))?;
         if !output.is_empty() {
             model
                 .select_outputs_by_name([output])
                 .map_err(|e| load_err(&e))?;
         }
-        let plan = model
-            .into_optimized()
-            .and_then(|m| m.into_runnable())
-            .map_err(|e| load_err(&e))?;
+        let plans = preprocess
+            .input_sides()
+            .into_iter()
+            .map(|side| {
+                let n = side as usize;
+                let shape: [usize; 4] = match preprocess.layout {
+                    Layout::Nhwc => [1, n, n, 3],
+                    Layout::Nchw => [1, 3, n, n],
+                };
+                model
+                    .clone()
+                    .with_input_fact(0, f32::fact(shape).into())
+                    .and_then(|m| m.into_optimized())
+                    .and_then(|m| m.into_runnable())
+                    .map(|plan| (side, plan))
+                    .map_err(|e| load_err(&format!("at an input of {side}x{side}: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(OnnxEmbedder {
-            plan,
+            plans,
             model_version: model_version(name, &bytes, &preprocess),
             preprocess,
             threads: 1,
@@ -462,24 +533,25 @@ impl OnnxEmbedder {
         embed_views(
             &model_crop(img, &self.preprocess),
             &self.preprocess,
-            |input| self.run(input),
+            |input, side| self.run(input, side),
         )
     }
 
-    fn run(&self, input: Vec<f32>) -> Result<Vec<f32>, EmbedError> {
-        let shape = self
-            .plan
-            .model()
-            .input_fact(0)
-            .map_err(|e| EmbedError::Inference(e.to_string()))?;
-        let dims: Vec<usize> = shape
-            .shape
-            .as_concrete()
-            .map(|s| s.to_vec())
-            .unwrap_or_default();
+    /// One inference on a normalised input of `side` x `side` pixels.
+    fn run(&self, input: Vec<f32>, side: u32) -> Result<Vec<f32>, EmbedError> {
+        let (_, plan) = self
+            .plans
+            .iter()
+            .find(|(s, _)| *s == side)
+            .ok_or_else(|| EmbedError::Inference(format!("no plan for an input of {side}")))?;
+        let n = side as usize;
+        let dims: [usize; 4] = match self.preprocess.layout {
+            Layout::Nhwc => [1, n, n, 3],
+            Layout::Nchw => [1, 3, n, n],
+        };
         let tensor =
             Tensor::from_shape(&dims, &input).map_err(|e| EmbedError::Inference(e.to_string()))?;
-        let run = || self.plan.run(tvec!(tensor.into()));
+        let run = || plan.run(tvec!(tensor.into()));
         let out = if self.threads > 1 {
             multithread_tract_scope(thread_executor(self.threads), run)
         } else {
@@ -640,22 +712,42 @@ mod tests {
         };
         assert_eq!(model_version("m", b"", &gem), "m-e3b0c442-dn6s1-gem2");
         let low = Preprocess {
-            low_pass: Some(3.0),
+            low_pass: Some(LowPass {
+                sigma: 3.0,
+                size: 224,
+            }),
             ..gem
         };
         assert_eq!(model_version("m", b"", &low), "m-e3b0c442-dn6s1-gem2-lp3");
+        let reduced = Preprocess {
+            low_pass: Some(LowPass {
+                sigma: 5.0,
+                size: 128,
+            }),
+            ..gem
+        };
+        assert_eq!(
+            model_version("m", b"", &reduced),
+            "m-e3b0c442-dn6s1-gem2-lp5x128"
+        );
+        assert_eq!(reduced.input_sides(), [224, 128]);
+        assert_eq!(low.input_sides(), [224]);
         let low_off = Preprocess {
-            low_pass: Some(0.0),
+            low_pass: Some(LowPass {
+                sigma: 0.0,
+                size: 128,
+            }),
             ..gem
         };
         assert_eq!(model_version("m", b"", &low_off), "m-e3b0c442-dn6s1-gem2");
+        assert_eq!(low_off.views(), 1);
     }
 
     #[test]
-    fn the_low_passed_view_follows_the_photos_own_and_embeds_the_blurred_crop() {
+    fn the_low_passed_view_follows_the_photos_own_and_embeds_the_blurred_reduced_crop() {
         // A fake inference that returns the mean of its input and one: it shows which input
         // each view was made from.
-        let run = |x: Vec<f32>| -> Result<Vec<f32>, EmbedError> {
+        let run = |x: Vec<f32>, _side: u32| -> Result<Vec<f32>, EmbedError> {
             let mean = x.iter().sum::<f32>() / x.len() as f32;
             Ok(vec![mean, 1.0])
         };
@@ -670,31 +762,71 @@ mod tests {
         });
         assert_eq!(embed_views(&board, &p, run).unwrap().len(), 2);
         let two = Preprocess {
-            low_pass: Some(2.0),
+            low_pass: Some(LowPass {
+                sigma: 2.0,
+                size: 4,
+            }),
             ..p
         };
         assert_eq!(two.views(), 2);
         let seen = std::cell::RefCell::new(Vec::new());
-        let v = embed_views(&board, &two, |x| {
-            seen.borrow_mut().push(x.clone());
-            run(x)
+        let v = embed_views(&board, &two, |x, side| {
+            seen.borrow_mut().push((x.clone(), side));
+            run(x, side)
         })
         .unwrap();
-        assert_eq!(v.len(), 4, "two views of two values");
+        assert_eq!(v.len(), 5, "two views of two values, and the detail");
         let seen = seen.into_inner();
         assert_eq!(
             seen[0],
-            normalise(&board, &two),
+            (normalise(&board, &two), 8),
             "the first view is the crop as it is"
         );
+        let low = image::imageops::blur(&board, 2.0);
         assert_eq!(
             seen[1],
-            normalise(&image::imageops::blur(&board, 2.0), &two),
-            "the second is the crop low-passed"
+            (normalise(&resize::rgb(&low, 4, 4), &two), 4),
+            "the second is the crop low-passed, at the reduced size"
         );
-        assert_ne!(seen[0], seen[1]);
+        assert_eq!(seen[1].0.len(), 4 * 4 * 3);
+        // A checkerboard is all fine detail.
+        assert_eq!(v[4], detail(&board, &low));
+        assert!(v[4] > 0.5, "{}", v[4]);
         // A crop of the wrong size is refused before any inference.
         let small: RgbImage = ImageBuffer::new(4, 4);
         assert!(embed_views(&small, &two, run).is_err());
+    }
+
+    #[test]
+    fn detail_is_the_share_of_what_the_low_pass_removed_at_the_finest_scale() {
+        // Smooth stripes with a little fine texture on top: sharp, though most of the energy
+        // a low-pass takes is coarse.
+        let sharp: RgbImage = ImageBuffer::from_fn(64, 64, |x, y| {
+            let stripe = if (x / 8) % 2 == 0 { 180.0 } else { 60.0 };
+            let grain = if (x + y) % 2 == 0 { 12.0 } else { -12.0 };
+            let v = (stripe + grain) as u8;
+            Rgb([v, v, v])
+        });
+        let low = |img: &RgbImage| image::imageops::blur(img, 5.0);
+        let d_sharp = detail(&sharp, &low(&sharp));
+        // The same out of focus: the grain goes first.
+        let soft = image::imageops::blur(&sharp, 2.0);
+        let d_soft = detail(&soft, &low(&soft));
+        assert!(d_sharp > 0.02, "{d_sharp}");
+        assert!(d_soft < d_sharp / 4.0, "{d_soft} against {d_sharp}");
+        // A darker copy reads alike: the measure is a ratio.
+        let dark: RgbImage = ImageBuffer::from_fn(64, 64, |x, y| {
+            let v = (f32::from(sharp.get_pixel(x, y)[0]) * 0.4) as u8;
+            Rgb([v, v, v])
+        });
+        let d_dark = detail(&dark, &low(&dark));
+        assert!(
+            (d_dark - d_sharp).abs() < 0.2 * d_sharp,
+            "{d_dark} {d_sharp}"
+        );
+        // A flat crop has none; nothing removed, nothing to share.
+        let flat: RgbImage = ImageBuffer::from_pixel(16, 16, Rgb([90, 90, 90]));
+        assert_eq!(detail(&flat, &low(&flat)), 0.0);
+        assert_eq!(detail(&sharp, &sharp), 0.0);
     }
 }
