@@ -194,7 +194,7 @@ pub fn stages(settings: &Settings, dir: &Path, passes: usize) -> anyhow::Result<
             lap(4, &mut total);
             // The service knows the noise from the measures; the crop does not estimate it again.
             let crop = actors::algo::embed::crop(&d.image, &pre, q.noise);
-            std::hint::black_box(actors::algo::embed::normalise(&crop, &pre));
+            std::hint::black_box(actors::algo::embed::normalise(&crop.pixels, &pre));
             lap(5, &mut total);
             std::hint::black_box(model.embed(&d.image)?);
             lap(6, &mut total);

@@ -545,8 +545,9 @@ pub struct ClusteringSettings {
 
 /// `[clustering.low_pass]`: a blurred and a sharp photo join when their low-passed views lie
 /// within `eps`, two blurred photos within `both_blurred_eps`; a photo is blurred when at
-/// most `blurred_below` of what the low-pass removed from it was fine detail
-/// ([`actors::algo::embed::detail`], [`actors::algo::cluster::LowPassRule`]).
+/// most `blurred_below` of what the low-pass removed from it was fine detail, or when it was
+/// smoothed for its noise ([`actors::algo::embed::detail`],
+/// [`actors::algo::cluster::LowPassRule`]).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LowPassSettings {

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use image::{DynamicImage, RgbImage};
+use image::DynamicImage;
 use ort::environment::Environment;
 use ort::logging::LogLevel;
 use ort::session::Session;
@@ -32,7 +32,8 @@ use ort::value::TensorRef;
 use tract_onnx::prelude::Framework;
 
 use crate::algo::embed::{
-    EmbedError, ImageEncoder, Layout, Preprocess, embed_views, finish, model_crop, model_version,
+    EmbedError, ImageEncoder, Layout, ModelCrop, Preprocess, embed_views, finish, model_crop,
+    model_version,
 };
 
 /// The variable that `ort` itself reads for the library's path.
@@ -283,7 +284,7 @@ impl ImageEncoder for OrtEncoder {
         Some(&self.preprocess)
     }
 
-    fn embed_crop(&self, crop: &RgbImage) -> Result<Vec<f32>, EmbedError> {
+    fn embed_crop(&self, crop: &ModelCrop) -> Result<Vec<f32>, EmbedError> {
         embed_views(crop, &self.preprocess, |input, side| {
             self.embed_sized(&input, side)
         })

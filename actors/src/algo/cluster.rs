@@ -33,7 +33,9 @@ pub struct ClusterParams {
 /// ([`detail`](super::embed::detail)).
 ///
 /// A photo is *blurred* when its detail is at most `blurred_below`: of what the low-pass took
-/// from it, little was fine detail, because it had little fine detail left. A blurred and a sharp photo are neighbours
+/// from it, little was fine detail, because it had little fine detail left (out of focus, or
+/// upscaled from a small shot), or its fine detail was noise (a photo smoothed for its noise
+/// has a detail of 0). Either way its fine detail is no guide to its scene. A blurred and a sharp photo are neighbours
 /// when their low-passed views lie within `eps`, two blurred photos within
 /// `both_blurred_eps`, and two sharp photos when their own views do, by
 /// [`ClusterParams::eps`] (and the time rule). A blurred shot and its sharp siblings differ in

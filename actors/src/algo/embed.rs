@@ -60,14 +60,15 @@ pub struct Preprocess {
 /// A second view of every photo: its crop low-passed by a Gaussian of `sigma` pixels, reduced
 /// to a `size` square and embedded by the same model. The embedding is then the two views one
 /// after the other (each L2-normalised), followed by the photo's *detail*: how much of what
-/// the low-pass removed was fine detail ([`detail`]).
+/// the low-pass removed was fine detail ([`detail`]), or 0 for a photo smoothed for its noise.
 ///
 /// A blurred shot has lost the detail its sharp siblings' embeddings are made of: on real
 /// video frames a copy blurred with sigma 6 lies a median 0.24 (cosine, GeM view) from its
 /// shot, farther than other shots lie. Low-passed, every photo loses that detail alike, and the
 /// copy comes back to its shot. Clustering compares the low-passed views of pairs with a
 /// blurred photo ([`LowPassRule`](super::cluster::LowPassRule)); a blurred photo is one with
-/// little fine detail left.
+/// little fine detail left. Sensor noise is fine "detail" of the same kind: a noisy copy of a
+/// shot is nearer it low-passed too, so a photo smoothed for its noise counts as blurred.
 ///
 /// A low-passed crop holds nothing a smaller image could not, so the view is embedded at
 /// `size` (128 for a 224 model: a third of the inference), which needs a model that takes any
@@ -193,14 +194,23 @@ pub enum EmbedError {
     Inference(String),
 }
 
+/// The pixels the model sees of a photo ([`crop`]), and whether they were smoothed because
+/// the photo was noisy ([`Denoise`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelCrop {
+    pub pixels: RgbImage,
+    /// The photo's noise called for smoothing: its finest detail was noise.
+    pub smoothed: bool,
+}
+
 /// Fills the model input from a decoded photo: [`model_crop`], then [`normalise`].
 pub fn preprocess(img: &DynamicImage, p: &Preprocess) -> Vec<f32> {
-    normalise(&model_crop(img, p), p)
+    normalise(&model_crop(img, p).pixels, p)
 }
 
 /// The [`crop`] of a decoded photo, with its noise measured when the preprocessing smooths
 /// noisy photos.
-pub fn model_crop(img: &DynamicImage, p: &Preprocess) -> RgbImage {
+pub fn model_crop(img: &DynamicImage, p: &Preprocess) -> ModelCrop {
     let noise = if p.smoothing().is_some() {
         quality::noise_of(img)
     } else {
@@ -211,18 +221,24 @@ pub fn model_crop(img: &DynamicImage, p: &Preprocess) -> RgbImage {
 
 /// The embedding of a [`crop`]: the model's view of it (`run`, one inference ending in
 /// [`finish`], given the [`normalise`]d crop and its side), followed, with a
-/// [`Preprocess::low_pass`], by its view of the crop low-passed and reduced, and the crop's
-/// [`detail`]. Both backends embed through here.
+/// [`Preprocess::low_pass`], by its view of the crop low-passed and reduced, and the photo's
+/// fine detail: the crop's [`detail`], or 0 for a photo smoothed for its noise (what fine
+/// detail it had was noise, so its low-passed view is the one to compare it by). Both
+/// backends embed through here.
 pub fn embed_views(
-    crop: &RgbImage,
+    crop: &ModelCrop,
     p: &Preprocess,
     run: impl Fn(Vec<f32>, u32) -> Result<Vec<f32>, EmbedError>,
 ) -> Result<Vec<f32>, EmbedError> {
+    let ModelCrop {
+        pixels: crop,
+        smoothed,
+    } = crop;
     check_crop(crop, p)?;
     let mut v = run(normalise(crop, p), p.input_size)?;
     if let Some(lp) = p.low_pass() {
         let low = image::imageops::blur(crop, lp.sigma);
-        let detail = detail(crop, &low);
+        let detail = if *smoothed { 0.0 } else { detail(crop, &low) };
         let reduced = if lp.size == p.input_size {
             low
         } else {
@@ -265,7 +281,7 @@ pub fn detail(crop: &RgbImage, low: &RgbImage) -> f32 {
 /// `noise` ([`Quality::noise`](super::quality::Quality::noise)) calls for it ([`Denoise`]),
 /// and centre-cropped to an `input_size` square, RGB. An RGB photo is read in place; other
 /// pixel formats are converted once.
-pub fn crop(img: &DynamicImage, p: &Preprocess, noise: f32) -> RgbImage {
+pub fn crop(img: &DynamicImage, p: &Preprocess, noise: f32) -> ModelCrop {
     let converted;
     let rgb = match img.as_rgb8() {
         Some(rgb) => rgb,
@@ -276,11 +292,15 @@ pub fn crop(img: &DynamicImage, p: &Preprocess, noise: f32) -> RgbImage {
     };
     let (rw, rh) = resize::short_side_size(rgb.dimensions(), p.resize_to, p.input_size);
     let mut resized = resize::rgb(rgb, rw, rh);
-    if let Some(sigma) = p.denoise_for(noise, rgb.width().min(rgb.height())) {
+    let smoothing = p.denoise_for(noise, rgb.width().min(rgb.height()));
+    if let Some(sigma) = smoothing {
         resized = image::imageops::blur(&resized, sigma);
     }
     let (x0, y0) = ((rw - p.input_size) / 2, (rh - p.input_size) / 2);
-    image::imageops::crop_imm(&resized, x0, y0, p.input_size, p.input_size).to_image()
+    ModelCrop {
+        pixels: image::imageops::crop_imm(&resized, x0, y0, p.input_size, p.input_size).to_image(),
+        smoothed: smoothing.is_some(),
+    }
 }
 
 /// The model input tensor from a square [`crop`] (or a reduced view of one): mean, std, scale,
@@ -385,7 +405,7 @@ pub trait ImageEncoder: Send + Sync + 'static {
     }
     /// Embeds a [`crop`] made with [`ImageEncoder::crop_preprocess`]: exactly what `embed`
     /// gives for the photo it was cut from.
-    fn embed_crop(&self, _crop: &RgbImage) -> Result<Vec<f32>, EmbedError> {
+    fn embed_crop(&self, _crop: &ModelCrop) -> Result<Vec<f32>, EmbedError> {
         Err(EmbedError::Inference(
             "this encoder embeds whole photos only".into(),
         ))
@@ -428,7 +448,7 @@ impl ImageEncoder for OnnxEmbedder {
         Some(&self.preprocess)
     }
 
-    fn embed_crop(&self, crop: &RgbImage) -> Result<Vec<f32>, EmbedError> {
+    fn embed_crop(&self, crop: &ModelCrop) -> Result<Vec<f32>, EmbedError> {
         embed_views(crop, &self.preprocess, |input, side| self.run(input, side))
     }
 }
@@ -637,7 +657,8 @@ mod tests {
         // The noisy one is smoothed: less noise is left in what the model sees.
         let smoothed = crop(&noisy, &p, nn);
         let raw = crop(&noisy, &p, 0.0);
-        let left = |c: &RgbImage| quality::noise_of(&DynamicImage::ImageRgb8(c.clone()));
+        assert!(smoothed.smoothed && !raw.smoothed && !crop(&clean, &p, nc).smoothed);
+        let left = |c: &ModelCrop| quality::noise_of(&DynamicImage::ImageRgb8(c.pixels.clone()));
         assert!(
             left(&smoothed) < 0.6 * left(&raw),
             "{} against {}",
@@ -651,10 +672,10 @@ mod tests {
         };
         assert_eq!(crop(&noisy, &off, nn), raw);
         // The whole-photo path measures the noise itself and decides alike.
-        assert_eq!(preprocess(&noisy, &p), normalise(&smoothed, &p));
+        assert_eq!(preprocess(&noisy, &p), normalise(&smoothed.pixels, &p));
         assert_eq!(
             preprocess(&clean, &p),
-            normalise(&crop(&clean, &p, 0.0), &p)
+            normalise(&crop(&clean, &p, 0.0).pixels, &p)
         );
     }
 
@@ -760,7 +781,11 @@ mod tests {
         let board = ImageBuffer::from_fn(8, 8, |x, y| {
             Rgb(if (x + y) % 2 == 0 { [255; 3] } else { [0; 3] })
         });
-        assert_eq!(embed_views(&board, &p, run).unwrap().len(), 2);
+        let sharp = |pixels: &RgbImage| ModelCrop {
+            pixels: pixels.clone(),
+            smoothed: false,
+        };
+        assert_eq!(embed_views(&sharp(&board), &p, run).unwrap().len(), 2);
         let two = Preprocess {
             low_pass: Some(LowPass {
                 sigma: 2.0,
@@ -770,7 +795,7 @@ mod tests {
         };
         assert_eq!(two.views(), 2);
         let seen = std::cell::RefCell::new(Vec::new());
-        let v = embed_views(&board, &two, |x, side| {
+        let v = embed_views(&sharp(&board), &two, |x, side| {
             seen.borrow_mut().push((x.clone(), side));
             run(x, side)
         })
@@ -794,7 +819,13 @@ mod tests {
         assert!(v[4] > 0.5, "{}", v[4]);
         // A crop of the wrong size is refused before any inference.
         let small: RgbImage = ImageBuffer::new(4, 4);
-        assert!(embed_views(&small, &two, run).is_err());
+        assert!(embed_views(&sharp(&small), &two, run).is_err());
+        // A photo smoothed for its noise has no fine detail to go by.
+        let noisy = ModelCrop {
+            pixels: board.clone(),
+            smoothed: true,
+        };
+        assert_eq!(embed_views(&noisy, &two, run).unwrap()[4], 0.0);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use image::{DynamicImage, RgbImage};
+use image::DynamicImage;
 use uuid::Uuid;
 
 use super::embed::{self, Preprocess};
@@ -24,7 +24,7 @@ use super::quality::{self, Quality};
 /// What the embedder needs of a photo, prepared from its decode.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Prepared {
-    pub crop: RgbImage,
+    pub crop: embed::ModelCrop,
     pub quality: Quality,
 }
 
@@ -40,7 +40,7 @@ impl Prepared {
     }
 
     fn bytes(&self) -> usize {
-        self.crop.as_raw().len() + std::mem::size_of::<Self>()
+        self.crop.pixels.as_raw().len() + std::mem::size_of::<Self>()
     }
 }
 
@@ -154,7 +154,7 @@ mod tests {
         let p = Preprocess::OPEN_NSFW;
         let img = scene(640, 480);
         let prepared = Prepared::from_decoded(&img, 640 * 480, &p);
-        assert_eq!(prepared.crop.dimensions(), (224, 224));
+        assert_eq!(prepared.crop.pixels.dimensions(), (224, 224));
         assert_eq!(prepared.quality, quality::measure_scaled(&img, 640 * 480));
         assert_eq!(prepared.crop, embed::crop(&img, &p, prepared.quality.noise));
     }
