@@ -463,6 +463,64 @@ fn the_low_passed_view_marks_blurred_copies_and_brings_them_back_to_their_photo(
 }
 
 #[test]
+fn a_noisy_copy_is_compared_by_its_low_passed_view_and_lies_near_its_photo_there() {
+    // Sensor noise of sigma 20 and 30 grey levels on real photos, and on a 176x144 copy: each
+    // copy is smoothed, so it has no fine detail to go by (detail 0, blurred for the rule), and
+    // low-passed it lies within the rule's eps of its photo, nearer than as seen.
+    let lib = library();
+    let ort = OrtEncoder::load(
+        &model(),
+        "m",
+        "Relu_48",
+        default_embedding(),
+        &OrtOptions::new(&lib, 1),
+    )
+    .unwrap();
+    let dir = workspace().join("tests/fixtures/photos");
+    let mut nearer = 0;
+    for (k, subject) in [
+        "astronaut",
+        "chelsea",
+        "coffee",
+        "motorcycle_left",
+        "rocket",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let original = decode::decode(
+            &std::fs::read(dir.join(format!("{subject}__orig.png"))).unwrap(),
+            MAX_PIXELS,
+        )
+        .unwrap();
+        let o = ort.embed(&original).unwrap();
+        assert!(o[2048] > 0.015, "{subject}: the original has its detail");
+        for sigma in [20.0, 30.0] {
+            let copy = with_noise(&original, sigma, 7 + k as u64);
+            let c = ort.embed(&copy).unwrap();
+            assert_eq!(c[2048], 0.0, "{subject} {sigma}: smoothed, no detail");
+            let seen = 1.0 - cosine(&o[..1024], &c[..1024]);
+            let low = 1.0 - cosine(&o[1024..2048], &c[1024..2048]);
+            eprintln!("{subject} noise {sigma}: as seen {seen:.3}, low-passed {low:.3}");
+            assert!(low < 0.16, "{subject} {sigma}: low-passed {low}");
+            nearer += usize::from(low < seen);
+        }
+        // The hardest: a 176x144-sized copy (a phone's video frame), noisy.
+        let small = original.resize(176, 144, image::imageops::FilterType::Triangle);
+        let c = ort.embed(&with_noise(&small, 20.0, 70 + k as u64)).unwrap();
+        let seen = 1.0 - cosine(&o[..1024], &c[..1024]);
+        let low = 1.0 - cosine(&o[1024..2048], &c[1024..2048]);
+        eprintln!("{subject} small, noise 20: as seen {seen:.3}, low-passed {low:.3}");
+        assert!(low < 0.16, "{subject} small: low-passed {low}");
+        nearer += usize::from(low < seen);
+    }
+    assert!(
+        nearer >= 12,
+        "low-passed, most copies are nearer: {nearer} of 15"
+    );
+}
+
+#[test]
 fn the_prepared_model_embeds_as_the_pinned_one_within_eight_bit_rounding() {
     // The pinned model's view as seen (GeM of its last block) against the prepared model's,
     // which is the same network with 8-bit convolutions.
