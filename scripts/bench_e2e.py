@@ -471,7 +471,7 @@ def cpu_bound(args, env, seconds):
 
 def reference_loop(args):
     script = Path(__file__).with_name("reference_loop.py")
-    r = subprocess.run([sys.executable, str(script), "--model", str(args.model), "--photos", str(args.photos),
+    r = subprocess.run([sys.executable, str(script), "--model", str(args.reference_model), "--photos", str(args.photos),
                         "--pets", str(args.pets), "--copies", str(args.copies),
                         "--threads", str(args.reference_threads)], capture_output=True, text=True)
     if r.returncode != 0:
@@ -543,6 +543,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bin", default="target/release/media-clustering")
     ap.add_argument("--model", default="models/open-nsfw.onnx", type=Path)
+    ap.add_argument("--reference-model", default="models/open-nsfw.onnx", type=Path,
+                    help="the plain loop's model (the pinned one, whatever --model the service gets)")
     ap.add_argument("--photos", default="tests/fixtures/photos", type=Path)
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     ap.add_argument("--pets", type=int, default=4)
@@ -562,6 +564,7 @@ def main():
     ap.add_argument("--plot", type=Path)
     args = ap.parse_args()
     args.model = args.model.resolve()
+    args.reference_model = args.reference_model.resolve()
     args.photos = args.photos.resolve()
     env = env_pairs(args.env)
     photos = load_photos(args.photos)

@@ -53,11 +53,12 @@ CREATE TEMP TABLE raw AS
   SELECT gen_random_uuid() AS id, i,
          ARRAY(SELECT (c.v[k] + (random() - 0.5) * 0.12)::real FROM generate_series(1, {dim}) k) AS v
   FROM generate_series(0, {n} - 1) i JOIN centres c ON c.cid = i % {groups};
--- Each view's norm: values 1..{view} and {view}+1..{dim}.
+-- Each view's norm: values 1..{view} and {view}+1..{low_end} (a detail of 0.1, a sharp photo's,
+-- follows the views).
 CREATE TEMP TABLE normed AS
   SELECT id, i, v,
          sqrt((SELECT sum(v[k] * v[k]) FROM generate_series(1, {view}) k)) AS n1,
-         sqrt((SELECT coalesce(sum(v[k] * v[k]), 1) FROM generate_series({view} + 1, {dim}) k)) AS n2
+         sqrt((SELECT coalesce(sum(v[k] * v[k]), 1) FROM generate_series({view} + 1, {low_end}) k)) AS n2
   FROM raw;
 INSERT INTO images (id, pet_id, sha256, content_type, byte_size, width, height, storage_key, created_at)
   SELECT id, 'library', md5(id::text) || md5(i::text), 'image/jpeg', 100000, 640, 480,
@@ -65,7 +66,8 @@ INSERT INTO images (id, pet_id, sha256, content_type, byte_size, width, height, 
   FROM raw;
 INSERT INTO image_embeddings (image_id, model_version, vector, sharpness, noise, exposure, pixels)
   SELECT id, '{model}',
-         ARRAY(SELECT (v[k] / CASE WHEN k <= {view} THEN n1 ELSE n2 END)::real FROM generate_series(1, {dim}) k),
+         ARRAY(SELECT (CASE WHEN k <= {view} THEN v[k] / n1 WHEN k <= {low_end} THEN v[k] / n2 ELSE 0.1 END)::real
+               FROM generate_series(1, {dim}) k),
          10 + random() * 10, 2 + random() * 3, 0.5 + random() * 0.5, 307200
   FROM normed;
 """
@@ -129,10 +131,12 @@ def run(n, k, tmp, mode):
         # One real photo first, for the model version (and a warm process).
         subprocess.run([BIN, "upload", "--server", base, "--pet", "warm", PHOTOS[0]], env=env, check=True, capture_output=True)
         model, dim = psql(db, "SELECT model_version, array_length(vector, 1) FROM image_embeddings LIMIT 1").split("|")
-        # A model version ending in `-lp<sigma>` embeds two views of half the values each.
-        view = int(dim) // 2 if re.search(r"-lp[0-9.]+$", model) else int(dim)
+        # A model version ending in `-lp<sigma>[x<size>]` embeds two views and the photo's detail.
+        two = re.search(r"-lp[0-9.]+(x[0-9]+)?$", model)
+        view = (int(dim) - 1) // 2 if two else int(dim)
         t0 = time.monotonic()
-        psql(db, SEED.format(n=n, groups=max(1, n // 8), model=model, dim=int(dim), view=view))
+        psql(db, SEED.format(n=n, groups=max(1, n // 8), model=model, dim=int(dim), view=view,
+                             low_end=2 * view if two else int(dim)))
         seeded = time.monotonic() - t0
         # The library's first clustering, so the measured job is a job on a clustered pet.
         subprocess.run([BIN, "upload", "--server", base, "--pet", "library", "--timeout", "3600", PHOTOS[1]],

@@ -17,14 +17,17 @@ embedding with `embedder.output = "Reshape"`, `gem_p = 0`, `denoise_sigma = 0`),
 photo whose noise at the model's scale is above `--noisy` levels is blurred with a Gaussian of
 sigma S at the resize scale before the crop), `gem` (generalised-mean pooling, p = `--gem-p`,
 of the last block instead of the average), `gem+dn-1` (both) and `gem+dn+lp` (both, and a
-second view of each photo, its crop low-passed with sigma `--low-pass`: a photo whose two
-views lie within `--blurred-within` is blurred, and pairs with a blurred photo are compared by
+second view of each photo, its crop low-passed with sigma `--low-pass` and reduced to
+`--low-size` pixels, run through the model's trunk at that size: a photo whose detail, the
+share of what that low-pass removed from its luminance that a Gaussian of one pixel removes
+too, is at most `--blurred-below` is blurred, and pairs with a blurred photo are compared by
 the low-passed views, within `--low-eps`, two blurred photos within `--both-blurred-eps`; with
 `--gem-p 2 --eps 0.14`, the service's default). For `gem+dn+lp` the distances listed are the
 low-passed views' for blurred copies.
 
 Usage (from the repo root): robustness_probe.py FOLDER... [--eps 0.18] [--min-points 2] [--noisy 6]
-       [--gem-p 3] [--low-pass 3] [--low-eps 0.12] [--both-blurred-eps 0.11] [--blurred-within 0.06]
+       [--gem-p 3] [--low-pass 5] [--low-size 128] [--low-eps 0.16] [--both-blurred-eps 0.16]
+       [--blurred-below 0.015]
 Needs: pip install onnx onnxruntime numpy pillow scipy scikit-learn; the model (make model).
 """
 import argparse
@@ -42,6 +45,7 @@ from sklearn.cluster import DBSCAN
 from sklearn.metrics import adjusted_rand_score
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from prepare_model import truncated  # noqa: E402
 from reference_loop import crop_normalise, resize_short  # noqa: E402
 
 IMMERKAER = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float64)
@@ -66,7 +70,23 @@ def sessions(model_path: Path):
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 2
     s = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return s, s.get_inputs()[0].name, pooled, last
+    # The trunk up to the last block with a free input size, for the reduced low-passed view.
+    trunk = truncated(onnx.load(str(model_path)), last)
+    t = ort.InferenceSession(trunk.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return s, t, s.get_inputs()[0].name, pooled, last
+
+
+def luma(img: Image.Image) -> np.ndarray:
+    return np.asarray(img.convert("L"), np.float64)
+
+
+def detail(crop: Image.Image, low: Image.Image) -> float:
+    """What the service's `embed::detail` measures: of the luminance energy the low-pass
+    removed, the share a Gaussian of one pixel removes too."""
+    y = luma(crop)
+    removed = ((y - luma(low)) ** 2).mean()
+    finest = ((y - luma(crop.filter(ImageFilter.GaussianBlur(1)))) ** 2).mean()
+    return finest / removed if removed > 1e-3 else 0.0
 
 
 def unit(v):
@@ -81,34 +101,42 @@ def main():
     ap.add_argument("--min-points", type=int, default=2)
     ap.add_argument("--noisy", type=float, default=6.0)
     ap.add_argument("--gem-p", type=float, default=3.0)
-    ap.add_argument("--low-pass", type=float, default=3.0)
-    ap.add_argument("--low-eps", type=float, default=0.12)
-    ap.add_argument("--both-blurred-eps", type=float, default=0.11)
-    ap.add_argument("--blurred-within", type=float, default=0.06)
+    ap.add_argument("--low-pass", type=float, default=5.0)
+    ap.add_argument("--low-size", type=int, default=128)
+    ap.add_argument("--low-eps", type=float, default=0.16)
+    ap.add_argument("--both-blurred-eps", type=float, default=0.16)
+    ap.add_argument("--blurred-below", type=float, default=0.015)
     args = ap.parse_args()
-    sess, input_name, pooled, last = sessions(args.model)
+    sess, trunk, input_name, pooled, last = sessions(args.model)
 
-    def embed(resized, low_pass=0.0):
-        x = crop_normalise(resized)
-        if low_pass:
-            # The service blurs the 224 crop itself (actors/src/algo/embed.rs, embed_views).
-            w, h = resized.size
-            left, top = (w - 224) // 2, (h - 224) // 2
-            crop = resized.crop((left, top, left + 224, top + 224)).filter(ImageFilter.GaussianBlur(low_pass))
-            x = crop_normalise(crop)
-        out, block = sess.run([pooled, last], {input_name: x})
+    def gem_pool(block):
         p = args.gem_p
         block = np.maximum(block[0], 0)
         # positions x channels, whichever layout the pooled block has
         block = block.reshape(block.shape[0], -1).T if block.shape[0] > block.shape[-1] else block.reshape(-1, block.shape[-1])
-        return unit(out.reshape(-1)), unit((block ** p).mean(0) ** (1 / p))
+        return unit((block ** p).mean(0) ** (1 / p))
+
+    def embed(resized):
+        out, block = sess.run([pooled, last], {input_name: crop_normalise(resized)})
+        return unit(out.reshape(-1)), gem_pool(block)
+
+    def embed_low(resized):
+        """The low-passed view and the detail: the service blurs the 224 crop itself, then
+        reduces it (actors/src/algo/embed.rs, embed_views)."""
+        w, h = resized.size
+        left, top = (w - 224) // 2, (h - 224) // 2
+        crop = resized.crop((left, top, left + 224, top + 224))
+        low = crop.filter(ImageFilter.GaussianBlur(args.low_pass))
+        small = low.resize((args.low_size, args.low_size), Image.BILINEAR)
+        x = (np.asarray(small, np.float32)[:, :, ::-1] - np.array([104.0, 117.0, 123.0], np.float32))[None]
+        return gem_pool(trunk.run(None, {input_name: np.ascontiguousarray(x)})[0]), detail(crop, low)
 
     for folder in args.folders:
         rows = list(csv.DictReader(open(folder / "labels.csv")))
         scenes = np.array([r["scene"] for r in rows])
         clean = np.array([r["degraded"] == "0" for r in rows])
         variants = {"service": [], "gem": [], "gem+dn-1": [], "denoise-1": [], "denoise-2": []}
-        low = []
+        low, details = [], []
         for r in rows:
             img = ImageOps.exif_transpose(Image.open(folder / r["file"])).convert("RGB")
             resized = resize_short(img)
@@ -122,7 +150,9 @@ def main():
                 if s == 1:
                     variants["gem+dn-1"].append(smoothed[1])
                     seen = resized.filter(ImageFilter.GaussianBlur(1)) if noisy else resized
-                    low.append(embed(seen, args.low_pass)[1])
+                    lv, det = embed_low(seen)
+                    low.append(lv)
+                    details.append(det)
         variants["gem+dn+lp"] = variants["gem+dn-1"]
         print(f"{folder}: {len(rows)} photos, {len(set(scenes))} scenes, {int((~clean).sum())} degraded")
         for name, vectors in variants.items():
@@ -132,7 +162,7 @@ def main():
             if name == "gem+dn+lp":
                 lv = np.stack(low)
                 dl = 1 - lv @ lv.T
-                blurred = 1 - np.sum(e * lv, 1) <= args.blurred_within
+                blurred = np.array(details) <= args.blurred_below
                 either, both = blurred[:, None] | blurred[None, :], blurred[:, None] & blurred[None, :]
                 scaled = np.where(both, dl / args.both_blurred_eps, np.where(either, dl / args.low_eps, scaled))
                 # A blurred copy's distance is its low-passed view's, on the scale of eps.
