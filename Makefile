@@ -8,7 +8,7 @@ DATABASE_URL ?= postgres://postgres:postgres@127.0.0.1:5432/media_clustering_dem
 COMPOSE ?= $(shell command -v docker-compose >/dev/null 2>&1 && echo docker-compose || echo docker compose)
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 
-.PHONY: help demo test services model model-int8 build release lint fmt migrate bench k8s-check compose-check clean-demo
+.PHONY: help demo test services model build release lint fmt migrate bench k8s-check compose-check clean-demo
 
 help: ## Show this list of targets
 	@echo "Usage: make <target>"
@@ -25,11 +25,8 @@ test: ## Run services + model setup, rustfmt check, clippy and all tests (what C
 services: ## Make sure local Redis and PostgreSQL are installed and running
 	scripts/ensure-services.sh
 
-model: ## Download and verify the default ONNX model into models/
+model: ## Download and verify the pinned ONNX model and derive the 8-bit default from it, into models/
 	scripts/fetch-model.sh
-
-model-int8: ## Also derive the model's 8-bit variant (models/open-nsfw-int8.onnx; embedder.model_path)
-	scripts/fetch-model.sh --int8
 
 build: ## Build the debug binary
 	$(CARGO) build --bin media-clustering

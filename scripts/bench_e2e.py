@@ -542,7 +542,7 @@ def plot(path, sweep, open_runs):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bin", default="target/release/media-clustering")
-    ap.add_argument("--model", default="models/open-nsfw.onnx", type=Path)
+    ap.add_argument("--model", default="models/open-nsfw-int8.onnx", type=Path)
     ap.add_argument("--reference-model", default="models/open-nsfw.onnx", type=Path,
                     help="the plain loop's model (the pinned one, whatever --model the service gets)")
     ap.add_argument("--photos", default="tests/fixtures/photos", type=Path)

@@ -69,7 +69,7 @@ def run_batch(telemetry, tap_port, tmp):
                DATABASE_URL=f"postgres://postgres:postgres@127.0.0.1:5432/{db}", REDIS_URL="redis://127.0.0.1:6379/0",
                MEDIA_CLUSTERING__REDIS__STREAM=f"bench:{db}:jobs", MEDIA_CLUSTERING__REDIS__DEADLETTER_STREAM=f"bench:{db}:dl",
                MEDIA_CLUSTERING__STORAGE__URL=f"file://{tmp}/{db}", MEDIA_CLUSTERING__SERVER__BIND=f"127.0.0.1:{port}",
-               MEDIA_CLUSTERING__EMBEDDER__MODEL_PATH=os.path.join(ROOT, "models/open-nsfw.onnx"),
+               MEDIA_CLUSTERING__EMBEDDER__MODEL_PATH=os.path.join(ROOT, "models/open-nsfw-int8.onnx"),
                MEDIA_CLUSTERING__ACTORS__EMBEDDERS="1", LOG_LEVEL="warn",
                TELEMETRY_ENABLED="true" if telemetry else "false", TRACE_SAMPLE_RATE="1.0",
                **export_env(tap_port, tmp))

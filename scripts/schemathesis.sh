@@ -31,7 +31,7 @@ die() { printf 'schemathesis.sh: ERROR: %s\n' "$*" >&2; exit 1; }
 command -v psql >/dev/null 2>&1 || die "psql not found (run scripts/ensure-services.sh)"
 command -v redis-cli >/dev/null 2>&1 || die "redis-cli not found (run scripts/ensure-services.sh)"
 command -v curl >/dev/null 2>&1 || die "curl not found"
-[ -f "$ROOT/models/open-nsfw.onnx" ] || die "models/open-nsfw.onnx missing (run scripts/fetch-model.sh)"
+[ -f "$ROOT/models/open-nsfw-int8.onnx" ] || die "models/open-nsfw-int8.onnx missing (run scripts/fetch-model.sh)"
 
 # Schemathesis, pinned, in its own virtualenv under target/.
 if [ "$("$VENV/bin/schemathesis" --version 2>/dev/null || true)" != "schemathesis, version $ST_VERSION" ]; then
@@ -98,7 +98,7 @@ export MEDIA_CLUSTERING__SERVER__BIND="127.0.0.1:$PORT"
 export MEDIA_CLUSTERING__REDIS__STREAM="$STREAM"
 export MEDIA_CLUSTERING__REDIS__DEADLETTER_STREAM="$DEADLETTER"
 export MEDIA_CLUSTERING__STORAGE__URL="file://$WORK/media"
-export MEDIA_CLUSTERING__EMBEDDER__MODEL_PATH="$ROOT/models/open-nsfw.onnx"
+export MEDIA_CLUSTERING__EMBEDDER__MODEL_PATH="$ROOT/models/open-nsfw-int8.onnx"
 # Schemathesis is one fast caller: a high limit keeps the limiter in the path without
 # turning most answers into 429 (the limit itself has its own integration test).
 export MEDIA_CLUSTERING__RATE_LIMIT__REQUESTS_PER_SECOND="${ST_RATE_LIMIT:-1000}"

@@ -16,7 +16,7 @@ mkdir "$WORK/photos"
 ls "$ROOT/tests/fixtures/photos" | grep -E '\.(jpe?g|png)$' | head -3 \
     | while read -r f; do cp "$ROOT/tests/fixtures/photos/$f" "$WORK/photos/"; done
 
-"$PY" "$ROOT/scripts/bench_e2e.py" --bin "$BIN" --model "$ROOT/models/open-nsfw.onnx" \
+"$PY" "$ROOT/scripts/bench_e2e.py" --bin "$BIN" --model "$ROOT/models/open-nsfw-int8.onnx" \
     --photos "$WORK/photos" --pets 2 --batch 2 --cpu-seconds 1 --no-reference \
     --rates 2 --open-batch 1 --open-seconds 2 --json "$WORK/report.json" >"$WORK/report.md"
 

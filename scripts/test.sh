@@ -30,8 +30,8 @@ ensure_component() {
 step "Ensuring Redis and PostgreSQL are running"
 scripts/ensure-services.sh
 
-step "Fetching the ONNX model (and deriving its 8-bit variant, which tests cover)"
-scripts/fetch-model.sh --int8
+step "Fetching the ONNX model (and deriving the embedder's 8-bit model from it)"
+scripts/fetch-model.sh
 
 if [ "${SKIP_LINT:-0}" = "1" ]; then
     step "Skipping rustfmt and clippy (SKIP_LINT=1)"
@@ -48,7 +48,7 @@ fi
 
 export TEST_DATABASE_URL="postgres://postgres:postgres@127.0.0.1:5432/postgres"
 export TEST_REDIS_URL="redis://127.0.0.1:6379"
-export MODEL_PATH="$ROOT/models/open-nsfw.onnx"
+export MODEL_PATH="$ROOT/models/open-nsfw-int8.onnx"
 
 # promtool checks the metrics text in the tests (Debian's prometheus package).
 if ! command -v promtool >/dev/null 2>&1; then

@@ -15,7 +15,8 @@
 //! "Relu_48", pooled here), the model is edited in memory at load time: a graph output naming
 //! that tensor is appended to the protobuf. When the low-passed view runs at a reduced size
 //! ([`LowPass`](crate::algo::embed::LowPass)), the graph is cut to what that output needs and
-//! its input's height and width are freed ([`prepare_model`]). The file on disk is not
+//! its input is fixed to each size in turn, one pool of sessions per size
+//! ([`prepare_model`]). The file on disk is not
 //! changed, and `model_version` hashes that file, as the tract backend does.
 
 use std::borrow::Cow;
@@ -63,16 +64,39 @@ impl OrtOptions {
     }
 }
 
-/// An ONNX image encoder run by ONNX Runtime: a small pool of sessions of the same model,
-/// shared by the embedder threads.
+/// An ONNX image encoder run by ONNX Runtime: a small pool of sessions of the same model per
+/// input side ([`Preprocess::input_sides`]), shared by the embedder threads.
 pub struct OrtEncoder {
-    /// `ort` sessions run with `&mut self`; each inference takes one session.
-    sessions: Vec<Mutex<Session>>,
-    next: AtomicUsize,
+    pools: Vec<Pool>,
     input_name: String,
     output_name: String,
     preprocess: Preprocess,
     model_version: String,
+}
+
+/// Sessions of the model for inputs of one side. `ort` sessions run with `&mut self`; each
+/// inference takes one session.
+struct Pool {
+    side: u32,
+    sessions: Vec<Mutex<Session>>,
+    next: AtomicUsize,
+}
+
+impl Pool {
+    /// A free session if there is one, else waits for one (taken in turn).
+    fn session(&self) -> MutexGuard<'_, Session> {
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let n = self.sessions.len();
+        for k in 0..n {
+            if let Ok(s) = self.sessions[(start + k) % n].try_lock() {
+                return s;
+            }
+        }
+        // A panic during a run leaves the session usable: ORT holds no state between runs.
+        self.sessions[start % n]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// The process's single ONNX Runtime environment, and the library it came from. ORT allows
@@ -119,50 +143,60 @@ impl OrtEncoder {
             message,
         };
         let bytes = std::fs::read(path).map_err(|e| load_err(e.to_string()))?;
-        let free_size = (preprocess.input_sides().len() > 1).then_some(preprocess.layout);
-        let (model, output_name) = prepare_model(&bytes, output, free_size).map_err(load_err)?;
         let env = environment(&options.library).map_err(load_err)?;
-        let sessions = (0..options.sessions.max(1))
-            .map(|_| new_session(&env, &model, options.intra_threads).map(Mutex::new))
-            .collect::<Result<Vec<_>, String>>()
-            .map_err(load_err)?;
-        let first = sessions[0].lock().unwrap_or_else(PoisonError::into_inner);
-        let input = match first.inputs() {
-            [input] => input,
-            inputs => {
-                return Err(load_err(format!(
-                    "the model must have one input, not {}",
-                    inputs.len()
-                )));
-            }
-        };
-        let input_name = input.name().to_owned();
-        // ORT refuses an input of another size than a fixed one only at the first inference;
-        // the low-passed view's size is checked here instead, so a model that cannot take it
-        // fails at start-up.
-        if let ort::value::ValueType::Tensor { shape, .. } = input.dtype() {
-            for side in preprocess.input_sides() {
+        // One side: the model as it is. Several (the low-passed view at a reduced size): the
+        // model cut to the embedding and fixed to each side, which ORT plans fully (a free
+        // size costs it about 5 % per inference).
+        let sides = preprocess.input_sides();
+        let mut pools = Vec::with_capacity(sides.len());
+        let mut output_name = String::new();
+        let mut input_name = String::new();
+        for &side in &sides {
+            let fixed = (sides.len() > 1).then_some((preprocess.layout, side));
+            let (model, tensor) = prepare_model(&bytes, output, fixed).map_err(load_err)?;
+            let sessions = (0..options.sessions.max(1))
+                .map(|_| new_session(&env, &model, options.intra_threads).map(Mutex::new))
+                .collect::<Result<Vec<_>, String>>()
+                .map_err(load_err)?;
+            let first = sessions[0].lock().unwrap_or_else(PoisonError::into_inner);
+            let input = match first.inputs() {
+                [input] => input,
+                inputs => {
+                    return Err(load_err(format!(
+                        "the model must have one input, not {}",
+                        inputs.len()
+                    )));
+                }
+            };
+            // ORT refuses an input of another size than a fixed one only at the first
+            // inference; the size is checked here instead, so a model that cannot take it
+            // fails at start-up.
+            if let ort::value::ValueType::Tensor { shape, .. } = input.dtype() {
                 let want = input_shape(&preprocess, side);
                 let fits =
                     shape.len() == 4 && shape.iter().zip(want).all(|(&d, w)| d < 0 || d == w);
                 if !fits {
                     return Err(load_err(format!(
-                        "the model takes inputs of {shape:?}, not {want:?} (the low-passed \
-                         view's size needs a model that takes any size: \
-                         scripts/prepare_model.py)"
+                        "the model takes inputs of {shape:?}, not {want:?}"
                     )));
                 }
             }
+            input_name = input.name().to_owned();
+            if !first.outputs().iter().any(|o| o.name() == tensor) {
+                return Err(load_err(format!(
+                    "ONNX Runtime does not list `{tensor}` among the model's outputs"
+                )));
+            }
+            drop(first);
+            output_name = tensor;
+            pools.push(Pool {
+                side,
+                sessions,
+                next: AtomicUsize::new(0),
+            });
         }
-        if !first.outputs().iter().any(|o| o.name() == output_name) {
-            return Err(load_err(format!(
-                "ONNX Runtime does not list `{output_name}` among the model's outputs"
-            )));
-        }
-        drop(first);
         Ok(OrtEncoder {
-            sessions,
-            next: AtomicUsize::new(0),
+            pools,
             input_name,
             output_name,
             model_version: model_version(name, &bytes, &preprocess),
@@ -181,21 +215,6 @@ impl OrtEncoder {
     /// The graph output fetched as the embedding.
     pub fn output_name(&self) -> &str {
         &self.output_name
-    }
-
-    /// A free session if there is one, else waits for one (taken in turn).
-    fn session(&self) -> MutexGuard<'_, Session> {
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let n = self.sessions.len();
-        for k in 0..n {
-            if let Ok(s) = self.sessions[(start + k) % n].try_lock() {
-                return s;
-            }
-        }
-        // A panic during a run leaves the session usable: ORT holds no state between runs.
-        self.sessions[start % n]
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Embeds one decoded photo ([`embed_views`]): each view L2-normalised.
@@ -219,7 +238,11 @@ impl OrtEncoder {
         let err = |e: ort::Error| EmbedError::Inference(e.to_string());
         let shape = input_shape(&self.preprocess, side);
         let tensor = TensorRef::from_array_view((shape, input)).map_err(err)?;
-        let mut session = self.session();
+        let pool =
+            self.pools.iter().find(|p| p.side == side).ok_or_else(|| {
+                EmbedError::Inference(format!("no session for an input of {side}"))
+            })?;
+        let mut session = pool.session();
         let outputs = session
             .run(ort::inputs![self.input_name.as_str() => tensor])
             .map_err(err)?;
@@ -299,16 +322,15 @@ impl ImageEncoder for OrtEncoder {
 /// the `graph` field into the first, so the appended bytes add one entry to `graph.output`
 /// and leave everything else as it was, byte for byte.
 ///
-/// With `free_size` (inputs of more than one size, in that layout), the model is decoded and
-/// written again
-/// instead: the graph keeps only the nodes the output needs (the pinned model's classifier
-/// head pools with a fixed 7 x 7 window, which a smaller input cannot feed), the output is
-/// its only one, the input's height and width become free, and the shapes inferred for one
-/// size go. A model whose input size is already free comes out the same but for that cut.
+/// With `size` (a layout and a side: one of several sizes the model runs at), the model is
+/// decoded and written again instead: the graph keeps only the nodes the output needs (the
+/// pinned model's classifier head pools with a fixed 7 x 7 window, which a smaller input
+/// cannot feed), the output is its only one, the input is one image of that side, and the
+/// shapes inferred for another size go.
 pub fn prepare_model<'a>(
     bytes: &'a [u8],
     output: &str,
-    free_size: Option<Layout>,
+    size: Option<(Layout, u32)>,
 ) -> Result<(Cow<'a, [u8]>, String), String> {
     let proto = tract_onnx::onnx()
         .proto_model_for_read(&mut &bytes[..])
@@ -334,8 +356,8 @@ pub fn prepare_model<'a>(
             None => return Err(format!("the model has no node or tensor named `{output}`")),
         }
     };
-    if let Some(layout) = free_size {
-        let edited = with_free_size(proto, &tensor, layout)?;
+    if let Some((layout, side)) = size {
+        let edited = with_input_size(proto, &tensor, layout, side)?;
         return Ok((Cow::Owned(edited), tensor));
     }
     if is_output(&tensor) {
@@ -347,12 +369,13 @@ pub fn prepare_model<'a>(
     Ok((Cow::Owned(model), tensor))
 }
 
-/// The model cut to what `tensor` needs, that tensor its only output, with a free input
-/// height and width and no inferred intermediate shapes; see [`prepare_model`].
-fn with_free_size(
+/// The model cut to what `tensor` needs, that tensor its only output, its input one image of
+/// `side` x `side` pixels, with no inferred intermediate shapes; see [`prepare_model`].
+fn with_input_size(
     mut proto: tract_onnx::pb::ModelProto,
     tensor: &str,
     layout: Layout,
+    side: u32,
 ) -> Result<Vec<u8>, String> {
     use prost::Message;
     use tract_onnx::pb::tensor_shape_proto::dimension::Value as Dim;
@@ -405,8 +428,9 @@ fn with_free_size(
             Layout::Nhwc => [1, 2],
             Layout::Nchw => [2, 3],
         };
-        for (axis, name) in spatial.into_iter().zip(["height", "width"]) {
-            shape.dim[axis].value = Some(Dim::DimParam(name.to_owned()));
+        shape.dim[0].value = Some(Dim::DimValue(1));
+        for axis in spatial {
+            shape.dim[axis].value = Some(Dim::DimValue(i64::from(side)));
         }
     }
     let image_name = image.name.clone();
@@ -495,7 +519,7 @@ mod tests {
     fn prepare_model_rejects_non_models() {
         assert!(prepare_model(b"\xff\xff\xff", "Reshape", None).is_err());
         // An empty message is a model without a graph.
-        let e = prepare_model(b"", "", Some(Layout::Nhwc)).unwrap_err();
+        let e = prepare_model(b"", "", Some((Layout::Nhwc, 128))).unwrap_err();
         assert!(e.contains("no graph"), "{e}");
     }
 }

@@ -2,9 +2,9 @@
 //! tract with intra-op threads against tract without, and the smoothing of noisy photos.
 //!
 //! Needs `libonnxruntime.so` 1.31 or newer: `ORT_DYLIB_PATH`, else
-//! `models/libonnxruntime.so.1.32.0`; the model, `MODEL_PATH`, else `models/open-nsfw.onnx`;
-//! and its 8-bit variant `models/open-nsfw-int8.onnx`. `make model-int8` fetches and makes all
-//! three.
+//! `models/libonnxruntime.so.1.32.0`; the pinned model `models/open-nsfw.onnx`; and the
+//! service's default model derived from it, `MODEL_PATH`, else `models/open-nsfw-int8.onnx`.
+//! `make model` fetches and makes all three.
 
 use std::path::{Path, PathBuf};
 
@@ -20,13 +20,15 @@ fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// The model's 8-bit variant (scripts/prepare_model.py): its trunk, any input size, 8-bit
-/// convolutions.
+/// The service's default model, derived from the pinned one (scripts/prepare_model.py): its
+/// trunk, any input size, 8-bit convolutions. `MODEL_PATH`, else `models/open-nsfw-int8.onnx`.
 fn prepared_model() -> PathBuf {
-    let path = workspace().join("models/open-nsfw-int8.onnx");
+    let path = std::env::var_os("MODEL_PATH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("models/open-nsfw-int8.onnx"));
     assert!(
         path.is_file(),
-        "no model at {} (run `make model-int8`)",
+        "no model at {} (run `make model` or set MODEL_PATH)",
         path.display()
     );
     path
@@ -48,12 +50,10 @@ fn library() -> PathBuf {
 
 /// The pinned model as published (a classifier whose inner tensors give the embedding).
 fn model() -> PathBuf {
-    let path = std::env::var_os("MODEL_PATH")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("models/open-nsfw.onnx"));
+    let path = workspace().join("models/open-nsfw.onnx");
     assert!(
         path.is_file(),
-        "no model at {} (run `make model` or set MODEL_PATH)",
+        "no model at {} (run `make model`)",
         path.display()
     );
     path
@@ -564,13 +564,13 @@ fn the_prepared_model_embeds_as_the_pinned_one_within_eight_bit_rounding() {
 }
 
 #[test]
-fn the_pinned_model_takes_the_reduced_low_passed_view_cut_to_its_trunk_and_freed_in_size() {
+fn the_pinned_model_takes_the_reduced_low_passed_view_cut_to_its_trunk_at_each_size() {
     // The pinned model declares 224 x 224 inputs and ends in a 7 x 7 average pool: ORT gets
-    // the graph cut at "Relu_48" with a free input size, tract the shape it is given; the two
+    // the graph cut at "Relu_48" and fixed to each size, tract the shape it is given; the two
     // agree, and agree with the prepared model within its 8-bit rounding.
     let lib = library();
     let bytes = std::fs::read(model()).unwrap();
-    let (cut, tensor) = prepare_model(&bytes, "Relu_48", Some(Layout::Nhwc)).unwrap();
+    let (cut, tensor) = prepare_model(&bytes, "Relu_48", Some((Layout::Nhwc, 128))).unwrap();
     assert_eq!(tensor, "Relu_48:0");
     assert!(cut.len() < bytes.len(), "the classifier head is gone");
     let proto = tract_onnx::onnx()
@@ -578,6 +578,27 @@ fn the_pinned_model_takes_the_reduced_low_passed_view_cut_to_its_trunk_and_freed
         .unwrap();
     let graph = proto.graph.unwrap();
     assert_eq!(graph.output.len(), 1);
+    use tract_onnx::pb::{tensor_shape_proto::dimension::Value, type_proto::Value as Type};
+    let Some(Type::TensorType(t)) = graph.input[0]
+        .r#type
+        .as_ref()
+        .and_then(|t| t.value.as_ref())
+    else {
+        panic!("the input is a tensor")
+    };
+    let dims: Vec<_> = t
+        .shape
+        .as_ref()
+        .unwrap()
+        .dim
+        .iter()
+        .map(|d| d.value.clone())
+        .collect();
+    assert_eq!(
+        dims,
+        [1, 128, 128, 3].map(|v| Some(Value::DimValue(v))),
+        "one image of 128 x 128"
+    );
     assert!(
         graph
             .node

@@ -24,7 +24,9 @@ pub fn redis_url() -> String {
 pub fn model_path() -> PathBuf {
     std::env::var("MODEL_PATH")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("models/open-nsfw.onnx"))
+        .unwrap_or_else(|_| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("models/open-nsfw-int8.onnx")
+        })
 }
 
 pub fn fixtures() -> PathBuf {

@@ -96,7 +96,7 @@ async fn metrics_carry_every_name_and_rise_with_a_job() {
     }
     let embedded = sample(
         &text,
-        "media_cluster_embedding_duration_seconds_count{model_version=\"open-nsfw-864bb37b-dn6s1-gem2-lp5x128\"}",
+        "media_cluster_embedding_duration_seconds_count{model_version=\"open-nsfw-eef41e25-dn6s1-gem2-lp5x128\"}",
     );
     assert!(embedded >= 4.0, "embeddings counted: {embedded}");
     // HTTP series are labelled by route pattern, never by raw path or id.

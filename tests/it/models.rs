@@ -58,11 +58,11 @@ async fn a_new_model_version_re_embeds_lazily_and_once_and_reembed_runs_ahead() 
         );
         assert_eq!(
             clusters(&client, "model-pet").await["model_version"],
-            "open-nsfw-864bb37b-dn6s1-gem2-lp5x128"
+            "open-nsfw-eef41e25-dn6s1-gem2-lp5x128"
         );
     }
     assert_eq!(
-        embeddings(&db, "open-nsfw-864bb37b-dn6s1-gem2-lp5x128").await,
+        embeddings(&db, "open-nsfw-eef41e25-dn6s1-gem2-lp5x128").await,
         3
     );
 
@@ -76,16 +76,16 @@ async fn a_new_model_version_re_embeds_lazily_and_once_and_reembed_runs_ahead() 
     }
     assert_eq!(
         clusters(&client, "model-pet").await["model_version"],
-        "open-nsfw-v2-864bb37b-dn6s1-gem2-lp5x128"
+        "open-nsfw-v2-eef41e25-dn6s1-gem2-lp5x128"
     );
     assert_eq!(
-        embeddings(&db, "open-nsfw-v2-864bb37b-dn6s1-gem2-lp5x128").await,
+        embeddings(&db, "open-nsfw-v2-eef41e25-dn6s1-gem2-lp5x128").await,
         3
     );
     let text = client.scrape("dev-internal-token").await;
     let embedded = sample(
         &text,
-        r#"media_cluster_embedding_duration_seconds_count{model_version="open-nsfw-v2-864bb37b-dn6s1-gem2-lp5x128"}"#,
+        r#"media_cluster_embedding_duration_seconds_count{model_version="open-nsfw-v2-eef41e25-dn6s1-gem2-lp5x128"}"#,
     );
     assert_eq!(
         embedded, 3.0,
@@ -106,7 +106,7 @@ async fn a_new_model_version_re_embeds_lazily_and_once_and_reembed_runs_ahead() 
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("3 photos to embed"));
     assert_eq!(
-        embeddings(&db, "open-nsfw-v3-864bb37b-dn6s1-gem2-lp5x128").await,
+        embeddings(&db, "open-nsfw-v3-eef41e25-dn6s1-gem2-lp5x128").await,
         3
     );
     let again = env.command("reembed", &v3).output().unwrap();

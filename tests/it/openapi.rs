@@ -326,7 +326,7 @@ async fn real_response_types_match_their_schemas() {
     let clustering = ClusteringView {
         pet_id: "rex".into(),
         version: 3,
-        model_version: "open-nsfw-864bb37b-dn6s1-gem2-lp5x128".into(),
+        model_version: "open-nsfw-eef41e25-dn6s1-gem2-lp5x128".into(),
         clusters: vec![ClusterView {
             cluster_id: id(),
             hero_image_id: hero,
