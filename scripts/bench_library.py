@@ -10,8 +10,9 @@ and the model (make model).
 
 The N photos are synthetic rows in groups of 8 around random centres (made in SQL), with
 quality figures, stored under the service's model version so nothing is re-embedded: as many
-values as the service's embeddings have, each view (two of 1024 with the low-passed view)
-of unit length, the views independent (so no synthetic photo reads as blurred). The K new
+values as the service's embeddings have, each view (two of 1024 with the low-passed view,
+then the detail) of unit length, the views independent and the detail a sharp photo's (0.1),
+so no synthetic photo reads as blurred. The K new
 photos are real fixture photos uploaded through the API.
 
 Two modes per size: `incremental` (the default config: the worker holds the pet's clustering

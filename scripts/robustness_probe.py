@@ -20,7 +20,8 @@ of the last block instead of the average), `gem+dn-1` (both) and `gem+dn+lp` (bo
 second view of each photo, its crop low-passed with sigma `--low-pass` and reduced to
 `--low-size` pixels, run through the model's trunk at that size: a photo whose detail, the
 share of what that low-pass removed from its luminance that a Gaussian of one pixel removes
-too, is at most `--blurred-below` is blurred, and pairs with a blurred photo are compared by
+too, is at most `--blurred-below` is blurred, as is a photo smoothed for its noise, and
+pairs with a blurred photo are compared by
 the low-passed views, within `--low-eps`, two blurred photos within `--both-blurred-eps`; with
 `--gem-p 2 --eps 0.14`, the service's default). For `gem+dn+lp` the distances listed are the
 low-passed views' for blurred copies.
@@ -136,7 +137,7 @@ def main():
         scenes = np.array([r["scene"] for r in rows])
         clean = np.array([r["degraded"] == "0" for r in rows])
         variants = {"service": [], "gem": [], "gem+dn-1": [], "denoise-1": [], "denoise-2": []}
-        low, details = [], []
+        low, details, was_smoothed = [], [], []
         for r in rows:
             img = ImageOps.exif_transpose(Image.open(folder / r["file"])).convert("RGB")
             resized = resize_short(img)
@@ -144,6 +145,7 @@ def main():
             variants["service"].append(service)
             variants["gem"].append(gem)
             noisy = model_noise(img) > args.noisy
+            was_smoothed.append(noisy)
             for s in (1, 2):
                 smoothed = embed(resized.filter(ImageFilter.GaussianBlur(s))) if noisy else (service, gem)
                 variants[f"denoise-{s}"].append(smoothed[0])
@@ -162,7 +164,8 @@ def main():
             if name == "gem+dn+lp":
                 lv = np.stack(low)
                 dl = 1 - lv @ lv.T
-                blurred = np.array(details) <= args.blurred_below
+                # As the service: a photo smoothed for its noise counts as blurred too.
+                blurred = (np.array(details) <= args.blurred_below) | np.array(was_smoothed)
                 either, both = blurred[:, None] | blurred[None, :], blurred[:, None] & blurred[None, :]
                 scaled = np.where(both, dl / args.both_blurred_eps, np.where(either, dl / args.low_eps, scaled))
                 # A blurred copy's distance is its low-passed view's, on the scale of eps.

@@ -551,6 +551,20 @@ pub async fn get_image(
         .await
 }
 
+/// Each row of a photo query as a [`PetImage`], as the rows arrive: a pet's whole library
+/// (50,000 photos of 2 x 1024 + 1 values) is 800 MB in Postgres's binary array format, twice
+/// its floats, which `fetch_all` would hold all at once before the first was decoded.
+async fn for_each_pet_image(
+    mut rows: impl futures::Stream<Item = Result<sqlx::postgres::PgRow, sqlx::Error>> + Unpin,
+    mut each: impl FnMut(PetImage),
+) -> Result<(), PipelineError> {
+    use futures::TryStreamExt;
+    while let Some(row) = rows.try_next().await.map_err(unavailable)? {
+        each(pet_image(&row).map_err(unavailable)?);
+    }
+    Ok(())
+}
+
 /// A photo row with its embedding, if any (`images` joined with `image_embeddings`).
 fn pet_image(r: &sqlx::postgres::PgRow) -> Result<PetImage, sqlx::Error> {
     let vector: Option<Vec<f32>> = r.try_get("vector")?;
@@ -637,14 +651,10 @@ impl Store for PgStore {
             )
             .bind(pet_id)
             .bind(model_version)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(unavailable)?;
-            return rows
-                .iter()
-                .map(pet_image)
-                .collect::<Result<_, sqlx::Error>>()
-                .map_err(unavailable);
+            .fetch(&self.pool);
+            let mut images = Vec::new();
+            for_each_pet_image(rows, |image| images.push(image)).await?;
+            return Ok(images);
         }
         // The caller holds most vectors: list the pet's photo ids only, then read the rest of
         // the photos it does not hold, with their embeddings.
@@ -667,13 +677,11 @@ impl Store for PgStore {
             )
             .bind(&others)
             .bind(model_version)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(unavailable)?;
-            for r in rows {
-                let image = pet_image(&r).map_err(unavailable)?;
+            .fetch(&self.pool);
+            for_each_pet_image(rows, |image| {
                 found.insert(image.image_id, image);
-            }
+            })
+            .await?;
         }
         Ok(all
             .into_iter()
