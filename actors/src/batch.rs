@@ -355,7 +355,18 @@ async fn run_jobs(core: &Arc<Core>, g: &mut BatchGuard) -> Result<(), PipelineEr
         .map(|i| i.image_id)
         .collect();
     let mut add_ids = Vec::new();
-    let mut add_vectors: Vec<f32> = Vec::new();
+    // Sized once: grown by doubling, a large pet's vectors would be copied and held twice.
+    let values: usize = images
+        .iter()
+        .enumerate()
+        .filter(|(_, img)| !img.held)
+        .map(|(i, img)| match (&img.cached, fresh.get(&i)) {
+            (Some((v, _)), _) => v.len(),
+            (None, Some(Some(e))) => e.vector.len(),
+            (None, _) => 0,
+        })
+        .sum();
+    let mut add_vectors: Vec<f32> = Vec::with_capacity(values);
     let mut add_qualities = Vec::new();
     let mut add_times = Vec::new();
     for (i, img) in images.into_iter().enumerate() {

@@ -67,9 +67,15 @@ impl SyncStage for Clusterer {
                     vectors = vectors.select(Axis(0), &keep);
                     times = keep.iter().map(|&i| times[i]).collect();
                 }
-                vectors
-                    .append(Axis(0), msg.add.view())
-                    .map_err(|e| PipelineError::permanent(format!("vectors of the pet: {e}")))?;
+                // Nothing held (a pet's first job in this process): the new vectors are the
+                // pet's, taken as they are rather than copied (a 50,000-photo pet's are 400 MB).
+                if vectors.nrows() == 0 {
+                    vectors = msg.add;
+                } else {
+                    vectors.append(Axis(0), msg.add.view()).map_err(|e| {
+                        PipelineError::permanent(format!("vectors of the pet: {e}"))
+                    })?;
+                }
                 times.extend(msg.add_times);
                 let c = Clustering::full(vectors, times, msg.params, msg.time_rule);
                 (c, Assigned::Full(reason))
