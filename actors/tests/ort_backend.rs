@@ -365,6 +365,18 @@ fn default_embedding() -> Preprocess {
     }
 }
 
+/// `model` in ONNX Runtime with one session, the embedding its block "Relu_48" pooled as `p`
+/// says.
+fn ort_relu48(model: &Path, p: Preprocess) -> OrtEncoder {
+    OrtEncoder::load(model, "m", "Relu_48", p, &OrtOptions::new(library(), 1)).unwrap()
+}
+
+/// A fixture subject's original photo.
+fn original(subject: &str) -> DynamicImage {
+    let path = workspace().join(format!("tests/fixtures/photos/{subject}__orig.png"));
+    decode::decode(&std::fs::read(path).unwrap(), MAX_PIXELS).unwrap()
+}
+
 #[test]
 fn the_low_passed_view_marks_blurred_copies_and_brings_them_back_to_their_photo() {
     use actors::algo::cluster::LowPassRule;
@@ -374,23 +386,13 @@ fn the_low_passed_view_marks_blurred_copies_and_brings_them_back_to_their_photo(
         both_blurred_eps: 0.16,
         blurred_below: 0.015,
     };
-    let lib = library();
-    let model = model();
-    let tract = OnnxEmbedder::load(&model, "m", "Relu_48", default_embedding()).unwrap();
-    let ort = OrtEncoder::load(
-        &model,
-        "m",
-        "Relu_48",
-        default_embedding(),
-        &OrtOptions::new(&lib, 1),
-    )
-    .unwrap();
+    let tract = OnnxEmbedder::load(&model(), "m", "Relu_48", default_embedding()).unwrap();
+    let ort = ort_relu48(&model(), default_embedding());
     assert!(ort.model_version().ends_with("-gem2-lp5x128"));
     assert_eq!(ort.model_version(), tract.model_version());
     // `clustering.eps`'s default.
     const EPS: f32 = 0.14;
     let mut blurred = 0;
-    let dir = workspace().join("tests/fixtures/photos");
     for subject in [
         "astronaut",
         "chelsea",
@@ -398,11 +400,7 @@ fn the_low_passed_view_marks_blurred_copies_and_brings_them_back_to_their_photo(
         "motorcycle_left",
         "rocket",
     ] {
-        let original = decode::decode(
-            &std::fs::read(dir.join(format!("{subject}__orig.png"))).unwrap(),
-            MAX_PIXELS,
-        )
-        .unwrap();
+        let original = original(subject);
         // Out of focus: a Gaussian of 1.2 % of the shorter side (3 pixels at the model's
         // scale, where the shorter side is 256).
         let sigma = original.width().min(original.height()) as f32 * 0.012;
@@ -467,16 +465,7 @@ fn a_noisy_copy_is_compared_by_its_low_passed_view_and_lies_near_its_photo_there
     // Sensor noise of sigma 20 and 30 grey levels on real photos, and on a 176x144 copy: each
     // copy is smoothed, so it has no fine detail to go by (detail 0, blurred for the rule), and
     // low-passed it lies within the rule's eps of its photo, nearer than as seen.
-    let lib = library();
-    let ort = OrtEncoder::load(
-        &model(),
-        "m",
-        "Relu_48",
-        default_embedding(),
-        &OrtOptions::new(&lib, 1),
-    )
-    .unwrap();
-    let dir = workspace().join("tests/fixtures/photos");
+    let ort = ort_relu48(&model(), default_embedding());
     let mut nearer = 0;
     for (k, subject) in [
         "astronaut",
@@ -488,11 +477,7 @@ fn a_noisy_copy_is_compared_by_its_low_passed_view_and_lies_near_its_photo_there
     .into_iter()
     .enumerate()
     {
-        let original = decode::decode(
-            &std::fs::read(dir.join(format!("{subject}__orig.png"))).unwrap(),
-            MAX_PIXELS,
-        )
-        .unwrap();
+        let original = original(subject);
         let o = ort.embed(&original).unwrap();
         assert!(o[2048] > 0.015, "{subject}: the original has its detail");
         for sigma in [20.0, 30.0] {
@@ -568,7 +553,6 @@ fn the_pinned_model_takes_the_reduced_low_passed_view_cut_to_its_trunk_at_each_s
     // The pinned model declares 224 x 224 inputs and ends in a 7 x 7 average pool: ORT gets
     // the graph cut at "Relu_48" and fixed to each size, tract the shape it is given; the two
     // agree, and agree with the prepared model within its 8-bit rounding.
-    let lib = library();
     let bytes = std::fs::read(model()).unwrap();
     let (cut, tensor) = prepare_model(&bytes, "Relu_48", Some((Layout::Nhwc, 128))).unwrap();
     assert_eq!(tensor, "Relu_48:0");
@@ -605,23 +589,9 @@ fn the_pinned_model_takes_the_reduced_low_passed_view_cut_to_its_trunk_at_each_s
             .iter()
             .all(|n| n.op_type != "Softmax" && n.op_type != "AveragePool")
     );
-    let ort = OrtEncoder::load(
-        &model(),
-        "m",
-        "Relu_48",
-        default_embedding(),
-        &OrtOptions::new(&lib, 1),
-    )
-    .unwrap();
+    let ort = ort_relu48(&model(), default_embedding());
     let tract = OnnxEmbedder::load(&model(), "m", "Relu_48", default_embedding()).unwrap();
-    let prepared = OrtEncoder::load(
-        &prepared_model(),
-        "m",
-        "Relu_48",
-        default_embedding(),
-        &OrtOptions::new(&lib, 1),
-    )
-    .unwrap();
+    let prepared = ort_relu48(&prepared_model(), default_embedding());
     assert!(ort.model_version().ends_with("-gem2-lp5x128"));
     assert_ne!(
         ort.model_version(),
