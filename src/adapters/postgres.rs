@@ -356,6 +356,19 @@ pub async fn pet_has_images(pool: &PgPool, pet_id: &str) -> Result<bool, sqlx::E
         .await
 }
 
+/// The pet's recluster that is on the stream and not started yet, if any: a new recluster
+/// request joins it instead of queueing a second full run of the same photos.
+pub async fn queued_recluster(pool: &PgPool, pet_id: &str) -> Result<Option<Uuid>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT id FROM jobs WHERE pet_id = $1 AND kind = 'recluster' AND status = 'queued'
+            AND stream_id IS NOT NULL
+         ORDER BY created_at DESC LIMIT 1",
+    )
+    .bind(pet_id)
+    .fetch_optional(pool)
+    .await
+}
+
 pub async fn get_job(pool: &PgPool, job_id: Uuid) -> Result<Option<JobView>, sqlx::Error> {
     let row = sqlx::query(
         "SELECT id, pet_id, status, attempts, error, created_at, started_at, finished_at,

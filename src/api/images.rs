@@ -629,6 +629,9 @@ async fn remove_objects(state: &AppState, ids: &[Uuid]) {
 }
 
 /// Re-cluster all the photos of a pet
+///
+/// A request while the pet's previous recluster is still queued (not started) joins it:
+/// the answer carries that job's `job_id`, and the photos are clustered once.
 #[utoipa::path(
     post,
     path = "/v1/pets/{pet_id}/recluster",
@@ -639,7 +642,7 @@ async fn remove_objects(state: &AppState, ids: &[Uuid]) {
             pattern = "^[A-Za-z0-9_-]{1,64}$", min_length = 1, max_length = 64),
     ),
     responses(
-        (status = 202, description = "Enqueued", body = ReclusterAccepted,
+        (status = 202, description = "Enqueued, or the pet's recluster that is still queued (the same `job_id`)", body = ReclusterAccepted,
             headers(("Location" = String, description = "`/v1/jobs/{job_id}`")),
             links(("GetJob" = (operation_id = "get_job",
                 parameters(("job_id" = "$response.body#/job_id")))))),
@@ -663,6 +666,11 @@ pub async fn recluster(
     tenancy::may_write(&state.db, &caller, &pet_id).await?;
     if !postgres::pet_has_images(&state.db, &pet_id).await? {
         return Err(ApiError::NotFound(format!("pet {pet_id} has no photos")));
+    }
+    if let Some(job_id) = postgres::queued_recluster(&state.db, &pet_id).await? {
+        tracing::Span::current().record("job_id", field::display(job_id));
+        tracing::info!(job_id = %job_id, "The pet's recluster is still queued; this request joins it.");
+        return Ok(accepted(job_id, &ReclusterAccepted { job_id }));
     }
     let job_id = Uuid::now_v7();
     tracing::Span::current().record("job_id", field::display(job_id));

@@ -401,3 +401,59 @@ async fn slow_clients_are_cut_off_with_408() {
     assert_eq!(app.count("SELECT count(*) FROM images").await, 0);
     app.cleanup().await;
 }
+
+#[actix_rt::test]
+async fn a_recluster_while_the_pets_last_one_is_queued_joins_it() {
+    // No worker runs here, so a recluster stays queued until the test starts it by hand.
+    let app = spawn_app_with(Mode::Api, &[]).await;
+    let photo = encode(rgb(64, 48), ImageFormat::Png);
+    assert_eq!(
+        app.upload("joined", &[("a.png".into(), photo)])
+            .await
+            .status()
+            .as_u16(),
+        202
+    );
+    let post = || async {
+        let r = app
+            .http
+            .post(format!("{}/v1/pets/joined/recluster", app.base))
+            .bearer_auth(&app.token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 202);
+        let location = r.headers()["location"].to_str().unwrap().to_owned();
+        let job: serde_json::Value = r.json().await.unwrap();
+        let job = job["job_id"].as_str().unwrap().to_owned();
+        assert_eq!(location, format!("/v1/jobs/{job}"));
+        job
+    };
+    let stream = app.settings.redis.stream.clone();
+    let first = post().await;
+    let entries = app.xlen(&stream).await;
+    assert_eq!(
+        post().await,
+        first,
+        "a second recluster while one is queued"
+    );
+    assert_eq!(
+        app.xlen(&stream).await,
+        entries,
+        "the joined request enqueued again"
+    );
+    let recluster_jobs = "SELECT count(*) FROM jobs WHERE pet_id = 'joined' AND kind = 'recluster'";
+    assert_eq!(app.count(recluster_jobs).await, 1);
+
+    // Once a worker has started it, a new request is a new run (photos may have changed).
+    sqlx::query("UPDATE jobs SET status = 'running', started_at = now() WHERE id = $1::uuid")
+        .bind(&first)
+        .execute(&app.db)
+        .await
+        .unwrap();
+    let second = post().await;
+    assert_ne!(second, first);
+    assert_eq!(app.xlen(&stream).await, entries + 1);
+    assert_eq!(app.count(recluster_jobs).await, 2);
+    app.cleanup().await;
+}
