@@ -153,14 +153,7 @@ async fn bad_pet_id_is_400_and_unknown_routes_are_json_404() {
     assert_eq!(s, 404);
     let (s, _) = app.get_json("/v1/pets/nobody/clusters").await;
     assert_eq!(s, 404);
-    let r = app
-        .http
-        .post(format!("{}/v1/pets/nobody/recluster", app.base))
-        .bearer_auth(&app.token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 404);
+    assert_eq!(app.post_recluster("nobody").await.status().as_u16(), 404);
     assert_eq!(app.xlen(&app.settings.redis.stream).await, 0);
     app.cleanup().await;
 }
@@ -415,13 +408,7 @@ async fn a_recluster_while_the_pets_last_one_is_queued_joins_it() {
         202
     );
     let post = || async {
-        let r = app
-            .http
-            .post(format!("{}/v1/pets/joined/recluster", app.base))
-            .bearer_auth(&app.token)
-            .send()
-            .await
-            .unwrap();
+        let r = app.post_recluster("joined").await;
         assert_eq!(r.status().as_u16(), 202);
         let location = r.headers()["location"].to_str().unwrap().to_owned();
         let job: serde_json::Value = r.json().await.unwrap();

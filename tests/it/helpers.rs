@@ -223,15 +223,19 @@ impl TestApp {
         (s, r.json().await.unwrap_or(Value::Null))
     }
 
-    /// Asks for the pet to be re-clustered and waits for the job; returns its final JSON.
-    pub async fn recluster(&self, pet: &str) -> Value {
-        let r = self
-            .http
+    /// `POST /v1/pets/{pet}/recluster` with the test's token.
+    pub async fn post_recluster(&self, pet: &str) -> reqwest::Response {
+        self.http
             .post(format!("{}/v1/pets/{pet}/recluster", self.base))
             .bearer_auth(&self.token)
             .send()
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    /// Asks for the pet to be re-clustered and waits for the job; returns its final JSON.
+    pub async fn recluster(&self, pet: &str) -> Value {
+        let r = self.post_recluster(pet).await;
         assert_eq!(r.status().as_u16(), 202);
         let b: Value = r.json().await.unwrap();
         self.wait_job(b["job_id"].as_str().unwrap()).await

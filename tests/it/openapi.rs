@@ -398,13 +398,7 @@ async fn real_response_types_match_their_schemas() {
         .await;
     assert_eq!(s, 200);
     assert_fits(&doc, "Job", &job);
-    let r = app
-        .http
-        .post(format!("{}/v1/pets/rex/recluster", app.base))
-        .bearer_auth(&app.token)
-        .send()
-        .await
-        .unwrap();
+    let r = app.post_recluster("rex").await;
     assert_eq!(r.status().as_u16(), 202);
     assert_fits(&doc, "ReclusterAccepted", &r.json().await.unwrap());
     let (s, err) = app.get_json("/v1/pets/rex/clusters").await;
