@@ -22,6 +22,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use uuid::Uuid;
 
 use crate::algo::dbscan::Clustering;
+use crate::algo::quality::Quality;
 use crate::error::{FailureClass, PipelineError};
 use crate::events::{EntryDeadLettered, JobFailed, JobSucceeded, PhotoQuarantined};
 use crate::job::JobKind;
@@ -359,27 +360,21 @@ async fn run_jobs(core: &Arc<Core>, g: &mut BatchGuard) -> Result<(), PipelineEr
     let values: usize = images
         .iter()
         .enumerate()
-        .filter(|(_, img)| !img.held)
-        .map(|(i, img)| match (&img.cached, fresh.get(&i)) {
-            (Some((v, _)), _) => v.len(),
-            (None, Some(Some(e))) => e.vector.len(),
-            (None, _) => 0,
-        })
+        .filter_map(|(i, img)| added(img, fresh.get(&i)))
+        .map(|(v, _)| v.len())
         .sum();
     let mut add_vectors: Vec<f32> = Vec::with_capacity(values);
     let mut add_qualities = Vec::new();
     let mut add_times = Vec::new();
+    // By value, so each photo's stored vector is freed once copied.
     for (i, img) in images.into_iter().enumerate() {
-        let (v, q) = match (img.cached, fresh.get(&i)) {
-            _ if img.held => continue,
-            (Some(c), _) => c,
-            (None, Some(Some(e))) => (e.vector.clone(), e.quality),
-            (None, _) => continue, // quarantined
+        let Some((v, q)) = added(&img, fresh.get(&i)) else {
+            continue;
         };
+        add_vectors.extend_from_slice(v);
+        add_qualities.push(q);
         add_ids.push(img.image_id);
         add_times.push(img.captured_at_ms);
-        add_vectors.extend_from_slice(&v);
-        add_qualities.push(q);
     }
     // Held photos still the pet's; `keep` lists them when some left.
     let (held_clustering, keep, mut ids, mut qualities, scored) = match held {
@@ -539,6 +534,21 @@ async fn run_jobs(core: &Arc<Core>, g: &mut BatchGuard) -> Result<(), PipelineEr
 /// pets interleave instead of queueing behind a big one), and a photo's bytes are read only
 /// once it has a mailbox slot (so all batches together hold at most `embedders +
 /// mailbox_capacity` photos).
+/// The vector and quality a job adds to its clustering for one of the pet's photos: stored, or
+/// embedded by this job (`fresh`, [`embed_missing`]); none for a photo the clustering holds
+/// already or one quarantined.
+fn added<'a>(
+    img: &'a PetImage,
+    fresh: Option<&'a Option<Embedded>>,
+) -> Option<(&'a [f32], Quality)> {
+    match (&img.cached, fresh) {
+        _ if img.held => None,
+        (Some((v, q)), _) => Some((v, *q)),
+        (None, Some(Some(e))) => Some((&e.vector, e.quality)),
+        (None, _) => None, // quarantined
+    }
+}
+
 async fn embed_missing(
     core: &Arc<Core>,
     images: &[PetImage],
