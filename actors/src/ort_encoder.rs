@@ -258,13 +258,9 @@ impl OrtEncoder {
     }
 }
 
-/// The input tensor's shape for one image of `side` x `side` pixels.
+/// The input tensor's shape for one image of `side` x `side` pixels, as ORT takes it.
 fn input_shape(p: &Preprocess, side: u32) -> [i64; 4] {
-    let n = i64::from(side);
-    match p.layout {
-        Layout::Nhwc => [1, n, n, 3],
-        Layout::Nchw => [1, 3, n, n],
-    }
+    p.layout.image_shape(side).map(|d| d as i64)
 }
 
 /// One session: all graph optimisations, `intra_threads` intra-op threads, sequential.
@@ -424,12 +420,8 @@ fn with_input_size(
                 "the model's input has {n} dimensions, not an image batch's 4"
             ));
         }
-        let spatial = match layout {
-            Layout::Nhwc => [1, 2],
-            Layout::Nchw => [2, 3],
-        };
         shape.dim[0].value = Some(Dim::DimValue(1));
-        for axis in spatial {
+        for axis in layout.spatial_axes() {
             shape.dim[axis].value = Some(Dim::DimValue(i64::from(side)));
         }
     }

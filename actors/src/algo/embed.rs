@@ -28,6 +28,25 @@ pub enum Layout {
     Nhwc,
 }
 
+impl Layout {
+    /// The axes of an image's height and width in this layout.
+    pub fn spatial_axes(self) -> [usize; 2] {
+        match self {
+            Layout::Nhwc => [1, 2],
+            Layout::Nchw => [2, 3],
+        }
+    }
+
+    /// The shape of a batch of one image of `side` x `side` pixels (3 channels).
+    pub fn image_shape(self, side: u32) -> [usize; 4] {
+        let mut shape = [1, 3, 3, 3];
+        for axis in self.spatial_axes() {
+            shape[axis] = side as usize;
+        }
+        shape
+    }
+}
+
 /// How a photo becomes the model's input tensor.
 #[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
@@ -523,14 +542,9 @@ impl OnnxEmbedder {
             .input_sides()
             .into_iter()
             .map(|side| {
-                let n = side as usize;
-                let shape: [usize; 4] = match preprocess.layout {
-                    Layout::Nhwc => [1, n, n, 3],
-                    Layout::Nchw => [1, 3, n, n],
-                };
                 model
                     .clone()
-                    .with_input_fact(0, f32::fact(shape).into())
+                    .with_input_fact(0, f32::fact(preprocess.layout.image_shape(side)).into())
                     .and_then(|m| m.into_optimized())
                     .and_then(|m| m.into_runnable())
                     .map(|plan| (side, plan))
@@ -580,11 +594,7 @@ impl OnnxEmbedder {
             .iter()
             .find(|(s, _)| *s == side)
             .ok_or_else(|| EmbedError::Inference(format!("no plan for an input of {side}")))?;
-        let n = side as usize;
-        let dims: [usize; 4] = match self.preprocess.layout {
-            Layout::Nhwc => [1, n, n, 3],
-            Layout::Nchw => [1, 3, n, n],
-        };
+        let dims = self.preprocess.layout.image_shape(side);
         let tensor =
             Tensor::from_shape(&dims, &input).map_err(|e| EmbedError::Inference(e.to_string()))?;
         let run = || plan.run(tvec!(tensor.into()));
@@ -844,6 +854,12 @@ mod tests {
             smoothed: true,
         };
         assert_eq!(embed_views(&noisy, &two, run).unwrap()[4], 0.0);
+    }
+
+    #[test]
+    fn a_layout_places_the_image_sides() {
+        assert_eq!(Layout::Nhwc.image_shape(128), [1, 128, 128, 3]);
+        assert_eq!(Layout::Nchw.image_shape(224), [1, 3, 224, 224]);
     }
 
     #[test]
