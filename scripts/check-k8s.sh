@@ -26,7 +26,7 @@ command -v kubectl >/dev/null 2>&1 || {
 TOOLS="$ROOT/target/k8stools"
 if ! "$TOOLS/bin/python" -c 'import checkov, kubernetes_validate, yaml' >/dev/null 2>&1; then
     log "preparing $TOOLS (checkov, kubernetes-validate)"
-    python3 -m venv "$TOOLS"
+    scripts/venv.sh "$TOOLS"
     PIP_DISABLE_PIP_VERSION_CHECK=1 "$TOOLS/bin/pip" install -q 'checkov==3.*' 'kubernetes-validate==1.37.*'
 fi
 NODE="$ROOT/target/k8s-node"

@@ -179,14 +179,7 @@ if [ -f "$PREPARED" ] && [ "$(sha256_of "$PREPARED")" = "$PREPARED_SHA256" ]; th
 fi
 if ! "$TOOLS/bin/python" -c "import onnx, onnxruntime, numpy" >/dev/null 2>&1; then
     log "installing the model tools (${TOOL_PINS[*]}) into $TOOLS"
-    python3 -m venv "$TOOLS" >/dev/null 2>&1 || {
-        command -v apt-get >/dev/null 2>&1 || die "python3 -m venv failed and apt-get is missing"
-        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null 2>&1 \
-            || { as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq \
-                 && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null; } \
-            || die "could not install python3-venv"
-        python3 -m venv "$TOOLS" || die "python3 -m venv $TOOLS failed"
-    }
+    "$ROOT/scripts/venv.sh" "$TOOLS" || die "no virtualenv at $TOOLS"
     PIP_DISABLE_PIP_VERSION_CHECK=1 "$TOOLS/bin/pip" install -q --only-binary=:all: "${TOOL_PINS[@]}" \
         || die "pip install ${TOOL_PINS[*]} failed"
 fi

@@ -36,11 +36,7 @@ command -v curl >/dev/null 2>&1 || die "curl not found"
 # Schemathesis, pinned, in its own virtualenv under target/.
 if [ "$("$VENV/bin/schemathesis" --version 2>/dev/null || true)" != "schemathesis, version $ST_VERSION" ]; then
     say "installing schemathesis $ST_VERSION into $VENV"
-    python3 -m venv "$VENV" 2>/dev/null || {
-        apt-get install -y -qq python3-venv >/dev/null 2>&1 \
-            || (apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null)
-        python3 -m venv "$VENV"
-    }
+    "$ROOT/scripts/venv.sh" "$VENV"
     "$VENV/bin/pip" install -q "schemathesis==$ST_VERSION"
 fi
 

@@ -67,10 +67,7 @@ fi
 step "Installing the OTLP test receiver (oteltap)"
 PYTOOLS="$ROOT/target/pytools"
 if ! "$PYTOOLS/bin/oteltap" --help >/dev/null 2>&1; then
-    python3 -m venv "$PYTOOLS" 2>/dev/null || {
-        apt-get install -y -qq python3-venv >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null)
-        python3 -m venv "$PYTOOLS"
-    }
+    scripts/venv.sh "$PYTOOLS"
     "$PYTOOLS/bin/pip" install -q oteltap
 fi
 # An OTLP/gRPC receiver for the gRPC export test (tests/it/grpc_receiver.py).
