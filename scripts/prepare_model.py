@@ -79,24 +79,17 @@ def without_inferred_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def calibration_reader(folder: Path, input_name: str, low_pass_sigma: float, low_pass_size: int):
-    import numpy as np
     from onnxruntime.quantization import CalibrationDataReader
     from PIL import Image, ImageFilter, ImageOps
 
-    mean_bgr = np.array([104.0, 117.0, 123.0], dtype=np.float32)
-
-    def normalise(img):
-        return (np.asarray(img, np.float32)[:, :, ::-1] - mean_bgr)[None].copy()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from reference_loop import centre_crop, normalise, resize_short
 
     def inputs():
         for path in sorted(folder.iterdir()):
             if path.suffix.lower() not in (".png", ".jpg", ".jpeg"):
                 continue
-            img = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
-            k = 256 / min(img.size)
-            img = img.resize((max(256, round(img.size[0] * k)), max(256, round(img.size[1] * k))), Image.BILINEAR)
-            left, top = (img.size[0] - 224) // 2, (img.size[1] - 224) // 2
-            crop = img.crop((left, top, left + 224, top + 224))
+            crop = centre_crop(resize_short(ImageOps.exif_transpose(Image.open(path)).convert("RGB")))
             yield {input_name: normalise(crop)}
             low = crop.filter(ImageFilter.GaussianBlur(low_pass_sigma)).resize((low_pass_size, low_pass_size), Image.BILINEAR)
             yield {input_name: normalise(low)}

@@ -25,7 +25,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from PIL import Image, ImageOps
-from sklearn.cluster import DBSCAN
 
 MEAN_BGR = np.array([104.0, 117.0, 123.0], dtype=np.float32)
 
@@ -61,17 +60,30 @@ def preprocess_image(img: Image.Image) -> np.ndarray:
     return crop_normalise(resize_short(img))
 
 
-def crop_normalise(img: Image.Image) -> np.ndarray:
-    """The model input from a photo already resized by `resize_short`: the centre 224 crop, BGR,
-    mean subtracted, NHWC."""
+def centre_crop(img: Image.Image) -> Image.Image:
+    """The centre 224 square of a photo already resized by `resize_short`."""
     w, h = img.size
     left, top = (w - 224) // 2, (h - 224) // 2
-    img = img.crop((left, top, left + 224, top + 224))
+    return img.crop((left, top, left + 224, top + 224))
+
+
+def normalise(img: Image.Image) -> np.ndarray:
+    """The model input from a square image: BGR, mean subtracted, NHWC."""
     x = np.asarray(img, dtype=np.float32)[:, :, ::-1] - MEAN_BGR
     return x[None, ...]
 
 
+def crop_normalise(img: Image.Image) -> np.ndarray:
+    """The model input from a photo already resized by `resize_short`: its centre crop,
+    normalised."""
+    return normalise(centre_crop(img))
+
+
 def main():
+    # Imported here: the preprocessing above serves scripts without scikit-learn too
+    # (prepare_model.py's calibration, robustness_probe.py).
+    from sklearn.cluster import DBSCAN
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=Path("models/open-nsfw.onnx"))
     ap.add_argument("--photos", type=Path, default=Path("tests/fixtures/photos"))

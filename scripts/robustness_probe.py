@@ -47,7 +47,7 @@ from sklearn.metrics import adjusted_rand_score
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from prepare_model import truncated  # noqa: E402
-from reference_loop import crop_normalise, resize_short  # noqa: E402
+from reference_loop import centre_crop, crop_normalise, normalise, resize_short  # noqa: E402
 
 IMMERKAER = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float64)
 
@@ -124,12 +124,9 @@ def main():
     def embed_low(resized):
         """The low-passed view and the detail: the service blurs the 224 crop itself, then
         reduces it (actors/src/algo/embed.rs, embed_views)."""
-        w, h = resized.size
-        left, top = (w - 224) // 2, (h - 224) // 2
-        crop = resized.crop((left, top, left + 224, top + 224))
+        crop = centre_crop(resized)
         low = crop.filter(ImageFilter.GaussianBlur(args.low_pass))
-        small = low.resize((args.low_size, args.low_size), Image.BILINEAR)
-        x = (np.asarray(small, np.float32)[:, :, ::-1] - np.array([104.0, 117.0, 123.0], np.float32))[None]
+        x = normalise(low.resize((args.low_size, args.low_size), Image.BILINEAR))
         return gem_pool(trunk.run(None, {input_name: np.ascontiguousarray(x)})[0]), detail(crop, low)
 
     for folder in args.folders:
