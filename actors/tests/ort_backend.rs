@@ -371,6 +371,15 @@ fn ort_relu48(model: &Path, p: Preprocess) -> OrtEncoder {
     OrtEncoder::load(model, "m", "Relu_48", p, &OrtOptions::new(library(), 1)).unwrap()
 }
 
+/// The fixture subjects, each with an original photo (`{subject}__orig.png`).
+const SUBJECTS: [&str; 5] = [
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "motorcycle_left",
+    "rocket",
+];
+
 /// A fixture subject's original photo.
 fn original(subject: &str) -> DynamicImage {
     let path = workspace().join(format!("tests/fixtures/photos/{subject}__orig.png"));
@@ -393,13 +402,7 @@ fn the_low_passed_view_marks_blurred_copies_and_brings_them_back_to_their_photo(
     // `clustering.eps`'s default.
     const EPS: f32 = 0.14;
     let mut blurred = 0;
-    for subject in [
-        "astronaut",
-        "chelsea",
-        "coffee",
-        "motorcycle_left",
-        "rocket",
-    ] {
+    for subject in SUBJECTS {
         let original = original(subject);
         // Out of focus: a Gaussian of 1.2 % of the shorter side (3 pixels at the model's
         // scale, where the shorter side is 256).
@@ -467,16 +470,7 @@ fn a_noisy_copy_is_compared_by_its_low_passed_view_and_lies_near_its_photo_there
     // low-passed it lies within the rule's eps of its photo, nearer than as seen.
     let ort = ort_relu48(&model(), default_embedding());
     let mut nearer = 0;
-    for (k, subject) in [
-        "astronaut",
-        "chelsea",
-        "coffee",
-        "motorcycle_left",
-        "rocket",
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    for (k, subject) in SUBJECTS.into_iter().enumerate() {
         let original = original(subject);
         let o = ort.embed(&original).unwrap();
         assert!(o[2048] > 0.015, "{subject}: the original has its detail");
