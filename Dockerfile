@@ -21,7 +21,7 @@ RUN touch src/main.rs src/lib.rs actors/src/lib.rs \
 # ---- fetch and verify the default ONNX model (same script and pinned sha256 as local dev) ----
 FROM python:3.12-slim-bookworm AS model
 WORKDIR /src
-COPY scripts/fetch-model.sh scripts/venv.sh scripts/prepare_model.py scripts/open-nsfw-int8.ranges.json scripts/
+COPY scripts/fetch-model.sh scripts/venv.sh scripts/as_root.sh scripts/prepare_model.py scripts/open-nsfw-int8.ranges.json scripts/
 # The pinned model, and the 8-bit default derived from it (scripts/prepare_model.py, its own
 # sha256 pinned in the script); the derivation's tools stay in this stage.
 RUN PIP_ROOT_USER_ACTION=ignore bash scripts/fetch-model.sh \

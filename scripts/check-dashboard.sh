@@ -21,15 +21,8 @@ export PGPASSWORD="${PGPASSWORD:-postgres}"
 log() { echo "check-dashboard: $*"; }
 die() { echo "check-dashboard: ERROR: $*" >&2; exit 1; }
 
-as_root() {
-    if [ "$(id -u)" -eq 0 ]; then
-        "$@"
-    elif command -v sudo >/dev/null 2>&1; then
-        sudo "$@"
-    else
-        die "need root privileges (or sudo) to run: $*"
-    fi
-}
+# shellcheck source=scripts/as_root.sh
+source "$(dirname "${BASH_SOURCE[0]}")/as_root.sh"
 
 # ------------------------------------------------------------ prerequisites
 

@@ -12,16 +12,8 @@ WAIT_SECS="${ENSURE_SERVICES_TIMEOUT:-30}"
 log() { echo "ensure-services: $*"; }
 die() { echo "ensure-services: ERROR: $*" >&2; exit 1; }
 
-# Run a command as root (directly if we are root, otherwise through sudo).
-as_root() {
-    if [ "$(id -u)" -eq 0 ]; then
-        "$@"
-    elif command -v sudo >/dev/null 2>&1; then
-        sudo "$@"
-    else
-        die "need root privileges (or sudo) to run: $*"
-    fi
-}
+# shellcheck source=scripts/as_root.sh
+source "$(dirname "${BASH_SOURCE[0]}")/as_root.sh"
 
 # Run a command as the postgres OS user.
 as_postgres() {

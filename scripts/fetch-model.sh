@@ -23,15 +23,8 @@ sha256_of() {
     fi
 }
 
-as_root() {
-    if [ "$(id -u)" -eq 0 ]; then
-        "$@"
-    elif command -v sudo >/dev/null 2>&1; then
-        sudo "$@"
-    else
-        die "need root privileges (or sudo) to run: $*"
-    fi
-}
+# shellcheck source=scripts/as_root.sh
+source "$(dirname "${BASH_SOURCE[0]}")/as_root.sh"
 
 # ONNX Runtime's shared library, the default embedder backend's (the service falls back to
 # tract, saying so, when it is missing). The C library does not depend on the Python version,

@@ -7,15 +7,8 @@ die() { echo "venv.sh: ERROR: $*" >&2; exit 1; }
 DIR=$1
 [ -x "$DIR/bin/python" ] && exit 0
 
-as_root() {
-    if [ "$(id -u)" -eq 0 ]; then
-        "$@"
-    elif command -v sudo >/dev/null 2>&1; then
-        sudo "$@"
-    else
-        die "need root privileges (or sudo) to run: $*"
-    fi
-}
+# shellcheck source=scripts/as_root.sh
+source "$(dirname "${BASH_SOURCE[0]}")/as_root.sh"
 
 python3 -m venv "$DIR" >/dev/null 2>&1 && exit 0
 command -v apt-get >/dev/null 2>&1 || die "python3 -m venv $DIR failed and apt-get is missing"
