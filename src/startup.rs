@@ -60,6 +60,10 @@ pub struct AppState {
     /// Development drills: pause uploads at a point of their work.
     pub upload_pause: Option<(api::UploadPoint, Duration)>,
     pub decoding: Decoding,
+    /// Where uploads commit their rows and jobs, together with concurrent ones.
+    pub uploads: postgres::UploadCommitter,
+    /// Where uploads record their jobs' stream ids.
+    pub stream_ids: postgres::StreamIdRecorder,
 }
 
 /// How photos are decoded, the same in the API's checks and in the embedders.
@@ -295,6 +299,8 @@ impl Application {
             ready_cache: Default::default(),
             upload_pause: options.upload_pause,
             decoding: decoding.clone(),
+            uploads: postgres::UploadCommitter::spawn(db.clone()),
+            stream_ids: postgres::StreamIdRecorder::spawn(db.clone()),
         });
         let with_api = mode != Mode::Worker;
         let max_body = settings.server.max_upload_bytes;

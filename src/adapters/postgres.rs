@@ -1,6 +1,7 @@
 //! Postgres: the API's reads and writes, and the pipeline's [`Store`] port.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use actors::algo::hero::HERO_MARGIN;
@@ -142,70 +143,267 @@ pub async fn images_by_sha(
     Ok(rows.into_iter().collect())
 }
 
-/// Inserts the photos the pet does not have yet, in sha256 order (two uploads of the same
-/// photos in different orders take the rows' locks in one order, so they cannot deadlock);
-/// returns sha256 → (image id, inserted now). A photo another upload inserted meanwhile
-/// comes back with that upload's id and `false`.
-pub async fn insert_images(
-    tx: &mut Transaction<'_, Postgres>,
-    pet_id: &str,
-    images: &[NewImage],
-) -> Result<HashMap<String, (Uuid, bool)>, sqlx::Error> {
-    let mut sorted: Vec<&NewImage> = images.iter().collect();
-    sorted.sort_by(|a, b| a.sha256.cmp(&b.sha256));
-    let col = |f: fn(&NewImage) -> String| sorted.iter().map(|i| f(i)).collect::<Vec<_>>();
-    let ids: Vec<Uuid> = sorted.iter().map(|i| i.id).collect();
-    let shas = col(|i| i.sha256.clone());
-    let types = col(|i| i.content_type.to_owned());
-    let keys = col(|i| i.storage_key.clone());
-    let sizes: Vec<i64> = sorted.iter().map(|i| i.byte_size).collect();
-    let widths: Vec<i32> = sorted.iter().map(|i| i.width).collect();
-    let heights: Vec<i32> = sorted.iter().map(|i| i.height).collect();
-    let captured: Vec<Option<chrono::DateTime<chrono::Utc>>> = sorted
+/// What an upload writes in its transaction: its claim on the pet, the rows of the photos
+/// the pet did not have when it looked, and its job.
+pub struct UploadRows {
+    /// Who claims the pet: the caller's owner, or `None` for an admin, who writes without
+    /// claiming ([`crate::api::tenancy::claimant`]).
+    pub claimant: Option<String>,
+    pub pet_id: String,
+    /// Rows for the photos the pet did not have.
+    pub new: Vec<NewImage>,
+    /// The photos it had: sha256 → image id.
+    pub known: HashMap<String, Uuid>,
+    /// Every photo of the upload, in the request's order, by sha256.
+    pub photos: Vec<String>,
+    pub job_id: Uuid,
+    pub trace_id: Option<String>,
+}
+
+/// An upload refused in its transaction: the pet is another owner's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotOwner;
+
+/// An upload's photos as committed, in the request's order: (image id, inserted by this
+/// upload). A photo another upload inserted first comes back with that upload's id and
+/// `false`.
+pub type CommittedPhotos = Vec<(Uuid, bool)>;
+
+/// Commits uploads in one transaction, with a fixed number of statements whatever their
+/// number: the claims, the owners, the image rows, the rows other uploads inserted first,
+/// the jobs. An upload whose pet is another owner's writes nothing and gets [`NotOwner`];
+/// the others are committed. Pets and photos are locked in one order (sorted), so that two
+/// such transactions cannot deadlock.
+pub async fn commit_uploads(
+    pool: &PgPool,
+    uploads: &[UploadRows],
+) -> Result<Vec<Result<CommittedPhotos, NotOwner>>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+
+    // Claims: the first upload of a batch to claim a new pet takes it.
+    let mut claims: Vec<(&str, &str)> = uploads
         .iter()
-        .map(|i| {
-            i.captured_at_ms
-                .and_then(chrono::DateTime::from_timestamp_millis)
+        .filter_map(|u| Some((u.pet_id.as_str(), u.claimant.as_deref()?)))
+        .collect();
+    claims.sort_by_key(|(pet, _)| *pet);
+    claims.dedup_by_key(|(pet, _)| *pet);
+    let mut owners: HashMap<String, String> = HashMap::new();
+    if !claims.is_empty() {
+        let (pets, claimants): (Vec<&str>, Vec<&str>) = claims.into_iter().unzip();
+        sqlx::query(
+            "INSERT INTO pet_owners (pet_id, owner)
+             SELECT * FROM UNNEST($1::text[], $2::text[]) ORDER BY 1
+             ON CONFLICT (pet_id) DO NOTHING",
+        )
+        .bind(&pets)
+        .bind(&claimants)
+        .execute(&mut *tx)
+        .await?;
+        // A statement of its own: it sees claims that committed while the insert waited.
+        owners = sqlx::query_as("SELECT pet_id, owner FROM pet_owners WHERE pet_id = ANY($1)")
+            .bind(&pets)
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect();
+    }
+    let admitted: Vec<bool> = uploads
+        .iter()
+        .map(|u| {
+            u.claimant
+                .as_ref()
+                .is_none_or(|c| owners.get(&u.pet_id) == Some(c))
         })
         .collect();
-    let inserted: Vec<(String, Uuid)> = sqlx::query_as(
-        "INSERT INTO images (id, pet_id, sha256, content_type, byte_size, width, height, storage_key, captured_at)
-         SELECT u.id, $1, u.sha, u.ct, u.size, u.w, u.h, u.key, u.taken
-         FROM UNNEST($2::uuid[], $3::text[], $4::text[], $5::bigint[], $6::int[], $7::int[], $8::text[], $9::timestamptz[])
-              WITH ORDINALITY AS u(id, sha, ct, size, w, h, key, taken, n)
-         ORDER BY u.n
-         ON CONFLICT (pet_id, sha256) DO NOTHING RETURNING sha256, id",
-    )
-    .bind(pet_id)
-    .bind(&ids)
-    .bind(&shas)
-    .bind(&types)
-    .bind(&sizes)
-    .bind(&widths)
-    .bind(&heights)
-    .bind(&keys)
-    .bind(&captured)
-    .fetch_all(&mut **tx)
-    .await?;
-    let mut out: HashMap<String, (Uuid, bool)> = inserted
-        .into_iter()
-        .map(|(sha, id)| (sha, (id, true)))
-        .collect();
-    let raced: Vec<String> = shas
+
+    // Image rows, in (pet, sha256) order.
+    let mut rows: Vec<(&str, &NewImage)> = uploads
         .iter()
-        .filter(|s| !out.contains_key(*s))
-        .cloned()
+        .zip(&admitted)
+        .filter(|(_, ok)| **ok)
+        .flat_map(|(u, _)| u.new.iter().map(|r| (u.pet_id.as_str(), r)))
         .collect();
-    if !raced.is_empty() {
-        let rows: Vec<(String, Uuid)> =
-            sqlx::query_as("SELECT sha256, id FROM images WHERE pet_id = $1 AND sha256 = ANY($2)")
-                .bind(pet_id)
-                .bind(&raced)
-                .fetch_all(&mut **tx)
-                .await?;
-        out.extend(rows.into_iter().map(|(sha, id)| (sha, (id, false))));
+    rows.sort_by(|a, b| (a.0, &a.1.sha256).cmp(&(b.0, &b.1.sha256)));
+    let mut ids: HashMap<(String, String), Uuid> = HashMap::new();
+    if !rows.is_empty() {
+        let col = |f: fn(&NewImage) -> String| rows.iter().map(|(_, r)| f(r)).collect::<Vec<_>>();
+        let pets: Vec<&str> = rows.iter().map(|(p, _)| *p).collect();
+        let image_ids: Vec<Uuid> = rows.iter().map(|(_, r)| r.id).collect();
+        let shas = col(|r| r.sha256.clone());
+        let types = col(|r| r.content_type.to_owned());
+        let keys = col(|r| r.storage_key.clone());
+        let sizes: Vec<i64> = rows.iter().map(|(_, r)| r.byte_size).collect();
+        let widths: Vec<i32> = rows.iter().map(|(_, r)| r.width).collect();
+        let heights: Vec<i32> = rows.iter().map(|(_, r)| r.height).collect();
+        let captured: Vec<Option<DateTime<Utc>>> = rows
+            .iter()
+            .map(|(_, r)| r.captured_at_ms.and_then(DateTime::from_timestamp_millis))
+            .collect();
+        let inserted: Vec<(String, String, Uuid)> = sqlx::query_as(
+            "INSERT INTO images (id, pet_id, sha256, content_type, byte_size, width, height, storage_key, captured_at)
+             SELECT u.id, u.pet, u.sha, u.ct, u.size, u.w, u.h, u.key, u.taken
+             FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::text[], $5::bigint[], $6::int[], $7::int[], $8::text[], $9::timestamptz[])
+                  WITH ORDINALITY AS u(pet, id, sha, ct, size, w, h, key, taken, n)
+             ORDER BY u.n
+             ON CONFLICT (pet_id, sha256) DO NOTHING RETURNING pet_id, sha256, id",
+        )
+        .bind(&pets)
+        .bind(&image_ids)
+        .bind(&shas)
+        .bind(&types)
+        .bind(&sizes)
+        .bind(&widths)
+        .bind(&heights)
+        .bind(&keys)
+        .bind(&captured)
+        .fetch_all(&mut *tx)
+        .await?;
+        ids.extend(inserted.into_iter().map(|(p, s, id)| ((p, s), id)));
+        // Photos another transaction inserted first (the insert waited for it, then did
+        // nothing): a statement of its own sees them.
+        let (raced_pets, raced_shas): (Vec<&str>, Vec<&str>) = rows
+            .iter()
+            .filter(|(p, r)| !ids.contains_key(&(p.to_string(), r.sha256.clone())))
+            .map(|(p, r)| (*p, r.sha256.as_str()))
+            .unzip();
+        if !raced_pets.is_empty() {
+            let raced: Vec<(String, String, Uuid)> = sqlx::query_as(
+                "SELECT i.pet_id, i.sha256, i.id FROM images i
+                 JOIN UNNEST($1::text[], $2::text[]) AS r(pet, sha)
+                   ON i.pet_id = r.pet AND i.sha256 = r.sha",
+            )
+            .bind(&raced_pets)
+            .bind(&raced_shas)
+            .fetch_all(&mut *tx)
+            .await?;
+            ids.extend(raced.into_iter().map(|(p, s, id)| ((p, s), id)));
+        }
     }
+
+    // Each admitted upload's photos, then its job.
+    let mut out = Vec::with_capacity(uploads.len());
+    let (mut job_ids, mut job_pets, mut job_traces) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut photo_jobs, mut photo_ids) = (Vec::new(), Vec::new());
+    for (u, ok) in uploads.iter().zip(&admitted) {
+        if !*ok {
+            out.push(Err(NotOwner));
+            continue;
+        }
+        let mine: HashSet<Uuid> = u.new.iter().map(|r| r.id).collect();
+        let photos = u
+            .photos
+            .iter()
+            .map(|sha| match u.known.get(sha) {
+                Some(id) => Ok((*id, false)),
+                None => ids
+                    .get(&(u.pet_id.clone(), sha.clone()))
+                    .map(|id| (*id, mine.contains(id)))
+                    .ok_or_else(|| {
+                        sqlx::Error::Protocol(format!(
+                            "no image row for photo {sha} of pet {}",
+                            u.pet_id
+                        ))
+                    }),
+            })
+            .collect::<Result<CommittedPhotos, sqlx::Error>>()?;
+        job_ids.push(u.job_id);
+        job_pets.push(u.pet_id.as_str());
+        job_traces.push(u.trace_id.as_deref());
+        photo_jobs.extend(std::iter::repeat_n(job_ids.len() as i64, photos.len()));
+        photo_ids.extend(photos.iter().map(|(id, _)| *id));
+        out.push(Ok(photos));
+    }
+    if !job_ids.is_empty() {
+        sqlx::query(
+            "INSERT INTO jobs (id, pet_id, kind, status, image_ids, trace_id)
+             SELECT j.id, j.pet, $6, 'queued',
+                    COALESCE(array_agg(p.img ORDER BY p.n) FILTER (WHERE p.img IS NOT NULL), '{}'),
+                    j.trace
+             FROM UNNEST($1::uuid[], $2::text[], $3::text[]) WITH ORDINALITY AS j(id, pet, trace, k)
+             LEFT JOIN UNNEST($4::bigint[], $5::uuid[]) WITH ORDINALITY AS p(k, img, n) ON p.k = j.k
+             GROUP BY j.id, j.pet, j.trace",
+        )
+        .bind(&job_ids)
+        .bind(&job_pets)
+        .bind(&job_traces)
+        .bind(&photo_jobs)
+        .bind(&photo_ids)
+        .bind(JobKind::ImageAdded.as_str())
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
     Ok(out)
+}
+
+/// Why an upload was not committed.
+#[derive(Debug)]
+pub enum CommitError {
+    /// The pet is another owner's.
+    NotOwner,
+    /// The batch's transaction failed (every upload of the batch gets it).
+    Database(Arc<sqlx::Error>),
+    /// The batch was lost before it answered (its task panicked).
+    Lost,
+}
+
+type CommitReply = tokio::sync::oneshot::Sender<Result<CommittedPhotos, CommitError>>;
+
+/// Commits the uploads of concurrent requests together ([`commit_uploads`] for what has
+/// arrived since the last batch, [`batcher`](super::batcher)): the API's uploads share a
+/// transaction, its round trips and its commit instead of paying one each. Nothing an upload
+/// carries that a client chose can fail the transaction (the pet id is checked before), so
+/// one upload cannot fail another's.
+#[derive(Clone)]
+pub struct UploadCommitter {
+    queue: tokio::sync::mpsc::Sender<(UploadRows, CommitReply)>,
+}
+
+impl UploadCommitter {
+    /// Uploads waiting for the task; more and their requests wait to hand them over.
+    const QUEUE: usize = 1024;
+    /// Uploads one transaction commits at most.
+    const BATCH: usize = 64;
+
+    /// Starts the task on the current runtime.
+    pub fn spawn(pool: PgPool) -> Self {
+        let queue = super::batcher::spawn(
+            "upload commits",
+            Self::QUEUE,
+            Self::BATCH,
+            move |batch: Vec<(UploadRows, CommitReply)>| {
+                let pool = pool.clone();
+                async move {
+                    let (uploads, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+                    match commit_uploads(&pool, &uploads).await {
+                        Ok(results) => {
+                            for (result, reply) in results.into_iter().zip(replies) {
+                                let _ =
+                                    reply.send(result.map_err(|NotOwner| CommitError::NotOwner));
+                            }
+                        }
+                        Err(e) => {
+                            let e = Arc::new(e);
+                            for reply in replies {
+                                let _ = reply.send(Err(CommitError::Database(e.clone())));
+                            }
+                        }
+                    }
+                }
+            },
+        );
+        UploadCommitter { queue }
+    }
+
+    /// Commits `upload` with whatever other uploads are waiting.
+    pub async fn commit(&self, upload: UploadRows) -> Result<CommittedPhotos, CommitError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.queue
+            .send((upload, reply))
+            .await
+            .map_err(|_| CommitError::Lost)?;
+        answer.await.map_err(|_| CommitError::Lost)?
+    }
 }
 
 /// The owner a pet's first write recorded, if any.
@@ -216,23 +414,36 @@ pub async fn pet_owner(pool: &PgPool, pet_id: &str) -> Result<Option<String>, sq
         .await
 }
 
-/// Records `owner` as the pet's owner unless it has one; returns the pet's owner.
+/// Records `owner` as the pet's owner unless it has one; returns the pet's owner. One
+/// statement: the insert, or the row that was there before it began.
 pub async fn claim_pet(
     tx: &mut Transaction<'_, Postgres>,
     pet_id: &str,
     owner: &str,
 ) -> Result<String, sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO pet_owners (pet_id, owner) VALUES ($1, $2) ON CONFLICT (pet_id) DO NOTHING",
+    let claimed: Option<String> = sqlx::query_scalar(
+        "WITH ins AS (
+             INSERT INTO pet_owners (pet_id, owner) VALUES ($1, $2)
+             ON CONFLICT (pet_id) DO NOTHING RETURNING owner)
+         SELECT owner FROM ins
+         UNION ALL SELECT owner FROM pet_owners WHERE pet_id = $1
+         LIMIT 1",
     )
     .bind(pet_id)
     .bind(owner)
-    .execute(&mut **tx)
+    .fetch_optional(&mut **tx)
     .await?;
-    sqlx::query_scalar("SELECT owner FROM pet_owners WHERE pet_id = $1")
-        .bind(pet_id)
-        .fetch_one(&mut **tx)
-        .await
+    match claimed {
+        Some(owner) => Ok(owner),
+        // Another transaction claimed the pet after this statement's snapshot was taken (the
+        // insert waited for it and did nothing): a new statement sees its row.
+        None => {
+            sqlx::query_scalar("SELECT owner FROM pet_owners WHERE pet_id = $1")
+                .bind(pet_id)
+                .fetch_one(&mut **tx)
+                .await
+        }
+    }
 }
 
 pub async fn insert_job(
@@ -261,12 +472,62 @@ pub async fn set_job_stream_id(
     job_id: Uuid,
     stream_id: &str,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE jobs SET stream_id = $2 WHERE id = $1 AND stream_id IS NULL")
-        .bind(job_id)
-        .bind(stream_id)
-        .execute(pool)
-        .await?;
+    set_job_stream_ids(pool, &[job_id], &[stream_id.to_owned()]).await
+}
+
+async fn set_job_stream_ids(
+    pool: &PgPool,
+    job_ids: &[Uuid],
+    stream_ids: &[String],
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE jobs j SET stream_id = x.sid FROM UNNEST($1::uuid[], $2::text[]) AS x(id, sid)
+         WHERE j.id = x.id AND j.stream_id IS NULL",
+    )
+    .bind(job_ids)
+    .bind(stream_ids)
+    .execute(pool)
+    .await?;
     Ok(())
+}
+
+/// Records the stream ids of enqueued jobs off the request path, a batch at a time
+/// ([`batcher`](super::batcher)): a burst of uploads costs one update and one commit instead
+/// of one each. Nothing depends on the write being prompt: the relay re-enqueues a queued job
+/// without a stream id only after `redis.relay_grace_ms`, and the worker records the id itself
+/// when it starts the job. When the queue is full the caller writes its own id.
+#[derive(Clone)]
+pub struct StreamIdRecorder {
+    pool: PgPool,
+    queue: tokio::sync::mpsc::Sender<(Uuid, String)>,
+}
+
+impl StreamIdRecorder {
+    /// Starts the task on the current runtime.
+    pub fn spawn(pool: PgPool) -> Self {
+        let writer = pool.clone();
+        let queue = super::batcher::spawn("stream ids", 4096, 512, move |batch| {
+            let writer = writer.clone();
+            async move {
+                let (jobs, ids): (Vec<Uuid>, Vec<String>) = batch.into_iter().unzip();
+                if let Err(e) = set_job_stream_ids(&writer, &jobs, &ids).await {
+                    tracing::warn!(jobs = jobs.len(), error = %e, "Recording stream ids failed; the jobs are enqueued, and their workers record them.");
+                }
+            }
+        });
+        StreamIdRecorder { pool, queue }
+    }
+
+    /// Records that `job_id` is on the stream as `stream_id`.
+    pub async fn record(&self, job_id: Uuid, stream_id: String) -> Result<(), sqlx::Error> {
+        use tokio::sync::mpsc::error::TrySendError::{Closed, Full};
+        match self.queue.try_send((job_id, stream_id)) {
+            Ok(()) => Ok(()),
+            Err(Full((job_id, stream_id)) | Closed((job_id, stream_id))) => {
+                set_job_stream_id(&self.pool, job_id, &stream_id).await
+            }
+        }
+    }
 }
 
 /// Removes what an upload wrote when its job could not be enqueued.

@@ -165,6 +165,13 @@ impl ResponseError for ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
+        ApiError::from_db(&e)
+    }
+}
+
+impl ApiError {
+    /// A database error as the API's answer: 503 when the database cannot be reached.
+    pub fn from_db(e: &sqlx::Error) -> Self {
         match e {
             sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
                 ApiError::Unavailable("database unavailable".into())

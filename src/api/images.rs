@@ -22,7 +22,7 @@ use super::auth::{Claims, ReadAccess, WriteAccess};
 use super::body::{Counted, REGION_CAP, Tally, Violation};
 use super::error::{ApiError, ErrorBody};
 use super::tenancy;
-use crate::adapters::postgres::{self, NewImage};
+use crate::adapters::postgres::{self, CommitError, NewImage, UploadRows};
 use crate::startup::AppState;
 use actors::algo::embed::Preprocess;
 use actors::algo::prepared::{Prepared, PreparedCache};
@@ -266,8 +266,9 @@ fn current_trace_id() -> Option<String> {
     crate::telemetry::trace_id(&tracing::Span::current())
 }
 
-/// XADDs the job in a PRODUCER span whose context travels in the entry's `traceparent`.
-async fn enqueue(state: &AppState, mut entry: JobEntry) -> Result<(), ApiError> {
+/// XADDs the job in a PRODUCER span whose context travels in the entry's `traceparent`;
+/// returns its stream id.
+async fn enqueue(state: &AppState, mut entry: JobEntry) -> Result<String, ApiError> {
     let span = tracing::info_span!(
         "enqueue",
         otel.name = %format_args!("send {}", state.queue.stream),
@@ -295,10 +296,11 @@ async fn enqueue(state: &AppState, mut entry: JobEntry) -> Result<(), ApiError> 
         .await
         .map_err(|e| ApiError::Unavailable(format!("cannot enqueue the job: {e}")))?;
     span.record("messaging.message.id", id.as_str());
-    if let Err(e) = postgres::set_job_stream_id(&state.db, entry.job_id, &id).await {
-        tracing::warn!(job_id = %entry.job_id, error = %e, "Recording the stream id failed; the job is enqueued.");
-    }
-    Ok(())
+    Ok(id)
+}
+
+fn stream_id_not_recorded(job_id: Uuid, e: sqlx::Error) {
+    tracing::warn!(job_id = %job_id, error = %e, "Recording the stream id failed; the job is enqueued.");
 }
 
 fn now_ms() -> i64 {
@@ -519,20 +521,28 @@ async fn accept_upload(
 
     let job_id = Uuid::now_v7();
     tracing::Span::current().record("job_id", field::display(job_id));
-    let mut tx = state.db.begin().await?;
-    tenancy::claim(&mut tx, &caller, &pet_id).await?;
-    let inserted = postgres::insert_images(&mut tx, &pet_id, &rows).await?;
-    let id_of = |sha: &str| {
-        known
-            .get(sha)
-            .map(|id| (*id, false))
-            .or_else(|| inserted.get(sha).copied())
+    let upload = UploadRows {
+        claimant: tenancy::claimant(&caller).map(str::to_owned),
+        pet_id: pet_id.clone(),
+        new: rows,
+        known,
+        photos: shas,
+        job_id,
+        trace_id: current_trace_id(),
     };
+    let committed = state
+        .uploads
+        .commit(upload)
+        .instrument(tracing::info_span!("commit upload"))
+        .await
+        .map_err(|e| match e {
+            CommitError::NotOwner => tenancy::no_such_pet(&pet_id),
+            CommitError::Database(e) => ApiError::from_db(&e),
+            CommitError::Lost => ApiError::Internal("the upload's commit was lost".into()),
+        })?;
     let mut out = Vec::with_capacity(images.len());
     let mut first = HashSet::new();
-    for img in &images {
-        let (image_id, is_new) = id_of(&img.sha256)
-            .ok_or_else(|| ApiError::Internal(format!("no row for photo {}", img.sha256)))?;
+    for (img, &(image_id, is_new)) in images.iter().zip(&committed) {
         out.push(UploadedImage {
             image_id,
             sha256: img.sha256.clone(),
@@ -541,26 +551,15 @@ async fn accept_upload(
         });
     }
     let image_ids: Vec<Uuid> = out.iter().map(|i| i.image_id).collect();
-    let trace_id = current_trace_id();
-    postgres::insert_job(
-        &mut tx,
-        job_id,
-        &pet_id,
-        JobKind::ImageAdded.as_str(),
-        &image_ids,
-        trace_id.as_deref(),
-    )
-    .await?;
-    tx.commit().await?;
     // Objects of photos another upload inserted meanwhile are not kept.
-    let new_ids: Vec<Uuid> = inserted
-        .values()
+    let new_ids: Vec<Uuid> = committed
+        .iter()
         .filter(|(_, n)| *n)
         .map(|(id, _)| *id)
         .collect();
     written.keep(&new_ids.iter().copied().collect());
     if let Some(cache) = &state.decoding.prepared {
-        keep_prepared(cache, &state.decoding.preprocess, &rows, &new_ids, images);
+        keep_prepared(cache, &state.decoding.preprocess, images, &out);
     }
     pause_at(&state, UploadPoint::AfterCommit).await;
 
@@ -574,15 +573,24 @@ async fn accept_upload(
         traceparent: None,
         tracestate: None,
     };
-    if let Err(e) = enqueue(&state, entry).await {
-        // Nothing may stay behind an upload that answered an error. (Were this process to die
-        // here instead, the committed job would reach the stream through the relay.)
-        if let Err(db) = postgres::undo_upload(&state.db, job_id, &new_ids).await {
-            tracing::error!(job_id = %job_id, error = %db, "Cleaning up after a failed enqueue failed; the relay enqueues the job.");
-        } else {
-            remove_objects(&state, &new_ids).await;
+    match enqueue(&state, entry).await {
+        // Written in batches off the request path (the relay tells queued from enqueued jobs
+        // by it only after `redis.relay_grace_ms`).
+        Ok(stream_id) => {
+            if let Err(e) = state.stream_ids.record(job_id, stream_id).await {
+                stream_id_not_recorded(job_id, e);
+            }
         }
-        return Err(e);
+        Err(e) => {
+            // Nothing may stay behind an upload that answered an error. (Were this process to
+            // die here instead, the committed job would reach the stream through the relay.)
+            if let Err(db) = postgres::undo_upload(&state.db, job_id, &new_ids).await {
+                tracing::error!(job_id = %job_id, error = %db, "Cleaning up after a failed enqueue failed; the relay enqueues the job.");
+            } else {
+                remove_objects(&state, &new_ids).await;
+            }
+            return Err(e);
+        }
     }
     pause_at(&state, UploadPoint::AfterEnqueue).await;
     tracing::info!(images = out.len(), new = new_ids.len(), "Upload accepted.");
@@ -600,18 +608,12 @@ async fn accept_upload(
 fn keep_prepared(
     cache: &PreparedCache,
     pre: &Preprocess,
-    rows: &[NewImage],
-    new_ids: &[Uuid],
     images: Vec<CheckedImage>,
+    out: &[UploadedImage],
 ) {
-    let mut by_sha: HashMap<String, Prepared> = images
-        .into_iter()
-        .filter_map(|i| Some((i.sha256, i.prepared?)))
-        .collect();
-    let new: HashSet<&Uuid> = new_ids.iter().collect();
-    for row in rows.iter().filter(|r| new.contains(&r.id)) {
-        if let Some(p) = by_sha.remove(&row.sha256)
-            && !cache.insert(row.id, pre, p)
+    for (img, up) in images.into_iter().zip(out) {
+        if let Some(p) = img.prepared.filter(|_| !up.duplicate)
+            && !cache.insert(up.image_id, pre, p)
         {
             // Full: the embedders are behind; they decode the rest from storage.
             tracing::debug!(bytes = cache.bytes(), "The prepared-photo cache is full.");
@@ -696,11 +698,19 @@ pub async fn recluster(
         traceparent: None,
         tracestate: None,
     };
-    if let Err(e) = enqueue(&state, entry).await {
-        if let Err(db) = postgres::undo_upload(&state.db, job_id, &[]).await {
-            tracing::error!(job_id = %job_id, error = %db, "Cleaning up after a failed enqueue failed.");
+    match enqueue(&state, entry).await {
+        // Written before the answer: the next recluster request joins this job by it.
+        Ok(stream_id) => {
+            if let Err(e) = postgres::set_job_stream_id(&state.db, job_id, &stream_id).await {
+                stream_id_not_recorded(job_id, e);
+            }
         }
-        return Err(e);
+        Err(e) => {
+            if let Err(db) = postgres::undo_upload(&state.db, job_id, &[]).await {
+                tracing::error!(job_id = %job_id, error = %db, "Cleaning up after a failed enqueue failed.");
+            }
+            return Err(e);
+        }
     }
     Ok(accepted(job_id, &ReclusterAccepted { job_id }))
 }

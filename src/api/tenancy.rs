@@ -37,17 +37,24 @@ pub async fn may_write(db: &PgPool, caller: &Claims, pet_id: &str) -> Result<(),
     }
 }
 
+/// Who a write by `caller` claims a pet for: its owner; nobody for an admin, who writes
+/// without claiming.
+pub fn claimant(caller: &Claims) -> Option<&str> {
+    (!caller.is_admin()).then(|| caller.owner())
+}
+
 /// Records the caller as the pet's owner if it has none, inside the write's transaction, and
-/// refuses a pet another caller claimed meanwhile. Admins write without claiming.
+/// refuses a pet another caller claimed meanwhile. (Uploads claim in their batch's
+/// transaction: [`postgres::commit_uploads`].)
 pub async fn claim(
     tx: &mut Transaction<'_, Postgres>,
     caller: &Claims,
     pet_id: &str,
 ) -> Result<(), ApiError> {
-    if caller.is_admin() {
+    let Some(owner) = claimant(caller) else {
         return Ok(());
-    }
-    if postgres::claim_pet(tx, pet_id, caller.owner()).await? == caller.owner() {
+    };
+    if postgres::claim_pet(tx, pet_id, owner).await? == owner {
         Ok(())
     } else {
         Err(no_such_pet(pet_id))

@@ -254,6 +254,141 @@ async fn unusual_valid_photos_and_raw_bodies_are_accepted() {
 }
 
 #[actix_rt::test]
+async fn every_enqueued_upload_records_its_stream_entry_on_its_job() {
+    // Uploads record their stream ids in batches off the request path; concurrent ones too.
+    let app = spawn_app_with(Mode::Api, &[]).await;
+    let uploads = (0..12u32).map(|i| {
+        let photo = encode(rgb(40 + i, 30), ImageFormat::Png);
+        let app = &app;
+        async move {
+            let r = app.upload("recorded", &[(format!("{i}.png"), photo)]).await;
+            assert_eq!(r.status().as_u16(), 202);
+            let b: serde_json::Value = r.json().await.unwrap();
+            b["job_id"].as_str().unwrap().to_owned()
+        }
+    });
+    let jobs = futures::future::join_all(uploads).await;
+    let recorded: Vec<(uuid::Uuid, String)> =
+        crate::process::eventually(30, "every job's stream id", async || {
+            let rows: Vec<(uuid::Uuid, Option<String>)> =
+                sqlx::query_as("SELECT id, stream_id FROM jobs WHERE pet_id = 'recorded'")
+                    .fetch_all(&app.db)
+                    .await
+                    .unwrap();
+            rows.into_iter()
+                .map(|(id, sid)| Some((id, sid?)))
+                .collect::<Option<Vec<_>>>()
+        })
+        .await;
+    assert_eq!(recorded.len(), jobs.len());
+    let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(&app.settings.redis.stream)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut app.redis.clone())
+        .await
+        .unwrap();
+    let on_stream: std::collections::HashMap<String, String> = entries
+        .ids
+        .iter()
+        .map(|e| (e.get::<String>("job_id").unwrap(), e.id.clone()))
+        .collect();
+    for (job, stream_id) in &recorded {
+        assert!(
+            jobs.contains(&job.to_string()),
+            "job {job} was not answered"
+        );
+        assert_eq!(
+            on_stream.get(&job.to_string()),
+            Some(stream_id),
+            "job {job}'s stream id"
+        );
+    }
+    app.cleanup().await;
+}
+
+#[actix_rt::test]
+async fn uploads_committed_together_claim_insert_and_refuse_each_on_its_own() {
+    use media_clustering::adapters::postgres::{NewImage, NotOwner, UploadRows, commit_uploads};
+    let app = spawn_app_with(Mode::Api, &[]).await;
+    let row = |sha: &str| {
+        let id = uuid::Uuid::now_v7();
+        NewImage {
+            id,
+            sha256: sha.repeat(64),
+            content_type: "image/png",
+            byte_size: 10,
+            width: 4,
+            height: 3,
+            storage_key: format!("images/{id}"),
+            captured_at_ms: None,
+        }
+    };
+    let upload =
+        |claimant: Option<&str>, pet: &str, new: Vec<NewImage>, photos: &[&str]| UploadRows {
+            claimant: claimant.map(str::to_owned),
+            pet_id: pet.into(),
+            new,
+            known: Default::default(),
+            photos: photos.iter().map(|s| s.repeat(64)).collect(),
+            job_id: uuid::Uuid::now_v7(),
+            trace_id: None,
+        };
+    let (a1, a2, b1, shared_a, shared_b) = (row("a"), row("b"), row("c"), row("d"), row("d"));
+    let (a1_id, a2_id, shared_a_id) = (a1.id, a2.id, shared_a.id);
+    let batch = vec![
+        // alice takes the new pet `p1`; bob, later in the same batch, is refused.
+        upload(Some("alice"), "p1", vec![a1, a2], &["a", "b", "a"]),
+        upload(Some("bob"), "p1", vec![b1], &["c"]),
+        // Two uploads of the same new photo of `p2`: the first inserts it.
+        upload(Some("alice"), "p2", vec![shared_a], &["d"]),
+        upload(Some("alice"), "p2", vec![shared_b], &["d"]),
+        // An admin writes to an unowned pet without claiming it.
+        upload(None, "p3", vec![row("e")], &["e"]),
+    ];
+    let out = commit_uploads(&app.db, &batch).await.unwrap();
+    assert_eq!(
+        out[0],
+        Ok(vec![(a1_id, true), (a2_id, true), (a1_id, true)]),
+        "photos in the request's order"
+    );
+    assert_eq!(out[1], Err(NotOwner));
+    assert_eq!(out[2], Ok(vec![(shared_a_id, true)]));
+    assert_eq!(out[3], Ok(vec![(shared_a_id, false)]));
+    assert!(matches!(&out[4], Ok(v) if v[0].1));
+    let owners: Vec<(String, String)> =
+        sqlx::query_as("SELECT pet_id, owner FROM pet_owners ORDER BY pet_id")
+            .fetch_all(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(
+        owners,
+        vec![("p1".into(), "alice".into()), ("p2".into(), "alice".into())]
+    );
+    // Every admitted upload has its job, with its photos in order; the refused one has none.
+    for (i, u) in batch.iter().enumerate() {
+        let ids: Option<Vec<uuid::Uuid>> =
+            sqlx::query_scalar("SELECT image_ids FROM jobs WHERE id = $1")
+                .bind(u.job_id)
+                .fetch_optional(&app.db)
+                .await
+                .unwrap();
+        let expected = out[i]
+            .as_ref()
+            .ok()
+            .map(|v| v.iter().map(|(id, _)| *id).collect::<Vec<_>>());
+        assert_eq!(ids, expected, "upload {i}'s job");
+    }
+    assert_eq!(app.count("SELECT count(*) FROM images").await, 4);
+    assert_eq!(
+        app.count("SELECT count(*) FROM images WHERE sha256 = repeat('c', 64)")
+            .await,
+        0
+    );
+    app.cleanup().await;
+}
+
+#[actix_rt::test]
 async fn a_60_mb_upload_against_the_default_limit_is_413_and_the_server_carries_on() {
     let app = spawn_app_with(Mode::Api, &[]).await;
     assert_eq!(app.settings.server.max_upload_bytes, 25 * 1024 * 1024);

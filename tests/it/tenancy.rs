@@ -211,3 +211,31 @@ async fn tokens_without_a_subject_or_living_too_long_are_refused() {
     }
     app.cleanup().await;
 }
+
+#[actix_rt::test]
+async fn two_owners_racing_for_a_new_pet_leave_it_to_exactly_one() {
+    let app = spawn_app_with(media_clustering::startup::Mode::Api, &[]).await;
+    let alice = token(&app, "alice", None, RW, 3600);
+    let bob = token(&app, "bob", None, RW, 3600);
+    for round in 0..6 {
+        let pet = format!("contested-{round}");
+        let ((a, _), (b, _)) = futures::join!(
+            upload_as(&app, &pet, &alice, 2 * round),
+            upload_as(&app, &pet, &bob, 2 * round + 1)
+        );
+        let owner: String = sqlx::query_scalar("SELECT owner FROM pet_owners WHERE pet_id = $1")
+            .bind(&pet)
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+        let (winner, loser) = if owner == "alice" { (a, b) } else { (b, a) };
+        assert_eq!((winner, loser), (202, 404), "{pet}, owned by {owner}");
+        let jobs = format!("SELECT count(*) FROM jobs WHERE pet_id = '{pet}'");
+        assert_eq!(
+            app.count(&jobs).await,
+            1,
+            "{pet}: only the owner's upload is kept"
+        );
+    }
+    app.cleanup().await;
+}
