@@ -231,13 +231,7 @@ async fn unusual_valid_photos_and_raw_bodies_are_accepted() {
     assert_eq!(r.bytes().await.unwrap().as_ref(), jpeg.as_slice());
 
     // The stream entry carries every field of the contract.
-    let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg(&app.settings.redis.stream)
-        .arg("-")
-        .arg("+")
-        .query_async(&mut app.redis.clone())
-        .await
-        .unwrap();
+    let entries = app.entries(&app.settings.redis.stream).await;
     let first = &entries.ids[0].map;
     for f in [
         "schema",
@@ -281,13 +275,7 @@ async fn every_enqueued_upload_records_its_stream_entry_on_its_job() {
         })
         .await;
     assert_eq!(recorded.len(), jobs.len());
-    let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg(&app.settings.redis.stream)
-        .arg("-")
-        .arg("+")
-        .query_async(&mut app.redis.clone())
-        .await
-        .unwrap();
+    let entries = app.entries(&app.settings.redis.stream).await;
     let on_stream: std::collections::HashMap<String, String> = entries
         .ids
         .iter()

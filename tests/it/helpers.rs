@@ -288,6 +288,17 @@ impl TestApp {
             .unwrap()
     }
 
+    /// Every entry of a stream, oldest first.
+    pub async fn entries(&self, stream: &str) -> redis::streams::StreamRangeReply {
+        redis::cmd("XRANGE")
+            .arg(stream)
+            .arg("-")
+            .arg("+")
+            .query_async(&mut self.redis.clone())
+            .await
+            .unwrap()
+    }
+
     pub fn stored_objects(&self) -> usize {
         fn walk(p: &Path) -> usize {
             std::fs::read_dir(p)

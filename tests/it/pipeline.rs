@@ -86,13 +86,7 @@ async fn a_redelivered_entry_writes_one_cluster_version() {
 
     // Add the same entry again, as a redelivery would hand it over.
     let stream = &app.settings.redis.stream;
-    let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg(stream)
-        .arg("-")
-        .arg("+")
-        .query_async(&mut app.redis.clone())
-        .await
-        .unwrap();
+    let entries = app.entries(stream).await;
     let mut add = redis::cmd("XADD");
     add.arg(stream).arg("*");
     for (k, v) in &entries.ids[0].map {
