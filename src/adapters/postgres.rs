@@ -336,6 +336,49 @@ pub async fn commit_uploads(
     Ok(out)
 }
 
+/// True when the error says the database could not be reached (rather than that it refused
+/// what was sent).
+pub fn is_unreachable(e: &sqlx::Error) -> bool {
+    matches!(
+        e,
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_)
+    )
+}
+
+/// Commits a batch of uploads ([`commit_uploads`]). When its transaction fails for any
+/// reason but an unreachable database, each upload is committed alone, so that one the
+/// database refuses fails alone and the others go in.
+pub async fn commit_batch(
+    pool: &PgPool,
+    uploads: &[UploadRows],
+) -> Vec<Result<CommittedPhotos, CommitError>> {
+    let refused =
+        |r: Result<CommittedPhotos, NotOwner>| r.map_err(|NotOwner| CommitError::NotOwner);
+    match commit_uploads(pool, uploads).await {
+        Ok(results) => results.into_iter().map(refused).collect(),
+        Err(e) if uploads.len() == 1 || is_unreachable(&e) => {
+            let e = Arc::new(e);
+            uploads
+                .iter()
+                .map(|_| Err(CommitError::Database(e.clone())))
+                .collect()
+        }
+        Err(e) => {
+            tracing::warn!(uploads = uploads.len(), error = %e, "A batch of uploads failed to commit; committing each alone.");
+            let mut out = Vec::with_capacity(uploads.len());
+            for upload in uploads {
+                out.push(
+                    match commit_uploads(pool, std::slice::from_ref(upload)).await {
+                        Ok(mut one) => one.pop().map_or(Err(CommitError::Lost), refused),
+                        Err(e) => Err(CommitError::Database(Arc::new(e))),
+                    },
+                );
+            }
+            out
+        }
+    }
+}
+
 /// Why an upload was not committed.
 #[derive(Debug)]
 pub enum CommitError {
@@ -351,9 +394,8 @@ type CommitReply = tokio::sync::oneshot::Sender<Result<CommittedPhotos, CommitEr
 
 /// Commits the uploads of concurrent requests together ([`commit_uploads`] for what has
 /// arrived since the last batch, [`batcher`](super::batcher)): the API's uploads share a
-/// transaction, its round trips and its commit instead of paying one each. Nothing an upload
-/// carries that a client chose can fail the transaction (the pet id is checked before), so
-/// one upload cannot fail another's.
+/// transaction, its round trips and its commit instead of paying one each; an upload the
+/// database refuses fails alone ([`commit_batch`]).
 #[derive(Clone)]
 pub struct UploadCommitter {
     queue: tokio::sync::mpsc::Sender<(UploadRows, CommitReply)>,
@@ -375,19 +417,9 @@ impl UploadCommitter {
                 let pool = pool.clone();
                 async move {
                     let (uploads, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-                    match commit_uploads(&pool, &uploads).await {
-                        Ok(results) => {
-                            for (result, reply) in results.into_iter().zip(replies) {
-                                let _ =
-                                    reply.send(result.map_err(|NotOwner| CommitError::NotOwner));
-                            }
-                        }
-                        Err(e) => {
-                            let e = Arc::new(e);
-                            for reply in replies {
-                                let _ = reply.send(Err(CommitError::Database(e.clone())));
-                            }
-                        }
+                    let results = commit_batch(&pool, &uploads).await;
+                    for (result, reply) in results.into_iter().zip(replies) {
+                        let _ = reply.send(result);
                     }
                 }
             },

@@ -172,11 +172,10 @@ impl From<sqlx::Error> for ApiError {
 impl ApiError {
     /// A database error as the API's answer: 503 when the database cannot be reached.
     pub fn from_db(e: &sqlx::Error) -> Self {
-        match e {
-            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
-                ApiError::Unavailable("database unavailable".into())
-            }
-            other => ApiError::Internal(other.to_string()),
+        if crate::adapters::postgres::is_unreachable(e) {
+            ApiError::Unavailable("database unavailable".into())
+        } else {
+            ApiError::Internal(e.to_string())
         }
     }
 }

@@ -377,6 +377,44 @@ async fn uploads_committed_together_claim_insert_and_refuse_each_on_its_own() {
 }
 
 #[actix_rt::test]
+async fn an_upload_the_database_refuses_fails_alone_in_its_batch() {
+    use media_clustering::adapters::postgres::{CommitError, UploadRows, commit_batch};
+    let app = spawn_app_with(Mode::Api, &[]).await;
+    let upload = |claimant: &str, pet: &str| UploadRows {
+        claimant: Some(claimant.into()),
+        pet_id: pet.into(),
+        new: vec![],
+        known: [("f".repeat(64), uuid::Uuid::now_v7())]
+            .into_iter()
+            .collect(),
+        photos: vec!["f".repeat(64)],
+        job_id: uuid::Uuid::now_v7(),
+        trace_id: None,
+    };
+    // Postgres refuses a NUL in text: the batch's transaction fails on the second upload.
+    let batch = vec![
+        upload("alice", "first"),
+        upload("bad\0owner", "second"),
+        upload("carol", "third"),
+    ];
+    let out = commit_batch(&app.db, &batch).await;
+    assert!(out[0].is_ok(), "{:?}", out[0]);
+    assert!(
+        matches!(out[1], Err(CommitError::Database(_))),
+        "{:?}",
+        out[1]
+    );
+    assert!(out[2].is_ok(), "{:?}", out[2]);
+    assert_eq!(app.count("SELECT count(*) FROM jobs").await, 2);
+    assert_eq!(
+        app.count("SELECT count(*) FROM pet_owners WHERE pet_id IN ('first', 'third')")
+            .await,
+        2
+    );
+    app.cleanup().await;
+}
+
+#[actix_rt::test]
 async fn a_60_mb_upload_against_the_default_limit_is_413_and_the_server_carries_on() {
     let app = spawn_app_with(Mode::Api, &[]).await;
     assert_eq!(app.settings.server.max_upload_bytes, 25 * 1024 * 1024);
