@@ -314,22 +314,15 @@ pub async fn commit_uploads(
         out.push(Ok(photos));
     }
     if !job_ids.is_empty() {
-        sqlx::query(
-            "INSERT INTO jobs (id, pet_id, kind, status, image_ids, trace_id)
-             SELECT j.id, j.pet, $6, 'queued',
-                    COALESCE(array_agg(p.img ORDER BY p.n) FILTER (WHERE p.img IS NOT NULL), '{}'),
-                    j.trace
-             FROM UNNEST($1::uuid[], $2::text[], $3::text[]) WITH ORDINALITY AS j(id, pet, trace, k)
-             LEFT JOIN UNNEST($4::bigint[], $5::uuid[]) WITH ORDINALITY AS p(k, img, n) ON p.k = j.k
-             GROUP BY j.id, j.pet, j.trace",
+        insert_jobs(
+            &mut tx,
+            JobKind::ImageAdded.as_str(),
+            &job_ids,
+            &job_pets,
+            &job_traces,
+            &photo_jobs,
+            &photo_ids,
         )
-        .bind(&job_ids)
-        .bind(&job_pets)
-        .bind(&job_traces)
-        .bind(&photo_jobs)
-        .bind(&photo_ids)
-        .bind(JobKind::ImageAdded.as_str())
-        .execute(&mut *tx)
         .await?;
     }
     tx.commit().await?;
@@ -384,7 +377,8 @@ pub async fn commit_batch(
 pub enum CommitError {
     /// The pet is another owner's.
     NotOwner,
-    /// The batch's transaction failed (every upload of the batch gets it).
+    /// The upload's transaction failed: its batch's when the database was unreachable, else
+    /// its own ([`commit_batch`]).
     Database(Arc<sqlx::Error>),
     /// The batch was lost before it answered (its task panicked).
     Lost,
@@ -446,36 +440,23 @@ pub async fn pet_owner(pool: &PgPool, pet_id: &str) -> Result<Option<String>, sq
         .await
 }
 
-/// Records `owner` as the pet's owner unless it has one; returns the pet's owner. One
-/// statement: the insert, or the row that was there before it began.
+/// Records `owner` as the pet's owner unless it has one; returns the pet's owner.
 pub async fn claim_pet(
     tx: &mut Transaction<'_, Postgres>,
     pet_id: &str,
     owner: &str,
 ) -> Result<String, sqlx::Error> {
-    let claimed: Option<String> = sqlx::query_scalar(
-        "WITH ins AS (
-             INSERT INTO pet_owners (pet_id, owner) VALUES ($1, $2)
-             ON CONFLICT (pet_id) DO NOTHING RETURNING owner)
-         SELECT owner FROM ins
-         UNION ALL SELECT owner FROM pet_owners WHERE pet_id = $1
-         LIMIT 1",
+    sqlx::query(
+        "INSERT INTO pet_owners (pet_id, owner) VALUES ($1, $2) ON CONFLICT (pet_id) DO NOTHING",
     )
     .bind(pet_id)
     .bind(owner)
-    .fetch_optional(&mut **tx)
+    .execute(&mut **tx)
     .await?;
-    match claimed {
-        Some(owner) => Ok(owner),
-        // Another transaction claimed the pet after this statement's snapshot was taken (the
-        // insert waited for it and did nothing): a new statement sees its row.
-        None => {
-            sqlx::query_scalar("SELECT owner FROM pet_owners WHERE pet_id = $1")
-                .bind(pet_id)
-                .fetch_one(&mut **tx)
-                .await
-        }
-    }
+    sqlx::query_scalar("SELECT owner FROM pet_owners WHERE pet_id = $1")
+        .bind(pet_id)
+        .fetch_one(&mut **tx)
+        .await
 }
 
 pub async fn insert_job(
@@ -486,15 +467,46 @@ pub async fn insert_job(
     image_ids: &[Uuid],
     trace_id: Option<&str>,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO jobs (id, pet_id, kind, status, image_ids, trace_id) VALUES ($1, $2, $3, 'queued', $4, $5)",
+    let photo_jobs = vec![1; image_ids.len()];
+    insert_jobs(
+        tx,
+        kind,
+        &[job_id],
+        &[pet_id],
+        &[trace_id],
+        &photo_jobs,
+        image_ids,
     )
-    .bind(job_id)
-    .bind(pet_id)
-    .bind(kind)
+    .await
+}
+
+/// Inserts queued jobs of one kind. Their photos come flat: `image_ids[i]` belongs to job
+/// number `photo_jobs[i]` (1-based, in `job_ids`' order), in order.
+async fn insert_jobs(
+    conn: &mut sqlx::PgConnection,
+    kind: &str,
+    job_ids: &[Uuid],
+    pet_ids: &[&str],
+    trace_ids: &[Option<&str>],
+    photo_jobs: &[i64],
+    image_ids: &[Uuid],
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO jobs (id, pet_id, kind, status, image_ids, trace_id)
+         SELECT j.id, j.pet, $6, 'queued',
+                COALESCE(array_agg(p.img ORDER BY p.n) FILTER (WHERE p.img IS NOT NULL), '{}'),
+                j.trace
+         FROM UNNEST($1::uuid[], $2::text[], $3::text[]) WITH ORDINALITY AS j(id, pet, trace, k)
+         LEFT JOIN UNNEST($4::bigint[], $5::uuid[]) WITH ORDINALITY AS p(k, img, n) ON p.k = j.k
+         GROUP BY j.id, j.pet, j.trace",
+    )
+    .bind(job_ids)
+    .bind(pet_ids)
+    .bind(trace_ids)
+    .bind(photo_jobs)
     .bind(image_ids)
-    .bind(trace_id)
-    .execute(&mut **tx)
+    .bind(kind)
+    .execute(conn)
     .await?;
     Ok(())
 }
@@ -535,10 +547,15 @@ pub struct StreamIdRecorder {
 }
 
 impl StreamIdRecorder {
+    /// Ids waiting for the task; more and the caller writes its own.
+    const QUEUE: usize = 4096;
+    /// Ids one statement writes at most.
+    const BATCH: usize = 512;
+
     /// Starts the task on the current runtime.
     pub fn spawn(pool: PgPool) -> Self {
         let writer = pool.clone();
-        let queue = super::batcher::spawn("stream ids", 4096, 512, move |batch| {
+        let queue = super::batcher::spawn("stream ids", Self::QUEUE, Self::BATCH, move |batch| {
             let writer = writer.clone();
             async move {
                 let (jobs, ids): (Vec<Uuid>, Vec<String>) = batch.into_iter().unzip();

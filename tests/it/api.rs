@@ -295,9 +295,29 @@ async fn every_enqueued_upload_records_its_stream_entry_on_its_job() {
     app.cleanup().await;
 }
 
+/// An upload's rows for the commit functions; photos are named by a letter, their sha256
+/// that letter 64 times.
+fn upload_rows(
+    claimant: Option<&str>,
+    pet: &str,
+    new: Vec<media_clustering::adapters::postgres::NewImage>,
+    known: &[(&str, uuid::Uuid)],
+    photos: &[&str],
+) -> media_clustering::adapters::postgres::UploadRows {
+    media_clustering::adapters::postgres::UploadRows {
+        claimant: claimant.map(str::to_owned),
+        pet_id: pet.into(),
+        new,
+        known: known.iter().map(|(s, id)| (s.repeat(64), *id)).collect(),
+        photos: photos.iter().map(|s| s.repeat(64)).collect(),
+        job_id: uuid::Uuid::now_v7(),
+        trace_id: None,
+    }
+}
+
 #[actix_rt::test]
 async fn uploads_committed_together_claim_insert_and_refuse_each_on_its_own() {
-    use media_clustering::adapters::postgres::{NewImage, NotOwner, UploadRows, commit_uploads};
+    use media_clustering::adapters::postgres::{NewImage, NotOwner, commit_uploads};
     let app = spawn_app_with(Mode::Api, &[]).await;
     let row = |sha: &str| {
         let id = uuid::Uuid::now_v7();
@@ -312,16 +332,7 @@ async fn uploads_committed_together_claim_insert_and_refuse_each_on_its_own() {
             captured_at_ms: None,
         }
     };
-    let upload =
-        |claimant: Option<&str>, pet: &str, new: Vec<NewImage>, photos: &[&str]| UploadRows {
-            claimant: claimant.map(str::to_owned),
-            pet_id: pet.into(),
-            new,
-            known: Default::default(),
-            photos: photos.iter().map(|s| s.repeat(64)).collect(),
-            job_id: uuid::Uuid::now_v7(),
-            trace_id: None,
-        };
+    let upload = |claimant, pet, new, photos| upload_rows(claimant, pet, new, &[], photos);
     let (a1, a2, b1, shared_a, shared_b) = (row("a"), row("b"), row("c"), row("d"), row("d"));
     let (a1_id, a2_id, shared_a_id) = (a1.id, a2.id, shared_a.id);
     let batch = vec![
@@ -378,19 +389,10 @@ async fn uploads_committed_together_claim_insert_and_refuse_each_on_its_own() {
 
 #[actix_rt::test]
 async fn an_upload_the_database_refuses_fails_alone_in_its_batch() {
-    use media_clustering::adapters::postgres::{CommitError, UploadRows, commit_batch};
+    use media_clustering::adapters::postgres::{CommitError, commit_batch};
     let app = spawn_app_with(Mode::Api, &[]).await;
-    let upload = |claimant: &str, pet: &str| UploadRows {
-        claimant: Some(claimant.into()),
-        pet_id: pet.into(),
-        new: vec![],
-        known: [("f".repeat(64), uuid::Uuid::now_v7())]
-            .into_iter()
-            .collect(),
-        photos: vec!["f".repeat(64)],
-        job_id: uuid::Uuid::now_v7(),
-        trace_id: None,
-    };
+    let known = [("f", uuid::Uuid::now_v7())];
+    let upload = |claimant, pet| upload_rows(Some(claimant), pet, vec![], &known, &["f"]);
     // Postgres refuses a NUL in text: the batch's transaction fails on the second upload.
     let batch = vec![
         upload("alice", "first"),
